@@ -1,0 +1,64 @@
+"""Configuration of the data-preparation steps: plain dataclasses, also the Flyte task inputs."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from flyray.clickstream.schema import EVENT_TYPES
+
+
+@dataclass
+class IngestConfig:
+    """How clickstream files are read and when bad input fails the run."""
+
+    # Bytes per read task. Small enough to balance two cores on one 200 MB file, large enough
+    # that per-task overhead stays below a few percent.
+    block_mb: int = 32
+    # Events are written hash-partitioned by user into this many buckets, so that every user's
+    # full history sits in one bucket and feature engineering needs no shuffle.
+    n_buckets: int = 16
+    # Fail when more than this fraction of records is rejected (rejects are kept either way).
+    max_reject_fraction: float = 0.01
+
+
+def default_event_weights() -> dict[str, float]:
+    """Implicit-feedback weights; see README "Event weights" for why these values."""
+    return {"view": 1.0, "cart": 4.0, "remove_from_cart": -3.0, "purchase": 10.0}
+
+
+@dataclass
+class FeatureConfig:
+    """How events become ratings, which users and items are kept, and how splits are cut."""
+
+    event_weights: dict[str, float] = field(default_factory=default_event_weights)
+    # rating = rating_min + (rating_max - rating_min) * (1 - exp(-weight / saturation))
+    saturation: float = 5.0
+    rating_min: float = 1.0
+    rating_max: float = 5.0
+    # Distinct users an item needs, then distinct (kept) items a user needs.
+    min_item_interactions: int = 2
+    min_user_interactions: int = 3
+    # Per user, the latest fractions of their items (by first interaction) are held out.
+    validation_fraction: float = 0.1
+    test_fraction: float = 0.1
+
+    def __post_init__(self) -> None:
+        unknown = set(self.event_weights) - set(EVENT_TYPES)
+        if unknown:
+            raise ValueError(
+                f"event_weights: unknown event types {sorted(unknown)}; expected {EVENT_TYPES}"
+            )
+        if not 0 <= self.validation_fraction < 1 or not 0 <= self.test_fraction < 1:
+            raise ValueError("validation_fraction and test_fraction must be in [0, 1)")
+        if self.validation_fraction + self.test_fraction >= 1:
+            raise ValueError("validation_fraction + test_fraction must leave data to train on")
+        if self.saturation <= 0 or self.rating_max <= self.rating_min:
+            raise ValueError("saturation must be > 0 and rating_max > rating_min")
+        if self.min_item_interactions < 1 or self.min_user_interactions < 1:
+            raise ValueError("minimum interaction counts must be >= 1")
+
+    def weight_vector(self) -> np.ndarray:
+        """Weights indexed by event code (missing types weigh 0)."""
+        return np.array([self.event_weights.get(t, 0.0) for t in EVENT_TYPES], dtype=np.float64)
