@@ -269,6 +269,12 @@ def _finalize_rejects(
     return manifests
 
 
+def _block_bytes(config: IngestConfig) -> int:
+    if config.block_mb < 1:
+        raise ValueError(f"block_mb must be >= 1, got {config.block_mb}")
+    return config.block_mb << 20
+
+
 def ingest(source: str, output_uri: str, config: IngestConfig | None = None) -> IngestReport:
     """Read, validate and bucket clickstream events from `source` into `output_uri`.
 
@@ -278,7 +284,7 @@ def ingest(source: str, output_uri: str, config: IngestConfig | None = None) -> 
     """
     config = config or IngestConfig()
     began = time.perf_counter()
-    fs, blocks, empty = plan_blocks(source, config.block_mb << 20)
+    fs, blocks, empty = plan_blocks(source, _block_bytes(config))
     out_fs, out_path = storage.filesystem(output_uri)
     out_fs.delete_dir_contents(out_path, missing_dir_ok=True)  # a re-run must not append
     side_dir = f"{out_path}/{_SIDE}"

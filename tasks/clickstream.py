@@ -1,0 +1,153 @@
+"""Flyte tasks for the first steps of the recommendation job: source, ingest, features."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from typing import Annotated, NamedTuple
+
+import pyarrow.parquet as pq
+from flytekit import Cache, StructuredDataset, kwtypes, task
+from flytekit.core.context_manager import FlyteContextManager
+from flytekit.types.directory import FlyteDirectory
+from flytekit.types.file import FlyteFile
+
+from flyray import storage
+from flyray.clickstream.config import FeatureConfig, IngestConfig
+from flyray.clickstream.features import DataProfile, build_features
+from flyray.clickstream.generate import GeneratorConfig, generate
+from flyray.clickstream.ingest import IngestReport, ingest
+from flyray.clickstream.schema import INPUT_SUFFIXES
+from tasks import decks
+from tasks.runtime import (
+    export_s3_secrets,
+    new_output_dir,
+    ray_job,
+    s3_secret_requests,
+    setup_logging,
+)
+
+# Bump when the code of a cached step changes what it writes.
+INGEST_CACHE = Cache(version="ingest-1", serialize=True, ignored_inputs=("source",))
+FEATURES_CACHE = Cache(version="features-1", serialize=True)
+
+Ratings = Annotated[
+    StructuredDataset,
+    kwtypes(user_idx=int, item_idx=int, rating=float, weight=float, n_events=int),
+]
+
+
+class SourceOutputs(NamedTuple):
+    source: str
+    fingerprint: str
+
+
+class IngestOutputs(NamedTuple):
+    events: FlyteDirectory
+    rejects: FlyteFile
+    report: IngestReport
+
+
+class FeatureOutputs(NamedTuple):
+    train: Ratings
+    validation: Ratings
+    test: Ratings
+    id_maps: FlyteDirectory
+    profile: DataProfile
+
+
+@task(secret_requests=s3_secret_requests(), retries=2)
+def resolve_source(source: str, demo_events: int, demo_seed: int) -> SourceOutputs:
+    """Name the input and fingerprint its content (never cached: the content may change).
+
+    An empty `source` generates the deterministic demo clickstream instead.
+    """
+    setup_logging()
+    export_s3_secrets()
+    if not source:
+        ctx = FlyteContextManager.current_context()
+        with tempfile.TemporaryDirectory() as tmp:
+            local = os.path.join(tmp, f"demo-{demo_events}-{demo_seed}.jsonl")
+            generate(local, GeneratorConfig(n_events=demo_events, seed=demo_seed))
+            source = ctx.file_access.put_data(local, ctx.file_access.get_random_remote_path(local))
+    return SourceOutputs(
+        source, storage.fingerprint(storage.list_input_files(source, INPUT_SUFFIXES))
+    )
+
+
+@task(
+    task_config=ray_job(),
+    cache=INGEST_CACHE,
+    retries=1,
+    secret_requests=s3_secret_requests(),
+    enable_deck=True,
+)
+def ingest_clickstream(source: str, fingerprint: str, config: IngestConfig) -> IngestOutputs:
+    """Validate and bucket the events with Ray Data; the cache key is the content fingerprint."""
+    setup_logging()
+    export_s3_secrets()
+    out = new_output_dir()
+    report = ingest(source, out, config)
+    rejects = pq.read_table(report.rejects_uri, filesystem=storage.filesystem(out)[0])
+    decks.publish(
+        "ingest",
+        decks.table_html(
+            {
+                "source": report.source,
+                "fingerprint": fingerprint[:16],
+                "files": report.files,
+                "bytes": report.bytes,
+                "events": report.events,
+                "rejects": report.rejects,
+                "reject fraction": report.reject_fraction,
+                "seconds": report.seconds,
+                "rejects file": report.rejects_uri,
+            },
+            "Ingest",
+        ),
+        decks.bar_chart_html(report.events_by_type, "Events by type", "events", log=True),
+        decks.table_html(report.rejects_by_reason, "Rejects by reason"),
+        decks.table_html(rejects.slice(0, 20).to_pylist(), "First rejected records"),
+    )
+    return IngestOutputs(
+        FlyteDirectory(report.events_uri, remote_directory=False),
+        FlyteFile(report.rejects_uri, remote_path=False),
+        report,
+    )
+
+
+@task(task_config=ray_job(), cache=FEATURES_CACHE, retries=1, enable_deck=True)
+def build_ratings(
+    events: FlyteDirectory, report: IngestReport, config: FeatureConfig
+) -> FeatureOutputs:
+    """Implicit ratings, dense id maps and a per-user time split, one Ray task per bucket."""
+    setup_logging()
+    out = new_output_dir()
+    profile = build_features(_uri(events), out, config, report)
+    decks.publish(
+        "data profile",
+        decks.table_html(
+            {k: v for k, v in profile.__dict__.items() if not isinstance(v, dict)}, "Profile"
+        ),
+        decks.bar_chart_html(profile.ratings_by_split, "Ratings per split", "ratings"),
+        decks.bar_chart_html(profile.events_by_type, "Events by type", "events", log=True),
+        decks.table_html(profile.rejects_by_reason, "Rejects by reason"),
+        f"<pre>{json.dumps(config.event_weights)}</pre>",
+    )
+    split = {
+        name: StructuredDataset(uri=storage.join(out, name))
+        for name in ("train", "validation", "test")
+    }
+    return FeatureOutputs(
+        split["train"],
+        split["validation"],
+        split["test"],
+        FlyteDirectory(storage.join(out, "id_maps"), remote_directory=False),
+        profile,
+    )
+
+
+def _uri(directory: FlyteDirectory) -> str:
+    """Where a directory input lives, without downloading it (Ray workers read it in place)."""
+    return directory.remote_source or directory.path

@@ -1,0 +1,57 @@
+"""Small helpers to put tables and matplotlib figures into Flyte decks."""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+from flytekit import Deck  # noqa: E402
+
+
+def table_html(rows: dict[str, object] | list[dict], title: str = "") -> str:
+    if isinstance(rows, dict):
+        rows = [{"name": k, "value": v} for k, v in rows.items()]
+    if not rows:
+        return f"<h3>{html.escape(title)}</h3><p>(none)</p>"
+    cols = list(rows[0])
+    head = "".join(f"<th>{html.escape(str(c))}</th>" for c in cols)
+    body = "".join(
+        "<tr>" + "".join(f"<td>{html.escape(_fmt(r.get(c)))}</td>" for c in cols) + "</tr>"
+        for r in rows
+    )
+    heading = f"<h3>{html.escape(title)}</h3>" if title else ""
+    return f'{heading}<table border="1" cellpadding="4"><tr>{head}</tr>{body}</table>'
+
+
+def _fmt(value: object) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return "" if value is None else str(value)
+
+
+def bar_chart_html(values: dict[str, float], title: str, ylabel: str, log: bool = False) -> str:
+    fig, ax = plt.subplots(figsize=(6, 3.2))
+    ax.bar(list(values), list(values.values()), color="#4c72b0")
+    ax.set_title(title)
+    ax.set_ylabel(ylabel)
+    if log:
+        ax.set_yscale("log")
+    ax.tick_params(axis="x", rotation=20)
+    return figure_html(fig)
+
+
+def figure_html(fig) -> str:
+    buf = io.BytesIO()
+    fig.tight_layout()
+    fig.savefig(buf, format="png", dpi=100)
+    plt.close(fig)
+    return f'<img src="data:image/png;base64,{base64.b64encode(buf.getvalue()).decode()}"/>'
+
+
+def publish(name: str, *parts: str) -> None:
+    Deck(name, "\n".join(parts))

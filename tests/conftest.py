@@ -1,0 +1,79 @@
+"""Shared fixtures: one local Ray per test session, an S3 server on loopback, small inputs."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import ray
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
+REES46_SAMPLE = SHARED_DATA / "clickstream" / "rees46-2019-oct-sample.csv"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def ray_session():
+    """One Ray instance for the whole session; Flyte's Ray plugin reuses it (ignore_reinit)."""
+    os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """A real S3-compatible HTTP server (moto in server mode) on loopback, for s3:// paths."""
+    port = _free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    endpoint = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 30
+    while time.time() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+            break
+        except OSError:
+            time.sleep(0.2)
+    else:
+        proc.kill()
+        raise RuntimeError("moto server did not start")
+    yield endpoint
+    proc.terminate()
+    proc.wait(timeout=10)
+
+
+@pytest.fixture
+def s3_env(s3_server, monkeypatch):
+    """Endpoint and credentials from the environment, as a user would configure MinIO."""
+    monkeypatch.setenv("FLYRAY_S3_ENDPOINT_URL", s3_server)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing-key")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing-secret")
+    monkeypatch.setenv("AWS_REGION", "us-east-1")
+    return s3_server
+
+
+def jsonl(*records: str) -> bytes:
+    return ("\n".join(records) + "\n").encode()
+
+
+def event(user=1, item=2, etype="view", ts="2024-01-01T00:00:00Z", session="s1") -> str:
+    import json
+
+    return json.dumps(
+        {"user_id": user, "item_id": item, "event_type": etype, "timestamp": ts, "session_id": session}
+    )

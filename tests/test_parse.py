@@ -1,0 +1,106 @@
+"""Block parsing and validation: every reject reason, with the line it came from."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from conftest import REES46_SAMPLE, event, jsonl
+from flyray.clickstream.parse import parse_block
+from flyray.clickstream.schema import EVENT_CODE
+
+
+def _rejects(result):
+    return list(zip(result.reject_lines, result.reject_reasons, result.reject_fields, strict=True))
+
+
+def test_valid_json_lines_become_typed_events():
+    data = jsonl(
+        event(1, 10, "view", "2024-01-01T00:00:00Z"),
+        event(2, 20, "add_to_cart", "2024-01-01 00:00:05 UTC"),
+        event(3, 30, "Purchase", "2024-01-01T02:00:00+02:00"),
+    )
+    result = parse_block(data, "jsonl")
+    assert result.n_rejects == 0
+    rows = result.events.to_pylist()
+    assert [r["user_id"] for r in rows] == [1, 2, 3]
+    assert [r["event_code"] for r in rows] == [0, EVENT_CODE["cart"], EVENT_CODE["purchase"]]
+    stamps = result.events["ts"].cast("int64").to_numpy() // 1_000_000
+    assert stamps.tolist() == [1704067200, 1704067205, 1704067200]  # +02:00 normalised to UTC
+
+
+@pytest.mark.parametrize(
+    ("line", "reason", "field"),
+    [
+        ('{"user_id": 1, "item_id": 2, "event_type": "view", "timestamp": ', "malformed_line", None),
+        ("[1, 2, 3]", "malformed_line", None),
+        (event(user=None), "missing_field", "user_id"),
+        ('{"user_id": 1, "event_type": "view", "timestamp": "2024-01-01T00:00:00Z"}', "missing_field", "item_id"),
+        (event(user="abc"), "wrong_type", "user_id"),
+        (event(item=2.5), "wrong_type", "item_id"),
+        (event(user=-4), "negative_id", "user_id"),
+        (event(etype="teleport"), "unknown_event_type", "event_type"),
+        (event(ts="next tuesday"), "unparseable_timestamp", "timestamp"),
+        (event(ts="2024-02-30T00:00:00Z"), "unparseable_timestamp", "timestamp"),
+    ],
+)
+def test_each_json_reject_reason_is_named_with_its_line(line, reason, field):
+    data = jsonl(event(1), "", line, event(2))  # a blank line shifts the line number
+    result = parse_block(data, "jsonl")
+    assert _rejects(result) == [(2, reason, field)]
+    assert result.reject_raw == [line]
+    assert result.events["user_id"].to_pylist() == [1, 2]  # good neighbours are kept
+
+
+def test_many_bad_lines_in_one_block_are_each_found():
+    lines = [event(i, ts=f"2024-01-01T00:00:{i % 60:02d}Z") for i in range(200)]
+    bad = {17: "garbage", 99: event(user="x"), 150: event(etype="nope")}
+    for k, text in bad.items():
+        lines[k] = text
+    result = parse_block(jsonl(*lines), "jsonl")
+    assert sorted(result.reject_lines) == sorted(bad)
+    assert result.events.num_rows == 197
+
+
+def test_epoch_timestamps_and_mixed_types_are_accepted():
+    data = jsonl(event(1, ts=1704067200), event(2, ts="2024-01-01T00:00:01Z"), event(3, ts=1704067202500))
+    result = parse_block(data, "jsonl")
+    assert result.n_rejects == 0
+    secs = result.events.sort_by("user_id")["ts"].cast("int64").to_numpy() / 1e6
+    np.testing.assert_allclose(secs, [1704067200, 1704067201, 1704067202.5])
+
+
+def test_rees46_sample_parses_completely_despite_blank_brand_and_category():
+    data = REES46_SAMPLE.read_bytes()
+    header = data.split(b"\n", 1)[0].decode().split(",")
+    result = parse_block(data, "csv", column_names=header, has_header=True)
+    assert result.n_rejects == 0
+    assert result.events.num_rows == 1000
+    codes = np.bincount(result.events["event_code"].to_numpy(), minlength=4)
+    assert codes.tolist() == [987, 3, 0, 10]  # as documented in shared/data/README.md
+    assert result.events["user_id"].to_numpy().min() > 0
+
+
+def test_csv_rejects_name_their_lines():
+    header = "event_time,event_type,product_id,category_id,category_code,brand,price,user_id,user_session"
+    rows = [
+        header,
+        "2019-10-01 00:00:00 UTC,view,44600062,1,,shiseido,35.79,541312140,s",
+        "2019-10-01 00:00:01 UTC,view,3900821",
+        "",
+        "2019-10-01 00:00:02 UTC,cart,-5,1,,,1.0,541312140,s",
+        "2019-10-01 00:00:03 UTC,view,17,1,,,1.0,12abc,s",
+        "not a time,view,17,1,,,1.0,7,s",
+        "2019-10-01 00:00:04 UTC,purchase,18,1,,,1.0,,s",
+        "2019-10-01 00:00:05 UTC,remove_from_cart,19,1,,,1.0,8,s",
+    ]
+    data = ("\n".join(rows) + "\n").encode()
+    result = parse_block(data, "csv", column_names=header.split(","), has_header=True)
+    assert sorted(_rejects(result)) == [
+        (2, "malformed_line", None),
+        (4, "negative_id", "item_id"),
+        (5, "wrong_type", "user_id"),
+        (6, "unparseable_timestamp", "timestamp"),
+        (7, "missing_field", "user_id"),
+    ]
+    assert result.events["item_id"].to_pylist() == [44600062, 19]
