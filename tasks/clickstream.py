@@ -15,9 +15,10 @@ from flytekit.types.file import FlyteFile
 
 from flyray import storage
 from flyray.clickstream.config import FeatureConfig, IngestConfig
-from flyray.clickstream.features import DataProfile, build_features
+from flyray.clickstream.features import build_features
 from flyray.clickstream.generate import GeneratorConfig, generate
-from flyray.clickstream.ingest import IngestReport, ingest
+from flyray.clickstream.ingest import ingest
+from flyray.clickstream.reports import DataProfile, IngestReport
 from flyray.clickstream.schema import INPUT_SUFFIXES
 from tasks import decks
 from tasks.runtime import (

@@ -75,5 +75,11 @@ def event(user=1, item=2, etype="view", ts="2024-01-01T00:00:00Z", session="s1")
     import json
 
     return json.dumps(
-        {"user_id": user, "item_id": item, "event_type": etype, "timestamp": ts, "session_id": session}
+        {
+            "user_id": user,
+            "item_id": item,
+            "event_type": etype,
+            "timestamp": ts,
+            "session_id": session,
+        }
     )

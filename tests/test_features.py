@@ -7,14 +7,16 @@ import math
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-
 from conftest import event, jsonl
+
 from flyray.clickstream.config import FeatureConfig
 from flyray.clickstream.features import FeatureError, build_features
 from flyray.clickstream.generate import GeneratorConfig, generate
 from flyray.clickstream.ingest import ingest
 
-NO_FILTERS = FeatureConfig(min_item_interactions=1, min_user_interactions=1, validation_fraction=0, test_fraction=0)
+NO_FILTERS = FeatureConfig(
+    min_item_interactions=1, min_user_interactions=1, validation_fraction=0, test_fraction=0
+)
 
 
 def _prepare(tmp_path, lines, config):
@@ -22,7 +24,9 @@ def _prepare(tmp_path, lines, config):
     src.write_bytes(jsonl(*lines))
     report = ingest(str(src), str(tmp_path / "ingest"))
     profile = build_features(report.events_uri, str(tmp_path / "feat"), config, report)
-    splits = {s: pq.read_table(tmp_path / "feat" / s).to_pandas() for s in ("train", "validation", "test")}
+    splits = {
+        s: pq.read_table(tmp_path / "feat" / s).to_pandas() for s in ("train", "validation", "test")
+    }
     return profile, splits
 
 
@@ -32,22 +36,31 @@ def _ts(minute: int) -> str:
 
 def test_weights_saturate_onto_the_rating_scale(tmp_path):
     lines = [
-        event(1, 10, "view", _ts(0)), event(1, 10, "cart", _ts(1)), event(1, 10, "purchase", _ts(2)),
-        event(1, 11, "view", _ts(3)), event(1, 11, "cart", _ts(4)), event(1, 11, "remove_from_cart", _ts(5)),
-        event(1, 12, "view", _ts(6)), event(1, 12, "view", _ts(6)),  # exact duplicate
-        event(1, 13, "cart", _ts(7)), event(1, 13, "remove_from_cart", _ts(8)),  # nets to 1
-        event(2, 10, "view", _ts(9)), event(2, 10, "remove_from_cart", _ts(10)),  # nets to -2
+        event(1, 10, "view", _ts(0)),
+        event(1, 10, "cart", _ts(1)),
+        event(1, 10, "purchase", _ts(2)),
+        event(1, 11, "view", _ts(3)),
+        event(1, 11, "cart", _ts(4)),
+        event(1, 11, "remove_from_cart", _ts(5)),
+        event(1, 12, "view", _ts(6)),
+        event(1, 12, "view", _ts(6)),  # exact duplicate
+        event(1, 13, "cart", _ts(7)),
+        event(1, 13, "remove_from_cart", _ts(8)),  # nets to 1
+        event(2, 10, "view", _ts(9)),
+        event(2, 10, "remove_from_cart", _ts(10)),  # nets to -2
     ]
     profile, splits = _prepare(tmp_path, lines, NO_FILTERS)
     train = splits["train"].set_index("item_id")
     expected = {10: 15.0, 11: 2.0, 12: 1.0, 13: 1.0}
     for item, weight in expected.items():
         assert train.loc[item, "weight"] == pytest.approx(weight)
-        assert train.loc[item, "rating"] == pytest.approx(1 + 4 * (1 - math.exp(-weight / 5)), rel=1e-5)
+        assert train.loc[item, "rating"] == pytest.approx(
+            1 + 4 * (1 - math.exp(-weight / 5)), rel=1e-5
+        )
     assert profile.duplicates_removed == 1
     assert profile.non_positive_pairs == 1
     assert profile.users == 1 and set(train.index) == set(expected)
-    assert 1.0 <= train["rating"].min() and train["rating"].max() <= 5.0
+    assert train["rating"].min() >= 1.0 and train["rating"].max() <= 5.0
 
 
 def test_filters_and_dense_id_maps(tmp_path):
@@ -56,7 +69,9 @@ def test_filters_and_dense_id_maps(tmp_path):
         lines += [event(user, item, ts=_ts(item - 100 + user)) for item in range(100, 104)]
     lines += [event(1, 999, ts=_ts(30))]  # an item only one user saw
     lines += [event(42, 100, ts=_ts(31)), event(42, 101, ts=_ts(32))]  # a user with two items
-    cfg = FeatureConfig(min_item_interactions=2, min_user_interactions=3, validation_fraction=0, test_fraction=0.25)
+    cfg = FeatureConfig(
+        min_item_interactions=2, min_user_interactions=3, validation_fraction=0, test_fraction=0.25
+    )
     profile, splits = _prepare(tmp_path, lines, cfg)
     allr = np.concatenate([s["item_id"].to_numpy() for s in splits.values()])
     assert 999 not in allr
@@ -79,15 +94,19 @@ def test_split_has_no_leakage_on_generated_data(tmp_path):
     generate(src, GeneratorConfig(n_events=60_000, seed=3))
     report = ingest(str(src), str(tmp_path / "ingest"))
     profile = build_features(report.events_uri, str(tmp_path / "feat"), FeatureConfig(), report)
-    frames = {s: pq.read_table(tmp_path / "feat" / s).to_pandas() for s in ("train", "validation", "test")}
+    frames = {
+        s: pq.read_table(tmp_path / "feat" / s).to_pandas() for s in ("train", "validation", "test")
+    }
     train, val, test = frames["train"], frames["validation"], frames["test"]
     assert len(val) > 0 and len(test) > 0
     last_train = train.groupby("user_id")["last_ts"].max()
     first_val = val.groupby("user_id")["first_ts"].min()
     last_val = val.groupby("user_id")["last_ts"].max()
     first_test = test.groupby("user_id")["first_ts"].min()
-    held_first = np.minimum(first_val.reindex(first_test.index.union(first_val.index)),
-                            first_test.reindex(first_test.index.union(first_val.index)))
+    held_first = np.minimum(
+        first_val.reindex(first_test.index.union(first_val.index)),
+        first_test.reindex(first_test.index.union(first_val.index)),
+    )
     both = last_train.index.intersection(held_first.index)
     assert (last_train[both] < held_first[both]).all()  # strictly later, per user
     vt = last_val.index.intersection(first_test.index)
@@ -104,10 +123,14 @@ def test_split_has_no_leakage_on_generated_data(tmp_path):
 
 def test_truncation_drops_training_events_after_the_cut(tmp_path):
     lines = [
-        event(1, 10, "view", _ts(0)), event(1, 11, "view", _ts(1)), event(1, 12, "view", _ts(2)),
+        event(1, 10, "view", _ts(0)),
+        event(1, 11, "view", _ts(1)),
+        event(1, 12, "view", _ts(2)),
         event(1, 10, "purchase", _ts(9)),  # after item 12 (held out) was first seen
     ]
-    cfg = FeatureConfig(min_item_interactions=1, min_user_interactions=1, validation_fraction=0, test_fraction=0.2)
+    cfg = FeatureConfig(
+        min_item_interactions=1, min_user_interactions=1, validation_fraction=0, test_fraction=0.2
+    )
     profile, splits = _prepare(tmp_path, lines, cfg)
     assert splits["test"]["item_id"].tolist() == [12]
     train = splits["train"].set_index("item_id")

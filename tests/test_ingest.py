@@ -6,8 +6,8 @@ import gzip
 
 import pyarrow.parquet as pq
 import pytest
-
 from conftest import REES46_SAMPLE, event, jsonl
+
 from flyray.clickstream.config import IngestConfig
 from flyray.clickstream.ingest import IngestError, bucket_of, ingest
 
@@ -20,7 +20,9 @@ def _events(report):
 
 def test_many_blocks_keep_every_event_once_and_number_rejects_absolutely(tmp_path, monkeypatch):
     # block_mb=0 is refused by the planner, so force 4 KB blocks through the config path.
-    lines = [event(i, i % 7, ts=f"2024-01-01T00:{i // 60 % 60:02d}:{i % 60:02d}Z") for i in range(3000)]
+    lines = [
+        event(i, i % 7, ts=f"2024-01-01T00:{i // 60 % 60:02d}:{i % 60:02d}Z") for i in range(3000)
+    ]
     lines[1234] = "{broken"
     lines[2999] = event(user=-1)
     src = tmp_path / "clicks.jsonl"
@@ -32,7 +34,10 @@ def test_many_blocks_keep_every_event_once_and_number_rejects_absolutely(tmp_pat
     table = _events(report)
     assert sorted(table["user_id"].to_pylist()) == sorted(set(range(3000)) - {1234, 2999})
     rejects = pq.read_table(report.rejects_uri).to_pylist()
-    assert [(r["line"], r["reason"]) for r in rejects] == [(1235, "malformed_line"), (3000, "negative_id")]
+    assert [(r["line"], r["reason"]) for r in rejects] == [
+        (1235, "malformed_line"),
+        (3000, "negative_id"),
+    ]
     assert rejects[0]["raw"] == "{broken" and rejects[0]["source"] == str(src)
 
 

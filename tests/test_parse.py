@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
 from conftest import REES46_SAMPLE, event, jsonl
+
 from flyray.clickstream.parse import parse_block
 from flyray.clickstream.schema import EVENT_CODE
 
@@ -32,10 +32,18 @@ def test_valid_json_lines_become_typed_events():
 @pytest.mark.parametrize(
     ("line", "reason", "field"),
     [
-        ('{"user_id": 1, "item_id": 2, "event_type": "view", "timestamp": ', "malformed_line", None),
+        (
+            '{"user_id": 1, "item_id": 2, "event_type": "view", "timestamp": ',
+            "malformed_line",
+            None,
+        ),
         ("[1, 2, 3]", "malformed_line", None),
         (event(user=None), "missing_field", "user_id"),
-        ('{"user_id": 1, "event_type": "view", "timestamp": "2024-01-01T00:00:00Z"}', "missing_field", "item_id"),
+        (
+            '{"user_id": 1, "event_type": "view", "timestamp": "2024-01-01T00:00:00Z"}',
+            "missing_field",
+            "item_id",
+        ),
         (event(user="abc"), "wrong_type", "user_id"),
         (event(item=2.5), "wrong_type", "item_id"),
         (event(user=-4), "negative_id", "user_id"),
@@ -63,7 +71,9 @@ def test_many_bad_lines_in_one_block_are_each_found():
 
 
 def test_epoch_timestamps_and_mixed_types_are_accepted():
-    data = jsonl(event(1, ts=1704067200), event(2, ts="2024-01-01T00:00:01Z"), event(3, ts=1704067202500))
+    data = jsonl(
+        event(1, ts=1704067200), event(2, ts="2024-01-01T00:00:01Z"), event(3, ts=1704067202500)
+    )
     result = parse_block(data, "jsonl")
     assert result.n_rejects == 0
     secs = result.events.sort_by("user_id")["ts"].cast("int64").to_numpy() / 1e6

@@ -5,8 +5,8 @@ from __future__ import annotations
 import boto3
 import pyarrow.parquet as pq
 import pytest
-
 from conftest import REES46_SAMPLE, event, jsonl
+
 from flyray import storage
 from flyray.clickstream.features import build_features
 from flyray.clickstream.ingest import ingest
@@ -36,9 +36,14 @@ def test_ingest_and_features_from_and_to_s3(s3_env):
     fs, path = storage.filesystem(report.rejects_uri)
     rejects = pq.read_table(path, filesystem=fs).to_pylist()
     assert rejects[0]["source"] == "s3://clicks/raw/extra/part-0.jsonl" and rejects[0]["line"] == 41
-    profile = build_features(report.events_uri, "s3://clicks/prepared/features", ingest_report=report)
+    profile = build_features(
+        report.events_uri, "s3://clicks/prepared/features", ingest_report=report
+    )
     assert profile.events == 1040
-    keys = {o["Key"] for o in s3.list_objects_v2(Bucket="clicks", Prefix="prepared/features/")["Contents"]}
+    keys = {
+        o["Key"]
+        for o in s3.list_objects_v2(Bucket="clicks", Prefix="prepared/features/")["Contents"]
+    }
     assert "prepared/features/id_maps/users.parquet" in keys
     assert any(k.startswith("prepared/features/train/part-") for k in keys)
 
@@ -46,12 +51,18 @@ def test_ingest_and_features_from_and_to_s3(s3_env):
 def test_s3_glob_and_fingerprint_follow_object_changes(s3_env):
     s3 = _bucket(s3_env, "fingerprints")
     s3.put_object(Bucket="fingerprints", Key="a/x.jsonl", Body=jsonl(event(1)))
-    s3.put_object(Bucket="fingerprints", Key="a/y.csv", Body=b"user_id,item_id,event_type,timestamp\n1,2,view,1\n")
+    s3.put_object(
+        Bucket="fingerprints",
+        Key="a/y.csv",
+        Body=b"user_id,item_id,event_type,timestamp\n1,2,view,1\n",
+    )
     files = storage.list_input_files("s3://fingerprints/a/*.jsonl", (".jsonl",))
     assert [f.path for f in files] == ["s3://fingerprints/a/x.jsonl"]
     before = storage.fingerprint(files)
     s3.put_object(Bucket="fingerprints", Key="a/x.jsonl", Body=jsonl(event(1), event(2)))
-    after = storage.fingerprint(storage.list_input_files("s3://fingerprints/a/*.jsonl", (".jsonl",)))
+    after = storage.fingerprint(
+        storage.list_input_files("s3://fingerprints/a/*.jsonl", (".jsonl",))
+    )
     assert before != after
 
 

@@ -31,7 +31,7 @@ import ray
 
 from flyray import storage
 from flyray.clickstream.config import FeatureConfig
-from flyray.clickstream.ingest import IngestReport
+from flyray.clickstream.reports import DataProfile, IngestReport
 
 log = logging.getLogger(__name__)
 SPLITS = ("train", "validation", "test")
@@ -57,30 +57,6 @@ class FeatureError(ValueError):
 
 
 @dataclass
-class DataProfile:
-    """What went in and what came out; shown as a deck and kept as profile.json."""
-
-    events: int
-    events_by_type: dict[str, int]
-    rejects: int
-    rejects_by_reason: dict[str, int]
-    duplicates_removed: int
-    truncated_events: int
-    non_positive_pairs: int
-    users_seen: int
-    items_seen: int
-    users: int
-    items: int
-    ratings_by_split: dict[str, int]
-    users_without_holdout: int
-    sparsity: float
-    rating_mean: float
-    first_event: str
-    last_event: str
-    seconds: float
-
-
-@dataclass
 class _Sorted:
     """One bucket's deduplicated events sorted by (user, item, time)."""
 
@@ -97,9 +73,8 @@ def _read_bucket(fs: pafs.FileSystem, path: str) -> pa.Table:
     return pq.read_table(path, filesystem=fs, columns=["user_id", "item_id", "event_code", "ts"])
 
 
-@ray.remote(num_returns=2)
-def _round_a(fs: pafs.FileSystem, path: str) -> tuple[dict, _Sorted]:
-    table = _read_bucket(fs, path)
+def sort_events(table: pa.Table) -> tuple[dict, _Sorted]:
+    """Round A: sort by (user, item, time), drop exact duplicates, count users per item."""
     if table.num_rows == 0:
         empty = np.zeros(0, np.int64)
         return {"events": 0, "dups": 0, "items": empty, "users_per_item": empty, "users": 0}, (
@@ -131,8 +106,8 @@ def _segment_starts(keys: np.ndarray) -> np.ndarray:
     return np.flatnonzero(np.concatenate(([True], keys[1:] != keys[:-1]))) if len(keys) else keys
 
 
-@ray.remote(num_returns=2)
-def _round_b(data: _Sorted, kept_items: np.ndarray, cfg: FeatureConfig) -> tuple[dict, pa.Table]:
+def rate_pairs(data: _Sorted, kept_items: np.ndarray, cfg: FeatureConfig) -> tuple[dict, pa.Table]:
+    """Round B: filters, the per-user split, and one weighted rating per (user, item, split)."""
     u, i, c, t, ps = data.user, data.item, data.code, data.ts, data.pair_start
     n_events = len(u)
     pair_len = np.diff(np.append(ps, n_events))
@@ -145,24 +120,6 @@ def _round_b(data: _Sorted, kept_items: np.ndarray, cfg: FeatureConfig) -> tuple
         kept_per_user >= cfg.min_user_interactions, np.diff(np.append(starts, len(pu)))
     )
     sel = np.flatnonzero(ok & user_ok)
-    if len(sel) == 0:
-        return _bucket_stats(0, 0, 0, np.zeros(0, np.int64), np.zeros(0, np.int64), t, 0.0), (
-            _pairs_table(
-                *(
-                    np.zeros(0, dt)
-                    for dt in (
-                        np.int64,
-                        np.int64,
-                        np.int8,
-                        np.float32,
-                        np.float32,
-                        np.int32,
-                        np.int64,
-                        np.int64,
-                    )
-                )
-            )
-        )
     # Order each user's kept pairs by first interaction and cut the split.
     sel = sel[np.lexsort((pi[sel], pfirst[sel], pu[sel]))]
     su, sfirst = pu[sel], pfirst[sel]
@@ -260,8 +217,7 @@ def _ranges(lengths: np.ndarray) -> np.ndarray:
     return np.arange(total) - np.repeat(starts, lengths)
 
 
-@ray.remote
-def _round_c(
+def write_splits(
     table: pa.Table,
     users: np.ndarray,
     user_offset: int,
@@ -270,6 +226,7 @@ def _round_c(
     out_path: str,
     bucket: int,
 ) -> list[int]:
+    """Round C: dense ids from the global maps, then one parquet part per split."""
     user_idx = user_offset + np.searchsorted(users, table["user_id"].to_numpy())
     item_idx = np.searchsorted(items, table["item_id"].to_numpy())
     full = pa.table(
@@ -294,9 +251,20 @@ def _round_c(
     sizes = []
     for code, name in enumerate(SPLITS):
         part = full.filter(pa.array(split == code))
-        pq.write_table(part, f"{out_path}/{name}/part-{bucket:05d}.parquet", filesystem=fs)
+        # Dictionary-encoding float and id columns costs a third of the write and saves little.
+        pq.write_table(
+            part,
+            f"{out_path}/{name}/part-{bucket:05d}.parquet",
+            filesystem=fs,
+            use_dictionary=False,
+        )
         sizes.append(part.num_rows)
     return sizes
+
+
+_round_a = ray.remote(num_returns=2)(lambda fs, path: sort_events(_read_bucket(fs, path)))
+_round_b = ray.remote(num_returns=2)(rate_pairs)
+_round_c = ray.remote(write_splits)
 
 
 def build_features(
@@ -322,33 +290,15 @@ def build_features(
         raise FeatureError(f"no events under {events_uri}: run ingest first")
     if not ray.is_initialized():
         ray.init()
-    out_fs, out_path = storage.filesystem(output_uri)
-    out_fs.delete_dir_contents(out_path, missing_dir_ok=True)
-    for name in (*SPLITS, "id_maps"):
-        out_fs.create_dir(f"{out_path}/{name}", recursive=True)
-
+    out_fs, out_path = prepare_output(output_uri)
     a = [_round_a.remote(fs, f"{events_path}/bucket={b}") for b in buckets]
     stats_a = ray.get([s for s, _ in a])
-    all_items = np.concatenate([s["items"] for s in stats_a])
-    item_users = np.bincount(
-        np.unique(all_items, return_inverse=True)[1],
-        weights=np.concatenate([s["users_per_item"] for s in stats_a]),
-    )
-    unique_items = np.unique(all_items)
-    kept_items = unique_items[item_users >= config.min_item_interactions]
-    log.info("features: %d items seen, %d kept", len(unique_items), len(kept_items))
-
+    n_seen, kept_items = select_items(stats_a, config)
     kept_ref = ray.put(kept_items)
     b = [_round_b.remote(sorted_ref, kept_ref, config) for _, sorted_ref in a]
     stats_b = ray.get([s for s, _ in b])
-    items = np.unique(np.concatenate([s["items"] for s in stats_b]))
+    items = rated_items(stats_b, n_seen, kept_items, config)
     offsets = np.cumsum([0] + [len(s["users"]) for s in stats_b])
-    if offsets[-1] == 0:
-        raise FeatureError(
-            f"no ratings left after filtering: {len(unique_items)} items seen, "
-            f"{len(kept_items)} with >= {config.min_item_interactions} users; no user has "
-            f">= {config.min_user_interactions} of those (lower the minimums or add data)"
-        )
     items_ref = ray.put(items)
     sizes = ray.get(
         [
@@ -356,6 +306,53 @@ def build_features(
             for (_, tref), s, off, bk in zip(b, stats_b, offsets[:-1], buckets, strict=True)
         ]
     )
+    return finalize(out_fs, out_path, stats_a, stats_b, sizes, items, n_seen, ingest_report, began)
+
+
+def prepare_output(output_uri: str) -> tuple[pafs.FileSystem, str]:
+    """An emptied output directory with one folder per split and for the id maps."""
+    out_fs, out_path = storage.filesystem(output_uri)
+    out_fs.delete_dir_contents(out_path, missing_dir_ok=True)
+    for name in (*SPLITS, "id_maps"):
+        out_fs.create_dir(f"{out_path}/{name}", recursive=True)
+    return out_fs, out_path
+
+
+def select_items(stats_a: list[dict], config: FeatureConfig) -> tuple[int, np.ndarray]:
+    """(items seen, sorted ids of items with enough distinct users) across all buckets."""
+    all_items = np.concatenate([s["items"] for s in stats_a])
+    unique_items, inverse = np.unique(all_items, return_inverse=True)
+    users = np.bincount(inverse, weights=np.concatenate([s["users_per_item"] for s in stats_a]))
+    kept_items = unique_items[users >= config.min_item_interactions]
+    log.info("features: %d items seen, %d kept", len(unique_items), len(kept_items))
+    return len(unique_items), kept_items
+
+
+def rated_items(
+    stats_b: list[dict], n_seen: int, kept_items: np.ndarray, config: FeatureConfig
+) -> np.ndarray:
+    """Sorted ids of the items left with ratings: the item id map."""
+    if not sum(len(s["users"]) for s in stats_b):
+        raise FeatureError(
+            f"no ratings left after filtering: {n_seen} items seen, "
+            f"{len(kept_items)} with >= {config.min_item_interactions} users; no user has "
+            f">= {config.min_user_interactions} of those (lower the minimums or add data)"
+        )
+    return np.unique(np.concatenate([s["items"] for s in stats_b]))
+
+
+def finalize(
+    out_fs: pafs.FileSystem,
+    out_path: str,
+    stats_a: list[dict],
+    stats_b: list[dict],
+    sizes: list[list[int]],
+    items: np.ndarray,
+    n_seen: int,
+    ingest_report: IngestReport | None,
+    began: float,
+) -> DataProfile:
+    """Write the id maps and profile.json; return the profile."""
     users = np.concatenate([s["users"] for s in stats_b])
     pq.write_table(
         pa.table({"user_idx": np.arange(len(users), dtype=np.int32), "user_id": users}),
@@ -369,7 +366,6 @@ def build_features(
     )
     by_split = dict(zip(SPLITS, np.sum(sizes, axis=0).tolist(), strict=True))
     n_ratings = sum(by_split.values())
-    rating_sum = sum(s["rating_sum"] for s in stats_b)
     first = min(s["first_ts"] for s in stats_b)
     last = max(s["last_ts"] for s in stats_b)
     profile = DataProfile(
@@ -381,13 +377,13 @@ def build_features(
         truncated_events=sum(s["truncated"] for s in stats_b),
         non_positive_pairs=sum(s["non_positive"] for s in stats_b),
         users_seen=sum(s["users"] for s in stats_a),
-        items_seen=len(unique_items),
+        items_seen=n_seen,
         users=len(users),
         items=len(items),
         ratings_by_split=by_split,
         users_without_holdout=sum(s["no_holdout"] for s in stats_b),
         sparsity=1.0 - n_ratings / (len(users) * len(items)),
-        rating_mean=rating_sum / n_ratings,
+        rating_mean=sum(s["rating_sum"] for s in stats_b) / n_ratings,
         first_event=str(np.datetime64(first, "us")) + "Z",
         last_event=str(np.datetime64(last, "us")) + "Z",
         seconds=time.perf_counter() - began,

@@ -1,0 +1,45 @@
+"""prepare_data as Flyte runs it locally: typed outputs, and a cache keyed on content."""
+
+from __future__ import annotations
+
+import pytest
+from flytekit.core import local_cache
+
+from flyray.clickstream.generate import GeneratorConfig, generate
+from workflows.recommendation import prepare_data
+
+
+@pytest.fixture
+def flyte_cache(tmp_path, monkeypatch):
+    monkeypatch.setattr(local_cache, "CACHE_LOCATION", str(tmp_path / "flyte-cache"))
+    monkeypatch.setattr(local_cache.LocalTaskCache, "_initialized", False)
+    monkeypatch.setenv("FLYTE_LOCAL_CACHE_ENABLED", "true")
+    yield
+    monkeypatch.setattr(local_cache.LocalTaskCache, "_initialized", False)
+
+
+def test_prepare_data_demo_defaults_produce_typed_splits(flyte_cache):
+    out = prepare_data(demo_events=20_000)
+    train = out.train.open(__import__("pandas").DataFrame).all()
+    test = out.test.open(__import__("pandas").DataFrame).all()
+    assert len(train) == out.profile.ratings_by_split["train"] > 0
+    assert len(test) == out.profile.ratings_by_split["test"] > 0
+    assert {"user_idx", "item_idx", "rating"} <= set(train.columns)
+    assert out.profile.events == 20_000
+    assert train["user_idx"].max() < out.profile.users
+    assert sorted(p.name for p in __import__("pathlib").Path(out.id_maps.path).iterdir()) == [
+        "items.parquet",
+        "users.parquet",
+    ]
+
+
+def test_cache_follows_content_not_path(tmp_path, flyte_cache):
+    src = tmp_path / "clickstream.jsonl"
+    generate(src, GeneratorConfig(n_events=8_000, seed=1))
+    first = prepare_data(source=str(src))
+    again = prepare_data(source=str(src))
+    assert again.id_maps.path == first.id_maps.path  # cache hit: same outputs, nothing re-run
+    generate(src, GeneratorConfig(n_events=9_000, seed=2))  # rewritten in place, same path
+    changed = prepare_data(source=str(src))
+    assert changed.id_maps.path != first.id_maps.path
+    assert changed.profile.events == 9_000
