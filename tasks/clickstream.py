@@ -85,7 +85,7 @@ def resolve_source(source: str, demo_events: int, demo_seed: int) -> SourceOutpu
     enable_deck=True,
 )
 def ingest_clickstream(source: str, fingerprint: str, config: IngestConfig) -> IngestOutputs:
-    """Validate and bucket the events with Ray Data; the cache key is the content fingerprint."""
+    """Validate and bucket the events on Ray; the cache key is the content fingerprint."""
     setup_logging()
     export_s3_secrets()
     out = new_output_dir()

@@ -13,8 +13,8 @@ from flyray.clickstream.schema import EVENT_TYPES
 class IngestConfig:
     """How clickstream files are read and when bad input fails the run."""
 
-    # Bytes per read task. Small enough to balance two cores on one 200 MB file, large enough
-    # that per-task overhead stays below a few percent.
+    # Megabytes per read task: small enough to balance two cores on one 200 MB file, large
+    # enough that per-task overhead stays below a few percent.
     block_mb: int = 32
     # Events are written hash-partitioned by user into this many buckets, so that every user's
     # full history sits in one bucket and feature engineering needs no shuffle.

@@ -84,7 +84,7 @@ def sort_events(table: pa.Table) -> tuple[dict, _Sorted]:
     i = table["item_id"].to_numpy()
     c = table["event_code"].to_numpy()
     t = table["ts"].cast(pa.int64()).to_numpy()
-    order = np.lexsort((c, t, i, u))
+    order = np.lexsort((t * 4 + c, i, u))  # 4 event codes: time and code as one key
     u, i, c, t = u[order], i[order], c[order], t[order]
     same = (u[1:] == u[:-1]) & (i[1:] == i[:-1]) & (t[1:] == t[:-1]) & (c[1:] == c[:-1])
     keep = np.concatenate(([True], ~same))
@@ -121,7 +121,7 @@ def rate_pairs(data: _Sorted, kept_items: np.ndarray, cfg: FeatureConfig) -> tup
     )
     sel = np.flatnonzero(ok & user_ok)
     # Order each user's kept pairs by first interaction and cut the split.
-    sel = sel[np.lexsort((pi[sel], pfirst[sel], pu[sel]))]
+    sel = sel[np.lexsort((pfirst[sel], pu[sel]))]  # stable: ties stay in item order
     su, sfirst = pu[sel], pfirst[sel]
     ustart = _segment_starts(su)
     counts = np.diff(np.append(ustart, len(su)))
