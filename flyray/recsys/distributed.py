@@ -1,0 +1,387 @@
+"""FunkSVD trained over Ray workers.
+
+strategy "dsgd" (default): stratified SGD after Gemulla et al., KDD 2011. Users and items are
+cut into d blocks each, balanced by rating count, giving a d x d grid of rating shards. Worker w
+keeps user block w (its rows of P and b_u) and the shards (w, 0..d-1) resident. In sub-epoch s
+worker w updates item block (w + s) mod d: the d workers touch disjoint rows of P and Q, so they
+run in parallel with no locks and no averaging, and every update is an exact SGD step. Item
+blocks (rows of Q and b_i) then move to the next worker as Ray object references, never through
+the driver. The visiting order inside a shard depends only on (seed, epoch, shard), so a run is
+deterministic for a seed, whatever the timing.
+
+strategy "gradient_averaging": the original system's mode, kept for comparison. Each worker
+computes the full-batch gradient of its chunk of ratings against the current model; the driver
+averages them per row and takes one step per epoch. That is gradient descent, not SGD: it ships
+the whole model through the driver every epoch and converges far more slowly.
+
+Both checkpoint every `checkpoint_every` epochs to `checkpoint_uri` (local or s3://) and resume
+from the latest checkpoint there; a lost worker restarts the run from that checkpoint.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import time
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import ray
+from ray.exceptions import RayActorError
+
+from flyray import storage
+from flyray.recsys import kernels
+from flyray.recsys.funksvd import EpochMetrics, FunkSVD, FunkSVDParams, epoch_order, init_factors
+
+log = logging.getLogger(__name__)
+STRATEGIES = ("dsgd", "gradient_averaging")
+
+
+@dataclass
+class DistributedConfig:
+    strategy: str = "dsgd"
+    n_workers: int = 0  # 0: one per CPU of the Ray cluster
+    checkpoint_uri: str = ""  # empty: no checkpoints
+    checkpoint_every: int = 1
+    max_restarts: int = 2  # worker losses tolerated, each resumed from the last checkpoint
+
+    def __post_init__(self) -> None:
+        if self.strategy not in STRATEGIES:
+            raise ValueError(f"strategy must be one of {STRATEGIES}, got {self.strategy!r}")
+        if self.n_workers < 0 or self.checkpoint_every < 1:
+            raise ValueError("n_workers must be >= 0 and checkpoint_every >= 1")
+
+
+@dataclass
+class Ratings:
+    """Ratings as dense row indices (the features step's user_idx, item_idx, rating)."""
+
+    users: np.ndarray
+    items: np.ndarray
+    values: np.ndarray
+
+    def __post_init__(self) -> None:
+        self.users = np.asarray(self.users, np.int32)
+        self.items = np.asarray(self.items, np.int32)
+        self.values = np.asarray(self.values, np.float32)
+
+    def __len__(self) -> int:
+        return len(self.values)
+
+
+def balanced_blocks(counts: np.ndarray, d: int) -> np.ndarray:
+    """Block of each row, d blocks with near-equal rating counts (rows dealt out in a snake
+    order by decreasing count: vectorised, deterministic)."""
+    order = np.argsort(-counts, kind="stable")
+    lap = np.arange(len(counts)) % (2 * d)
+    deal = np.where(lap < d, lap, 2 * d - 1 - lap)
+    blocks = np.empty(len(counts), np.int32)
+    blocks[order] = deal
+    return blocks
+
+
+def _local_index(blocks: np.ndarray, d: int) -> tuple[np.ndarray, list[np.ndarray]]:
+    """(row -> index inside its block, the rows of each block in order)."""
+    members = [np.flatnonzero(blocks == b) for b in range(d)]
+    local = np.empty(len(blocks), np.int32)
+    for rows in members:
+        local[rows] = np.arange(len(rows), dtype=np.int32)
+    return local, members
+
+
+def _node() -> str:
+    return ray.get_runtime_context().get_node_id()[:8]
+
+
+@ray.remote(num_cpus=1)
+class _DSGDWorker:
+    """Holds one user block and its d rating shards; updates whichever item block it is given."""
+
+    def __init__(self, w: int, shards, P, bu, val_shards, params: FunkSVDParams, mean: float):
+        self.w, self.shards = w, shards
+        self.P, self.bu = P.copy(), bu.copy()  # arrays from the object store are read-only
+        self.val_shards, self.params, self.mean = val_shards, params, mean
+
+    @ray.method(num_returns=2)
+    def update(self, j: int, item_block: tuple[np.ndarray, np.ndarray], epoch: int):
+        Q, bi = (a.copy() for a in item_block)  # object-store arrays are read-only
+        u, i, r = self.shards[j]
+        p = self.params
+        sse = kernels.sgd_epoch(
+            u, i, r, epoch_order(p, epoch, len(r), self.w, j), self.P, Q, self.bu, bi,
+            self.mean, p.lr, p.reg, p.biased,
+        )  # fmt: skip
+        return (Q, bi), {"worker": self.w, "node": _node(), "ratings": len(r), "sse": sse}
+
+    def validate(self, *item_blocks) -> tuple[float, int]:
+        p, sse, n = self.params, 0.0, 0
+        for j, (Q, bi) in enumerate(item_blocks):
+            u, i, r = self.val_shards[j]
+            sse += kernels.squared_error(
+                u.astype(np.int64), i.astype(np.int64), r, self.P, Q, self.bu, bi,
+                self.mean, p.biased, p.rating_min, p.rating_max,
+            )  # fmt: skip
+            n += len(r)
+        return sse, n
+
+    def user_block(self) -> tuple[np.ndarray, np.ndarray]:
+        return self.P, self.bu
+
+
+@ray.remote(num_cpus=1)
+class _GradientWorker:
+    """Holds a chunk of ratings; returns its full-batch gradient for a given model."""
+
+    def __init__(self, w: int, chunk: Ratings, params: FunkSVDParams, mean: float):
+        self.w, self.chunk, self.params, self.mean = w, chunk, params, mean
+
+    def gradient(self, model):
+        P, Q, bu, bi = model
+        c, p = self.chunk, self.params
+        gP, gQ, gbu, gbi, sse = kernels.gradient_sums(
+            c.users, c.items, c.values, P, Q, bu, bi, self.mean, p.reg, p.biased
+        )
+        return gP, gQ, gbu, gbi, {"worker": self.w, "node": _node(), "ratings": len(c), "sse": sse}
+
+
+class _Checkpoints:
+    """epoch-NNNN/{model.npz, state.json} under a directory; latest.json names the newest."""
+
+    def __init__(self, uri: str):
+        self.uri = uri
+        self.fs, self.path = storage.filesystem(uri) if uri else (None, "")
+
+    def save(self, epoch: int, arrays: dict, state: dict) -> None:
+        if not self.uri:
+            return
+        folder = f"{self.path}/epoch-{epoch:04d}"
+        self.fs.create_dir(folder, recursive=True)
+        buf = io.BytesIO()
+        np.savez(buf, **arrays)
+        with self.fs.open_output_stream(f"{folder}/model.npz") as fh:
+            fh.write(buf.getvalue())
+        with self.fs.open_output_stream(f"{folder}/state.json") as fh:
+            fh.write(json.dumps(state).encode())
+        with self.fs.open_output_stream(f"{self.path}/latest.json") as fh:  # written last
+            fh.write(json.dumps({"epoch": epoch}).encode())
+
+    def latest(self) -> tuple[dict, dict] | None:
+        if not self.uri:
+            return None
+        from pyarrow.fs import FileType
+
+        if self.fs.get_file_info(f"{self.path}/latest.json").type != FileType.File:
+            return None
+        with self.fs.open_input_stream(f"{self.path}/latest.json") as fh:
+            epoch = json.loads(fh.read())["epoch"]
+        folder = f"{self.path}/epoch-{epoch:04d}"
+        with self.fs.open_input_stream(f"{folder}/state.json") as fh:
+            state = json.loads(fh.read())
+        with self.fs.open_input_stream(f"{folder}/model.npz") as fh:
+            arrays = dict(np.load(io.BytesIO(fh.read()), allow_pickle=False))
+        return arrays, state
+
+
+def _resolve_workers(config: DistributedConfig) -> int:
+    if config.n_workers:
+        return config.n_workers
+    return max(1, int(ray.cluster_resources().get("CPU", 1)))
+
+
+def train(
+    train_ratings: Ratings,
+    n_users: int,
+    n_items: int,
+    params: FunkSVDParams | None = None,
+    config: DistributedConfig | None = None,
+    validation: Ratings | None = None,
+    user_ids: np.ndarray | None = None,
+    item_ids: np.ndarray | None = None,
+) -> FunkSVD:
+    """Train FunkSVD on Ray and return the fitted model (raw ids from user_ids/item_ids)."""
+    params = params or FunkSVDParams()
+    config = config or DistributedConfig()
+    if len(train_ratings) == 0:
+        raise ValueError("no training ratings")
+    if not ray.is_initialized():
+        ray.init()
+    model = FunkSVD(params)
+    model.user_ids = np.arange(n_users) if user_ids is None else np.asarray(user_ids)
+    model.item_ids = np.arange(n_items) if item_ids is None else np.asarray(item_ids)
+    model.global_mean = float(train_ratings.values.mean(dtype=np.float64))
+    model.set_seen(train_ratings.users, train_ratings.items)
+    checkpoints = _Checkpoints(config.checkpoint_uri)
+    run = _run_dsgd if config.strategy == "dsgd" else _run_gradient_averaging
+    for attempt in range(config.max_restarts + 1):
+        start = _start_state(model, checkpoints, params, config, n_users, n_items)
+        try:
+            run(model, start, train_ratings, validation, config, checkpoints)
+            return model
+        except RayActorError as exc:
+            if attempt == config.max_restarts:
+                raise
+            log.warning("a worker was lost (%s); resuming from the last checkpoint", exc)
+    raise AssertionError("unreachable")
+
+
+def _start_state(model, checkpoints, params, config, n_users, n_items) -> int:
+    """Set the model to epoch 0 or to the latest checkpoint; return the epoch reached."""
+    model.P, model.Q, model.bu, model.bi = init_factors(params, n_users, n_items)
+    model.history = []
+    saved = checkpoints.latest()
+    if saved is None:
+        return 0
+    arrays, state = saved
+    expected = {"params": asdict(params), "strategy": config.strategy}
+    found = {k: state.get(k) for k in expected}
+    if (
+        found != expected
+        or arrays["P"].shape != model.P.shape
+        or arrays["Q"].shape != model.Q.shape
+    ):
+        raise ValueError(
+            f"checkpoint in {checkpoints.uri} was written by a different training "
+            f"({found}, P{arrays['P'].shape}); use a new checkpoint_uri or the same settings"
+        )
+    model.P, model.Q, model.bu, model.bi = arrays["P"], arrays["Q"], arrays["bu"], arrays["bi"]
+    model.history = [EpochMetrics(**m) for m in state["history"]]
+    log.info("resuming from %s at epoch %d", checkpoints.uri, state["epoch"])
+    return int(state["epoch"])
+
+
+def _end_epoch(model, epoch, train_sse, n_train, val, began, workers, checkpoints, config):
+    p = model.params
+    metrics = EpochMetrics(
+        epoch,
+        float(np.sqrt(train_sse / n_train)),
+        val,
+        time.perf_counter() - began,
+        [{k: v for k, v in w.items() if k != "sse"} for w in workers],
+    )
+    model.history.append(metrics)
+    per_worker = ", ".join(f"w{w['worker']}@{w['node']}: {w['ratings']:,}" for w in workers)
+    log.info(
+        "epoch %d/%d: train RMSE %.4f, validation RMSE %s, %.2fs [%s]",
+        epoch, p.n_epochs, metrics.train_rmse,
+        "n/a" if val is None else f"{val:.4f}", metrics.seconds, per_worker,
+    )  # fmt: skip
+    if epoch % config.checkpoint_every == 0 or epoch == p.n_epochs:
+        checkpoints.save(
+            epoch,
+            {"P": model.P, "Q": model.Q, "bu": model.bu, "bi": model.bi},
+            {
+                "epoch": epoch,
+                "params": asdict(p),
+                "strategy": config.strategy,
+                "history": [asdict(m) for m in model.history],
+            },
+        )
+
+
+def _shards(r: Ratings, ub, ib, ulocal, ilocal, d) -> list[list[tuple]]:
+    """shards[w][j] = (local user, local item, rating) of block (w, j)."""
+    key = ub[r.users].astype(np.int64) * d + ib[r.items]
+    order = np.argsort(key, kind="stable")
+    bounds = np.searchsorted(key[order], np.arange(d * d + 1))
+    out = []
+    for w in range(d):
+        row = []
+        for j in range(d):
+            sel = order[bounds[w * d + j] : bounds[w * d + j + 1]]
+            row.append((ulocal[r.users[sel]], ilocal[r.items[sel]], r.values[sel]))
+        out.append(row)
+    return out
+
+
+def _run_dsgd(model, start, ratings, validation, config, checkpoints) -> None:
+    p = model.params
+    d = _resolve_workers(config)
+    n_users, n_items = len(model.P), len(model.Q)
+    ub = balanced_blocks(np.bincount(ratings.users, minlength=n_users), d)
+    ib = balanced_blocks(np.bincount(ratings.items, minlength=n_items), d)
+    ulocal, umembers = _local_index(ub, d)
+    ilocal, imembers = _local_index(ib, d)
+    shards = _shards(ratings, ub, ib, ulocal, ilocal, d)
+    val = _shards(validation, ub, ib, ulocal, ilocal, d) if validation is not None else None
+    empty = [(np.zeros(0, np.int32),) * 2 + (np.zeros(0, np.float32),)] * d
+    workers = [
+        _DSGDWorker.remote(
+            w,
+            shards[w],
+            model.P[umembers[w]],
+            model.bu[umembers[w]],
+            val[w] if val else empty,
+            p,
+            model.global_mean,
+        )  # fmt: skip
+        for w in range(d)
+    ]
+    blocks = [ray.put((model.Q[imembers[j]], model.bi[imembers[j]])) for j in range(d)]
+    log.info("dsgd: %d workers, %d x %d blocks, %d ratings", d, d, d, len(ratings))
+    for epoch in range(start + 1, p.n_epochs + 1):
+        began = time.perf_counter()
+        stats: dict[int, dict] = {}
+        for s in range(d):
+            step = [
+                workers[w].update.remote((w + s) % d, blocks[(w + s) % d], epoch) for w in range(d)
+            ]
+            for w, (block_ref, stat_ref) in enumerate(step):
+                blocks[(w + s) % d] = block_ref
+                stat = ray.get(stat_ref)
+                prev = stats.setdefault(w, {**stat, "ratings": 0, "sse": 0.0})
+                prev["ratings"] += stat["ratings"]
+                prev["sse"] += stat["sse"]
+        val_rmse = None
+        if val is not None:
+            sums = ray.get([wk.validate.remote(*blocks) for wk in workers])
+            val_rmse = float(np.sqrt(sum(s for s, _ in sums) / max(sum(n for _, n in sums), 1)))
+        _gather(model, workers, blocks, umembers, imembers)
+        sse = sum(s["sse"] for s in stats.values())
+        _end_epoch(model, epoch, sse, len(ratings), val_rmse, began, list(stats.values()),
+                   checkpoints, config)  # fmt: skip
+    for w in workers:
+        ray.kill(w)
+
+
+def _gather(model, workers, blocks, umembers, imembers) -> None:
+    """Copy the resident blocks back into the model's full P, Q and biases."""
+    for w, (P, bu) in enumerate(ray.get([wk.user_block.remote() for wk in workers])):
+        model.P[umembers[w]], model.bu[umembers[w]] = P, bu
+    for j, (Q, bi) in enumerate(ray.get(blocks)):
+        model.Q[imembers[j]], model.bi[imembers[j]] = Q, bi
+
+
+def _run_gradient_averaging(model, start, ratings, validation, config, checkpoints) -> None:
+    p = model.params
+    d = _resolve_workers(config)
+    perm = np.random.default_rng(p.seed).permutation(len(ratings))
+    chunks = np.array_split(perm, d)
+    workers = [
+        _GradientWorker.remote(
+            w, Ratings(ratings.users[c], ratings.items[c], ratings.values[c]), p, model.global_mean
+        )
+        for w, c in enumerate(chunks)
+    ]
+    # Average each row's gradient over that row's ratings, then one step of size lr.
+    n_u = np.maximum(np.bincount(ratings.users, minlength=len(model.P)), 1).astype(np.float32)
+    n_i = np.maximum(np.bincount(ratings.items, minlength=len(model.Q)), 1).astype(np.float32)
+    log.info("gradient_averaging: %d workers, %d ratings", d, len(ratings))
+    for epoch in range(start + 1, p.n_epochs + 1):
+        began = time.perf_counter()
+        ref = ray.put((model.P, model.Q, model.bu, model.bi))
+        grads = ray.get([w.gradient.remote(ref) for w in workers])
+        model.P += p.lr * sum(g[0] for g in grads) / n_u[:, None]
+        model.Q += p.lr * sum(g[1] for g in grads) / n_i[:, None]
+        if p.biased:
+            model.bu += p.lr * sum(g[2] for g in grads) / n_u
+            model.bi += p.lr * sum(g[3] for g in grads) / n_i
+        val_rmse = (
+            model.rmse_indexed(validation.users, validation.items, validation.values)
+            if (validation is not None)
+            else None
+        )
+        _end_epoch(model, epoch, sum(g[4]["sse"] for g in grads), len(ratings), val_rmse, began,
+                   [g[4] for g in grads], checkpoints, config)  # fmt: skip
+    for w in workers:
+        ray.kill(w)

@@ -1,0 +1,278 @@
+"""FunkSVD: biased matrix factorisation trained by SGD, with Surprise-compatible hyperparameters.
+
+    model = FunkSVD(n_factors=100, n_epochs=20).fit(ratings_df)      # user_id, item_id, rating
+    model.predict([1, 2], [10, 20])                                  # unknown ids -> biases
+    model.recommend([1, 2], n=10)                                    # top-N unseen items
+    model.save("model/"); FunkSVD.load("model/")                     # npz + JSON, no pickle
+
+The model keeps raw ids; internally users and items are dense row indices. `fit` runs in one
+process on the compiled kernel; `flyray.recsys.distributed` trains the same model over Ray.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import time
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import pandas as pd
+
+from flyray import storage
+from flyray.recsys import kernels
+
+log = logging.getLogger(__name__)
+FORMAT_VERSION = 1
+
+
+@dataclass
+class FunkSVDParams:
+    """Hyperparameters, named and defaulted as in Surprise's SVD."""
+
+    n_factors: int = 100
+    n_epochs: int = 20
+    lr: float = 0.005
+    reg: float = 0.02
+    init_mean: float = 0.0
+    init_std: float = 0.1
+    biased: bool = True
+    seed: int = 0
+    # Visit ratings in a fresh random order each epoch (Surprise keeps one fixed order).
+    shuffle: bool = True
+    rating_min: float = 1.0
+    rating_max: float = 5.0
+
+    def __post_init__(self) -> None:
+        if self.n_factors < 1 or self.n_epochs < 0:
+            raise ValueError("n_factors must be >= 1 and n_epochs >= 0")
+        if self.lr <= 0 or self.reg < 0 or self.init_std < 0:
+            raise ValueError("lr must be > 0, reg and init_std >= 0")
+        if self.rating_max <= self.rating_min:
+            raise ValueError("rating_max must exceed rating_min")
+
+
+@dataclass
+class EpochMetrics:
+    epoch: int
+    train_rmse: float
+    validation_rmse: float | None
+    seconds: float
+    workers: list[dict] = field(default_factory=list)
+
+
+def init_factors(params: FunkSVDParams, n_users: int, n_items: int):
+    """Initial P, Q (normal), biases (zero): the same for every way of training."""
+    rng = np.random.default_rng(params.seed)
+    shape_p, shape_q = (n_users, params.n_factors), (n_items, params.n_factors)
+    P = rng.normal(params.init_mean, params.init_std, shape_p).astype(np.float32)
+    Q = rng.normal(params.init_mean, params.init_std, shape_q).astype(np.float32)
+    return P, Q, np.zeros(n_users, np.float32), np.zeros(n_items, np.float32)
+
+
+def epoch_order(params: FunkSVDParams, epoch: int, n: int, *stream: int) -> np.ndarray:
+    """The visiting order of n ratings in an epoch: a function of (seed, epoch, stream) only, so
+    a resumed or re-run training repeats exactly."""
+    if not params.shuffle:
+        return np.arange(n, dtype=np.int64)
+    return np.random.default_rng((params.seed, epoch, *stream)).permutation(n)
+
+
+def _index_of(known: np.ndarray, ids: np.ndarray) -> np.ndarray:
+    """Positions of ids in the sorted array `known`; -1 where unknown."""
+    ids = np.asarray(ids, dtype=np.int64)
+    if len(known) == 0:
+        return np.full(len(ids), -1, np.int64)
+    pos = np.minimum(np.searchsorted(known, ids), len(known) - 1)
+    return np.where(known[pos] == ids, pos, -1)
+
+
+def _triples(data, ratings=None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    if isinstance(data, pd.DataFrame):
+        missing = {"user_id", "item_id", "rating"} - set(data.columns)
+        if missing:
+            raise ValueError(f"ratings frame lacks columns {sorted(missing)}")
+        data = (data["user_id"], data["item_id"], data["rating"])
+    elif ratings is not None:
+        raise TypeError("pass a DataFrame or one (users, items, ratings) tuple")
+    users, items, values = (np.asarray(a) for a in data)
+    if not len(users) == len(items) == len(values):
+        raise ValueError("users, items and ratings must have the same length")
+    if len(users) == 0:
+        raise ValueError("no ratings to fit")
+    if not np.isfinite(values).all():
+        raise ValueError("ratings contain NaN or infinite values")
+    return users.astype(np.int64), items.astype(np.int64), values.astype(np.float32)
+
+
+class FunkSVD:
+    """Biased matrix factorisation: r_ui ~ mu + b_u + b_i + p_u . q_i."""
+
+    def __init__(self, params: FunkSVDParams | None = None, **kwargs) -> None:
+        self.params = params or FunkSVDParams(**kwargs)
+        self.user_ids = np.zeros(0, np.int64)  # sorted raw ids; row k of P is user_ids[k]
+        self.item_ids = np.zeros(0, np.int64)
+        self.P = np.zeros((0, self.params.n_factors), np.float32)
+        self.Q = np.zeros((0, self.params.n_factors), np.float32)
+        self.bu = np.zeros(0, np.float32)
+        self.bi = np.zeros(0, np.float32)
+        self.global_mean = 0.0
+        self.seen_indptr = np.zeros(1, np.int64)  # CSR of training items per user row
+        self.seen_items = np.zeros(0, np.int32)
+        self.history: list[EpochMetrics] = []
+
+    # ----------------------------------------------------------------------------- training
+
+    def fit(self, data, validation=None) -> FunkSVD:
+        """Fit on a DataFrame (user_id, item_id, rating) or a (users, items, ratings) tuple."""
+        users, items, values = _triples(data)
+        self.user_ids, u = np.unique(users, return_inverse=True)
+        self.item_ids, i = np.unique(items, return_inverse=True)
+        val = None
+        if validation is not None:
+            vu, vi, vr = _triples(validation)
+            val = (_index_of(self.user_ids, vu), _index_of(self.item_ids, vi), vr)
+        self.fit_indexed(u.astype(np.int32), i.astype(np.int32), values, val)
+        return self
+
+    def fit_indexed(self, u: np.ndarray, i: np.ndarray, r: np.ndarray, validation=None) -> None:
+        """Fit on dense row indices (ids already set); the one-process training loop."""
+        p = self.params
+        self.P, self.Q, self.bu, self.bi = init_factors(p, len(self.user_ids), len(self.item_ids))
+        self.global_mean = float(r.mean(dtype=np.float64))
+        self.set_seen(u, i)
+        self.history = []
+        for epoch in range(1, p.n_epochs + 1):
+            began = time.perf_counter()
+            order = epoch_order(p, epoch, len(r))
+            sse = kernels.sgd_epoch(
+                u, i, r, order, self.P, self.Q, self.bu, self.bi,
+                self.global_mean, p.lr, p.reg, p.biased,
+            )  # fmt: skip
+            metrics = EpochMetrics(
+                epoch,
+                float(np.sqrt(sse / len(r))),
+                self.rmse_indexed(*validation) if validation is not None else None,
+                time.perf_counter() - began,
+                [{"worker": 0, "ratings": len(r)}],
+            )
+            self.history.append(metrics)
+            log.info(
+                "epoch %d/%d: train RMSE %.4f, validation RMSE %s, %.2fs",
+                epoch, p.n_epochs, metrics.train_rmse, metrics.validation_rmse, metrics.seconds,
+            )  # fmt: skip
+
+    def set_seen(self, u: np.ndarray, i: np.ndarray) -> None:
+        """Remember each user's training items (CSR), so `recommend` never returns them."""
+        order = np.lexsort((i, u))
+        counts = np.bincount(u, minlength=len(self.user_ids))
+        self.seen_indptr = np.concatenate(([0], np.cumsum(counts))).astype(np.int64)
+        self.seen_items = np.asarray(i)[order].astype(np.int32)
+
+    # --------------------------------------------------------------------------- prediction
+
+    def _predict_indexed(self, u: np.ndarray, i: np.ndarray) -> np.ndarray:
+        p = self.params
+        return kernels.predict(
+            u.astype(np.int64), i.astype(np.int64), self.P, self.Q, self.bu, self.bi,
+            self.global_mean, p.biased, p.rating_min, p.rating_max,
+        )  # fmt: skip
+
+    def predict(self, users, items) -> np.ndarray:
+        """Predicted ratings for (user, item) pairs; unknown users or items fall back to the
+        biases that are known (the global mean when neither is)."""
+        users, items = np.asarray(users, np.int64), np.asarray(items, np.int64)
+        if users.shape != items.shape:
+            raise ValueError("users and items must have the same length")
+        return self._predict_indexed(
+            _index_of(self.user_ids, users), _index_of(self.item_ids, items)
+        )
+
+    def rmse_indexed(self, u: np.ndarray, i: np.ndarray, r: np.ndarray) -> float:
+        p = self.params
+        sse = kernels.squared_error(
+            u.astype(np.int64), i.astype(np.int64), r.astype(np.float32), self.P, self.Q,
+            self.bu, self.bi, self.global_mean, p.biased, p.rating_min, p.rating_max,
+        )  # fmt: skip
+        return float(np.sqrt(sse / max(len(r), 1)))
+
+    def recommend(self, users, n: int = 10, exclude_seen: bool = True, batch: int = 2048):
+        """Top-n items per user as a DataFrame (user_id, rank, item_id, score).
+
+        Unknown users get the items with the largest biases (the model's popularity).
+        """
+        users = np.asarray(users, np.int64)
+        rows = _index_of(self.user_ids, users)
+        n = min(n, len(self.item_ids))
+        out_items = np.empty((len(users), n), np.int64)
+        out_scores = np.empty((len(users), n), np.float32)
+        base = (
+            self.bi + np.float32(self.global_mean) if self.params.biased else np.zeros_like(self.bi)
+        )
+        for start in range(0, len(users), batch):
+            r = rows[start : start + batch]
+            scores = np.where(r[:, None] >= 0, self.P[np.maximum(r, 0)] @ self.Q.T, 0.0)
+            scores += base
+            if self.params.biased:
+                scores += np.where(r >= 0, self.bu[np.maximum(r, 0)], 0.0)[:, None]
+            if exclude_seen:
+                for k, row in enumerate(r):
+                    if row >= 0:
+                        seen = self.seen_items[self.seen_indptr[row] : self.seen_indptr[row + 1]]
+                        scores[k, seen] = -np.inf
+            top = np.argpartition(-scores, n - 1, axis=1)[:, :n]
+            top_scores = np.take_along_axis(scores, top, axis=1)
+            order = np.argsort(-top_scores, axis=1, kind="stable")
+            out_items[start : start + batch] = self.item_ids[np.take_along_axis(top, order, 1)]
+            out_scores[start : start + batch] = np.take_along_axis(top_scores, order, 1)
+        lo, hi = self.params.rating_min, self.params.rating_max
+        return pd.DataFrame(
+            {
+                "user_id": np.repeat(users, n),
+                "rank": np.tile(np.arange(1, n + 1), len(users)),
+                "item_id": out_items.ravel(),
+                "score": np.clip(out_scores.ravel(), lo, hi),
+            }
+        )
+
+    # ---------------------------------------------------------------------------- save/load
+
+    _ARRAYS = ("user_ids", "item_ids", "P", "Q", "bu", "bi", "seen_indptr", "seen_items")
+
+    def save(self, uri: str) -> str:
+        """Write model.npz and meta.json under `uri` (a directory, local or s3://)."""
+        fs, path = storage.filesystem(uri)
+        fs.create_dir(path, recursive=True)
+        buf = io.BytesIO()
+        np.savez(buf, **{name: getattr(self, name) for name in self._ARRAYS})
+        with fs.open_output_stream(f"{path}/model.npz") as fh:
+            fh.write(buf.getvalue())
+        meta = {
+            "format": "flyray.funksvd",
+            "version": FORMAT_VERSION,
+            "params": asdict(self.params),
+            "global_mean": self.global_mean,
+            "history": [asdict(m) for m in self.history],
+            "n_users": len(self.user_ids),
+            "n_items": len(self.item_ids),
+        }
+        with fs.open_output_stream(f"{path}/meta.json") as fh:
+            fh.write(json.dumps(meta, indent=2).encode())
+        return uri
+
+    @classmethod
+    def load(cls, uri: str) -> FunkSVD:
+        fs, path = storage.filesystem(uri)
+        with fs.open_input_stream(f"{path}/meta.json") as fh:
+            meta = json.loads(fh.read())
+        if meta.get("format") != "flyray.funksvd" or meta.get("version") != FORMAT_VERSION:
+            raise ValueError(f"{uri}: not a flyray FunkSVD model of format {FORMAT_VERSION}")
+        with fs.open_input_stream(f"{path}/model.npz") as fh:
+            arrays = np.load(io.BytesIO(fh.read()), allow_pickle=False)
+            model = cls(FunkSVDParams(**meta["params"]))
+            for name in cls._ARRAYS:
+                setattr(model, name, arrays[name])
+        model.global_mean = meta["global_mean"]
+        model.history = [EpochMetrics(**m) for m in meta["history"]]
+        return model

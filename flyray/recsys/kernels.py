@@ -1,0 +1,145 @@
+"""Compiled inner loops of FunkSVD (numba).
+
+numba, because the SGD update is a sequential loop over ratings with random row access that no
+vectorised library expresses, and numba compiles it to SIMD machine code from plain Python with
+no build step (Cython would need a compiler in every image; Surprise itself is Cython).
+Every kernel updates arrays in place and releases the GIL.
+"""
+
+from __future__ import annotations
+
+import numba
+import numpy as np
+
+
+@numba.njit(nogil=True, fastmath=True, cache=True)
+def sgd_epoch(
+    users: np.ndarray,
+    items: np.ndarray,
+    ratings: np.ndarray,
+    order: np.ndarray,
+    P: np.ndarray,
+    Q: np.ndarray,
+    bu: np.ndarray,
+    bi: np.ndarray,
+    global_mean: float,
+    lr: float,
+    reg: float,
+    biased: bool,
+) -> float:
+    """One pass of SGD over ratings[order], Surprise's update rule; returns the summed squared
+    error seen before each update."""
+    k = P.shape[1]
+    sse = 0.0
+    for n in range(order.shape[0]):
+        idx = order[n]
+        u = users[idx]
+        i = items[idx]
+        dot = np.float32(0.0)
+        for f in range(k):
+            dot += P[u, f] * Q[i, f]
+        pred = dot + (global_mean + bu[u] + bi[i] if biased else 0.0)
+        err = ratings[idx] - pred
+        sse += err * err
+        if biased:
+            bu[u] += lr * (err - reg * bu[u])
+            bi[i] += lr * (err - reg * bi[i])
+        for f in range(k):
+            puf = P[u, f]
+            qif = Q[i, f]
+            P[u, f] = puf + lr * (err * qif - reg * puf)
+            Q[i, f] = qif + lr * (err * puf - reg * qif)
+    return sse
+
+
+@numba.njit(nogil=True, fastmath=True, cache=True)
+def predict(
+    users: np.ndarray,
+    items: np.ndarray,
+    P: np.ndarray,
+    Q: np.ndarray,
+    bu: np.ndarray,
+    bi: np.ndarray,
+    global_mean: float,
+    biased: bool,
+    lo: float,
+    hi: float,
+) -> np.ndarray:
+    """Clipped predictions; a negative index (unknown user or item) contributes nothing."""
+    out = np.empty(users.shape[0], dtype=np.float32)
+    k = P.shape[1]
+    for n in range(users.shape[0]):
+        u = users[n]
+        i = items[n]
+        pred = global_mean if biased else 0.0
+        if biased and u >= 0:
+            pred += bu[u]
+        if biased and i >= 0:
+            pred += bi[i]
+        if u >= 0 and i >= 0:
+            for f in range(k):
+                pred += P[u, f] * Q[i, f]
+        out[n] = min(max(pred, lo), hi)
+    return out
+
+
+@numba.njit(nogil=True, fastmath=True, cache=True)
+def squared_error(
+    users: np.ndarray,
+    items: np.ndarray,
+    ratings: np.ndarray,
+    P: np.ndarray,
+    Q: np.ndarray,
+    bu: np.ndarray,
+    bi: np.ndarray,
+    global_mean: float,
+    biased: bool,
+    lo: float,
+    hi: float,
+) -> float:
+    """Sum of squared errors of clipped predictions (for RMSE without materialising them)."""
+    preds = predict(users, items, P, Q, bu, bi, global_mean, biased, lo, hi)
+    sse = 0.0
+    for n in range(users.shape[0]):
+        d = ratings[n] - preds[n]
+        sse += d * d
+    return sse
+
+
+@numba.njit(nogil=True, fastmath=True, cache=True)
+def gradient_sums(
+    users: np.ndarray,
+    items: np.ndarray,
+    ratings: np.ndarray,
+    P: np.ndarray,
+    Q: np.ndarray,
+    bu: np.ndarray,
+    bi: np.ndarray,
+    global_mean: float,
+    reg: float,
+    biased: bool,
+):
+    """Full-batch gradient of the regularised squared error over these ratings, summed per row
+    (the original per-chunk computation behind `gradient_averaging`)."""
+    k = P.shape[1]
+    gP = np.zeros_like(P)
+    gQ = np.zeros_like(Q)
+    gbu = np.zeros_like(bu)
+    gbi = np.zeros_like(bi)
+    sse = 0.0
+    for n in range(users.shape[0]):
+        u = users[n]
+        i = items[n]
+        dot = np.float32(0.0)
+        for f in range(k):
+            dot += P[u, f] * Q[i, f]
+        pred = dot + (global_mean + bu[u] + bi[i] if biased else 0.0)
+        err = ratings[n] - pred
+        sse += err * err
+        if biased:
+            gbu[u] += err - reg * bu[u]
+            gbi[i] += err - reg * bi[i]
+        for f in range(k):
+            gP[u, f] += err * Q[i, f] - reg * P[u, f]
+            gQ[i, f] += err * P[u, f] - reg * Q[i, f]
+    return gP, gQ, gbu, gbi, sse
