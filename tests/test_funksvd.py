@@ -60,9 +60,10 @@ def test_converges_far_beyond_biases_on_ground_truth():
     train, test = data.iloc[:25_000], data.iloc[25_000:]
     model = FunkSVD(n_factors=20, n_epochs=30, lr=0.01, reg=0.05).fit(train, validation=test)
     biases = FunkSVD(n_factors=1, n_epochs=30, lr=0.01, reg=0.05, init_std=0.0).fit(train)
-    rmse = lambda m: float(
-        np.sqrt(np.mean((m.predict(test.user_id, test.item_id) - test.rating) ** 2))
-    )  # noqa: E731
+
+    def rmse(m):
+        return float(np.sqrt(np.mean((m.predict(test.user_id, test.item_id) - test.rating) ** 2)))  # noqa: E731
+
     assert rmse(model) < 0.55 < rmse(biases) - 0.1
     assert model.history[-1].validation_rmse == pytest.approx(rmse(model), abs=1e-4)
     curve = [h.train_rmse for h in model.history]
