@@ -184,9 +184,10 @@ class _Checkpoints:
 
 
 def _resolve_workers(config: DistributedConfig) -> int:
+    """The configured count, or one worker per CPU the cluster has free now."""
     if config.n_workers:
         return config.n_workers
-    return max(1, int(ray.cluster_resources().get("CPU", 1)))
+    return max(1, int(ray.available_resources().get("CPU", 1)))
 
 
 def train(
@@ -213,16 +214,33 @@ def train(
     model.set_seen(train_ratings.users, train_ratings.items)
     checkpoints = _Checkpoints(config.checkpoint_uri)
     run = _run_dsgd if config.strategy == "dsgd" else _run_gradient_averaging
+    n_workers = _resolve_workers(config)
     for attempt in range(config.max_restarts + 1):
         start = _start_state(model, checkpoints, params, config, n_users, n_items)
+        workers: list = []
         try:
-            run(model, start, train_ratings, validation, config, checkpoints)
+            run(model, start, train_ratings, validation, n_workers, workers, config, checkpoints)
             return model
         except RayActorError as exc:
             if attempt == config.max_restarts:
                 raise
             log.warning("a worker was lost (%s); resuming from the last checkpoint", exc)
+        finally:
+            for w in workers:  # free their CPUs before a restart or on any error
+                ray.kill(w)
     raise AssertionError("unreachable")
+
+
+def _started(workers: list, timeout: float = 120.0) -> None:
+    """Wait until every worker actor runs; a cluster short of CPUs is an error, not a hang."""
+    try:
+        ray.get([w.__ray_ready__.remote() for w in workers], timeout=timeout)
+    except ray.exceptions.GetTimeoutError:
+        raise RuntimeError(
+            f"{len(workers)} training workers need {len(workers)} free CPUs; the Ray cluster has "
+            f"{ray.available_resources().get('CPU', 0):g} free of "
+            f"{ray.cluster_resources().get('CPU', 0):g}. Set n_workers lower or add workers."
+        ) from None
 
 
 def _start_state(model, checkpoints, params, config, n_users, n_items) -> int:
@@ -294,9 +312,8 @@ def _shards(r: Ratings, ub, ib, ulocal, ilocal, d) -> list[list[tuple]]:
     return out
 
 
-def _run_dsgd(model, start, ratings, validation, config, checkpoints) -> None:
+def _run_dsgd(model, start, ratings, validation, d, workers, config, checkpoints) -> None:
     p = model.params
-    d = _resolve_workers(config)
     n_users, n_items = len(model.P), len(model.Q)
     ub = balanced_blocks(np.bincount(ratings.users, minlength=n_users), d)
     ib = balanced_blocks(np.bincount(ratings.items, minlength=n_items), d)
@@ -305,7 +322,7 @@ def _run_dsgd(model, start, ratings, validation, config, checkpoints) -> None:
     shards = _shards(ratings, ub, ib, ulocal, ilocal, d)
     val = _shards(validation, ub, ib, ulocal, ilocal, d) if validation is not None else None
     empty = [(np.zeros(0, np.int32),) * 2 + (np.zeros(0, np.float32),)] * d
-    workers = [
+    workers += [
         _DSGDWorker.remote(
             w,
             shards[w],
@@ -317,6 +334,7 @@ def _run_dsgd(model, start, ratings, validation, config, checkpoints) -> None:
         )  # fmt: skip
         for w in range(d)
     ]
+    _started(workers)
     blocks = [ray.put((model.Q[imembers[j]], model.bi[imembers[j]])) for j in range(d)]
     log.info("dsgd: %d workers, %d x %d blocks, %d ratings", d, d, d, len(ratings))
     for epoch in range(start + 1, p.n_epochs + 1):
@@ -340,8 +358,6 @@ def _run_dsgd(model, start, ratings, validation, config, checkpoints) -> None:
         sse = sum(s["sse"] for s in stats.values())
         _end_epoch(model, epoch, sse, len(ratings), val_rmse, began, list(stats.values()),
                    checkpoints, config)  # fmt: skip
-    for w in workers:
-        ray.kill(w)
 
 
 def _gather(model, workers, blocks, umembers, imembers) -> None:
@@ -352,17 +368,17 @@ def _gather(model, workers, blocks, umembers, imembers) -> None:
         model.Q[imembers[j]], model.bi[imembers[j]] = Q, bi
 
 
-def _run_gradient_averaging(model, start, ratings, validation, config, checkpoints) -> None:
+def _run_gradient_averaging(model, start, ratings, validation, d, workers, config, checkpoints):
     p = model.params
-    d = _resolve_workers(config)
     perm = np.random.default_rng(p.seed).permutation(len(ratings))
     chunks = np.array_split(perm, d)
-    workers = [
+    workers += [
         _GradientWorker.remote(
             w, Ratings(ratings.users[c], ratings.items[c], ratings.values[c]), p, model.global_mean
         )
         for w, c in enumerate(chunks)
     ]
+    _started(workers)
     # Average each row's gradient over that row's ratings, then one step of size lr.
     n_u = np.maximum(np.bincount(ratings.users, minlength=len(model.P)), 1).astype(np.float32)
     n_i = np.maximum(np.bincount(ratings.items, minlength=len(model.Q)), 1).astype(np.float32)
@@ -383,5 +399,3 @@ def _run_gradient_averaging(model, start, ratings, validation, config, checkpoin
         )
         _end_epoch(model, epoch, sum(g[4]["sse"] for g in grads), len(ratings), val_rmse, began,
                    [g[4] for g in grads], checkpoints, config)  # fmt: skip
-    for w in workers:
-        ray.kill(w)

@@ -1,0 +1,118 @@
+"""FunkSVD over Ray: DSGD equals one worker, is deterministic, resumes, survives a lost worker."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import ray
+
+from flyray.recsys import FunkSVDParams
+from flyray.recsys import distributed as dist
+from flyray.recsys.distributed import DistributedConfig, Ratings, balanced_blocks, train
+from test_funksvd import synthetic
+
+PARAMS = FunkSVDParams(n_factors=16, n_epochs=12, lr=0.01, reg=0.05, seed=4)
+
+
+@pytest.fixture(scope="module")
+def data():
+    df = synthetic(n_users=300, n_items=150, n=24_000)
+    users, u = np.unique(df.user_id, return_inverse=True)
+    items, i = np.unique(df.item_id, return_inverse=True)
+    r = df.rating.to_numpy()
+    tr, va = slice(0, 20_000), slice(20_000, None)
+    return (Ratings(u[tr], i[tr], r[tr]), Ratings(u[va], i[va], r[va]), users, items)
+
+
+def _fit(data, params=PARAMS, **cfg):
+    train_r, val_r, users, items = data
+    return train(train_r, len(users), len(items), params, DistributedConfig(**cfg), val_r, users, items)
+
+
+def test_dsgd_with_two_workers_matches_one_worker(data):
+    one = _fit(data, n_workers=1)
+    two = _fit(data, n_workers=2)
+    assert abs(one.history[-1].validation_rmse - two.history[-1].validation_rmse) < 0.002
+    assert two.history[-1].validation_rmse < two.history[0].validation_rmse - 0.1
+    assert {w["worker"] for w in two.history[0].workers} == {0, 1}
+    assert sum(w["ratings"] for w in two.history[0].workers) == 20_000
+
+
+def test_dsgd_is_deterministic_for_a_seed(data):
+    a, b = _fit(data, n_workers=2), _fit(data, n_workers=2)
+    np.testing.assert_array_equal(a.P, b.P)
+    np.testing.assert_array_equal(a.Q, b.Q)
+
+
+def test_resume_continues_from_the_last_checkpoint(data, tmp_path):
+    uri = str(tmp_path / "ckpt")
+    short = FunkSVDParams(**{**PARAMS.__dict__, "n_epochs": 3})
+    first = _fit(data, short, n_workers=2, checkpoint_uri=uri)
+    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir())[:3] == [
+        "epoch-0001", "epoch-0002", "epoch-0003",
+    ]
+    resumed = _fit(data, PARAMS, n_workers=2, checkpoint_uri=str(tmp_path / "ckpt-long"))
+    # A training told to go on to 12 epochs, over the 3-epoch checkpoints, runs only 4..12.
+    import shutil
+
+    shutil.copytree(tmp_path / "ckpt", tmp_path / "ckpt2")
+    for p in (tmp_path / "ckpt2").glob("epoch-*/state.json"):
+        p.write_text(p.read_text().replace('"n_epochs": 3', f'"n_epochs": {PARAMS.n_epochs}'))
+    cont = _fit(data, PARAMS, n_workers=2, checkpoint_uri=str(tmp_path / "ckpt2"))
+    assert [h.seconds for h in cont.history[:3]] == [h.seconds for h in first.history]
+    assert [h.epoch for h in cont.history] == list(range(1, 13))
+    np.testing.assert_array_equal(cont.P, resumed.P)  # same as never stopping
+
+
+def test_checkpoint_from_other_settings_is_refused(data, tmp_path):
+    uri = str(tmp_path / "ckpt")
+    _fit(data, FunkSVDParams(n_factors=4, n_epochs=1), n_workers=1, checkpoint_uri=uri)
+    with pytest.raises(ValueError, match="different training"):
+        _fit(data, FunkSVDParams(n_factors=8, n_epochs=2), n_workers=1, checkpoint_uri=uri)
+
+
+def test_lost_worker_resumes_from_checkpoint(data, tmp_path, monkeypatch):
+    handles = []
+    original = dist._DSGDWorker
+
+    class Recording:
+        @staticmethod
+        def remote(*args, **kwargs):
+            handle = original.remote(*args, **kwargs)
+            handles.append(handle)
+            return handle
+
+    end_epoch = dist._end_epoch
+    killed = []
+
+    def kill_after_epoch_five(model, epoch, *args):
+        end_epoch(model, epoch, *args)
+        if epoch == 5 and not killed:
+            killed.append(epoch)
+            ray.kill(handles[-1])  # a worker dies between epochs
+
+    monkeypatch.setattr(dist, "_DSGDWorker", Recording)
+    monkeypatch.setattr(dist, "_end_epoch", kill_after_epoch_five)
+    model = _fit(data, n_workers=2, checkpoint_uri=str(tmp_path / "ckpt"))
+    assert killed == [5] and len(handles) == 4  # two workers, started twice
+    reference = _fit(data, n_workers=2)
+    np.testing.assert_array_equal(model.P, reference.P)
+    assert [h.epoch for h in model.history] == list(range(1, 13))
+
+
+def test_gradient_averaging_learns_slowly(data):
+    ga = _fit(data, n_workers=2, strategy="gradient_averaging")
+    dsgd = _fit(data, n_workers=2)
+    curve = [h.validation_rmse for h in ga.history]
+    assert curve[-1] < curve[0]
+    assert dsgd.history[-1].validation_rmse < curve[-1] - 0.1
+
+
+def test_blocks_are_balanced():
+    counts = np.random.default_rng(0).zipf(1.5, 10_000).clip(max=5_000)
+    blocks = balanced_blocks(counts, 4)
+    loads = np.bincount(blocks, weights=counts)
+    assert loads.max() / loads.min() < 1.05
+    assert DistributedConfig(n_workers=0).n_workers == 0
+    with pytest.raises(ValueError, match="strategy"):
+        DistributedConfig(strategy="allreduce")
