@@ -45,6 +45,19 @@ def bar_chart_html(values: dict[str, float], title: str, ylabel: str, log: bool 
     return figure_html(fig)
 
 
+def line_chart_html(
+    x: list, series: dict[str, list[float]], title: str, xlabel: str, ylabel: str
+) -> str:
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    for label, values in series.items():
+        ax.plot(x, values, marker="o", label=label)
+    ax.set_title(title)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.legend()
+    return figure_html(fig)
+
+
 def figure_html(fig) -> str:
     buf = io.BytesIO()
     fig.tight_layout()

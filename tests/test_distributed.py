@@ -5,13 +5,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import ray
+from test_funksvd import synthetic
 
 from flyray.recsys import FunkSVDParams
 from flyray.recsys import distributed as dist
 from flyray.recsys.distributed import DistributedConfig, Ratings, balanced_blocks, train
-from test_funksvd import synthetic
 
-PARAMS = FunkSVDParams(n_factors=16, n_epochs=12, lr=0.01, reg=0.05, seed=4)
+PARAMS = FunkSVDParams(n_factors=16, n_epochs=30, lr=0.01, reg=0.05, seed=4)
 
 
 @pytest.fixture(scope="module")
@@ -26,7 +26,9 @@ def data():
 
 def _fit(data, params=PARAMS, **cfg):
     train_r, val_r, users, items = data
-    return train(train_r, len(users), len(items), params, DistributedConfig(**cfg), val_r, users, items)
+    return train(
+        train_r, len(users), len(items), params, DistributedConfig(**cfg), val_r, users, items
+    )
 
 
 def test_dsgd_with_two_workers_matches_one_worker(data):
@@ -49,10 +51,12 @@ def test_resume_continues_from_the_last_checkpoint(data, tmp_path):
     short = FunkSVDParams(**{**PARAMS.__dict__, "n_epochs": 3})
     first = _fit(data, short, n_workers=2, checkpoint_uri=uri)
     assert sorted(p.name for p in (tmp_path / "ckpt").iterdir())[:3] == [
-        "epoch-0001", "epoch-0002", "epoch-0003",
+        "epoch-0001",
+        "epoch-0002",
+        "epoch-0003",
     ]
     resumed = _fit(data, PARAMS, n_workers=2, checkpoint_uri=str(tmp_path / "ckpt-long"))
-    # A training told to go on to 12 epochs, over the 3-epoch checkpoints, runs only 4..12.
+    # A training told to go on to 30 epochs, over the 3-epoch checkpoints, runs only 4..30.
     import shutil
 
     shutil.copytree(tmp_path / "ckpt", tmp_path / "ckpt2")
@@ -60,7 +64,7 @@ def test_resume_continues_from_the_last_checkpoint(data, tmp_path):
         p.write_text(p.read_text().replace('"n_epochs": 3', f'"n_epochs": {PARAMS.n_epochs}'))
     cont = _fit(data, PARAMS, n_workers=2, checkpoint_uri=str(tmp_path / "ckpt2"))
     assert [h.seconds for h in cont.history[:3]] == [h.seconds for h in first.history]
-    assert [h.epoch for h in cont.history] == list(range(1, 13))
+    assert [h.epoch for h in cont.history] == list(range(1, PARAMS.n_epochs + 1))
     np.testing.assert_array_equal(cont.P, resumed.P)  # same as never stopping
 
 
@@ -97,7 +101,7 @@ def test_lost_worker_resumes_from_checkpoint(data, tmp_path, monkeypatch):
     assert killed == [5] and len(handles) == 4  # two workers, started twice
     reference = _fit(data, n_workers=2)
     np.testing.assert_array_equal(model.P, reference.P)
-    assert [h.epoch for h in model.history] == list(range(1, 13))
+    assert [h.epoch for h in model.history] == list(range(1, PARAMS.n_epochs + 1))
 
 
 def test_gradient_averaging_learns_slowly(data):

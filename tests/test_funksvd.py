@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 
 from flyray.recsys import FunkSVD, FunkSVDParams
-from flyray.recsys.funksvd import epoch_order, init_factors
+from flyray.recsys.funksvd import VisitOrder, init_factors
 
 
 def synthetic(n_users=400, n_items=200, n=30_000, noise=0.3, seed=0):
@@ -21,22 +21,24 @@ def synthetic(n_users=400, n_items=200, n=30_000, noise=0.3, seed=0):
 
 
 def reference_sgd(users, items, ratings, params, n_users, n_items, n_epochs):
-    """Plain-Python SGD with the kernel's arithmetic: the kernel must match it update by update."""
+    """Plain-Python SGD in float32, update by update: the compiled kernel must match it."""
     P, Q, bu, bi = init_factors(params, n_users, n_items)
-    mean = float(np.mean(ratings, dtype=np.float64))
+    mean = np.float32(np.mean(ratings, dtype=np.float64))
+    lr, reg = np.float32(params.lr), np.float32(params.reg)
+    visit = VisitOrder(users, params)
     for epoch in range(1, n_epochs + 1):
-        for idx in epoch_order(params, epoch, len(ratings)):
+        for idx in visit(epoch):
             u, i = users[idx], items[idx]
             dot = np.float32(0)
             for f in range(params.n_factors):
                 dot += P[u, f] * Q[i, f]
-            err = float(ratings[idx]) - (float(dot) + mean + float(bu[u]) + float(bi[i]))
-            bu[u] += params.lr * (err - params.reg * float(bu[u]))
-            bi[i] += params.lr * (err - params.reg * float(bi[i]))
+            err = np.float32(ratings[idx] - ((dot + mean) + (bu[u] + bi[i])))
+            bu[u] += lr * (err - reg * bu[u])
+            bi[i] += lr * (err - reg * bi[i])
             for f in range(params.n_factors):
-                puf, qif = float(P[u, f]), float(Q[i, f])
-                P[u, f] = puf + params.lr * (err * qif - params.reg * puf)
-                Q[i, f] = qif + params.lr * (err * puf - params.reg * qif)
+                puf, qif = P[u, f], Q[i, f]
+                P[u, f] = puf + lr * (err * qif - reg * puf)
+                Q[i, f] = qif + lr * (err * puf - reg * qif)
     return P, Q, bu, bi
 
 

@@ -30,6 +30,7 @@ import pyarrow.parquet as pq
 import ray
 
 from flyray import storage
+from flyray.arrays import segment_ranges
 from flyray.clickstream.config import FeatureConfig
 from flyray.clickstream.reports import DataProfile, IngestReport
 
@@ -143,7 +144,7 @@ def rate_pairs(data: _Sorted, kept_items: np.ndarray, cfg: FeatureConfig) -> tup
     limit = np.where(split == 0, per_pair_cval, np.where(split == 1, per_pair_ctest, _NEVER))
     # Events of the selected pairs, each checked against its pair's limit.
     lens = pair_len[sel]
-    ev = np.repeat(ps[sel], lens) + _ranges(lens)
+    ev = np.repeat(ps[sel], lens) + segment_ranges(lens)
     pair_of_ev = np.repeat(np.arange(len(sel)), lens)
     ev_ok = t[ev] < limit[pair_of_ev]
     weights = cfg.weight_vector()[c[ev]] * ev_ok
@@ -206,15 +207,6 @@ def _holdout(counts: np.ndarray, fraction: float) -> np.ndarray:
     if fraction <= 0:
         return np.zeros_like(counts)
     return np.maximum(1, np.round(counts * fraction)).astype(np.int64)
-
-
-def _ranges(lengths: np.ndarray) -> np.ndarray:
-    """0..len-1 for each length, concatenated (vectorised)."""
-    total = int(lengths.sum())
-    if total == 0:
-        return np.zeros(0, np.int64)
-    starts = np.cumsum(lengths) - lengths
-    return np.arange(total) - np.repeat(starts, lengths)
 
 
 def write_splits(

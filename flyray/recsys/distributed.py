@@ -24,6 +24,7 @@ import io
 import json
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -32,7 +33,7 @@ from ray.exceptions import RayActorError
 
 from flyray import storage
 from flyray.recsys import kernels
-from flyray.recsys.funksvd import EpochMetrics, FunkSVD, FunkSVDParams, epoch_order, init_factors
+from flyray.recsys.funksvd import EpochMetrics, FunkSVD, FunkSVDParams, VisitOrder, init_factors
 
 log = logging.getLogger(__name__)
 STRATEGIES = ("dsgd", "gradient_averaging")
@@ -100,6 +101,7 @@ class _DSGDWorker:
 
     def __init__(self, w: int, shards, P, bu, val_shards, params: FunkSVDParams, mean: float):
         self.w, self.shards = w, shards
+        self.orders = [VisitOrder(u, params, w, j) for j, (u, _, _) in enumerate(shards)]
         self.P, self.bu = P.copy(), bu.copy()  # arrays from the object store are read-only
         self.val_shards, self.params, self.mean = val_shards, params, mean
 
@@ -109,7 +111,7 @@ class _DSGDWorker:
         u, i, r = self.shards[j]
         p = self.params
         sse = kernels.sgd_epoch(
-            u, i, r, epoch_order(p, epoch, len(r), self.w, j), self.P, Q, self.bu, bi,
+            u, i, r, self.orders[j](epoch), self.P, Q, self.bu, bi,
             self.mean, p.lr, p.reg, p.biased,
         )  # fmt: skip
         return (Q, bi), {"worker": self.w, "node": _node(), "ratings": len(r), "sse": sse}
@@ -148,8 +150,8 @@ class _GradientWorker:
 class _Checkpoints:
     """epoch-NNNN/{model.npz, state.json} under a directory; latest.json names the newest."""
 
-    def __init__(self, uri: str):
-        self.uri = uri
+    def __init__(self, uri: str, after_save: Callable[[int], None] | None = None):
+        self.uri, self.after_save = uri, after_save
         self.fs, self.path = storage.filesystem(uri) if uri else (None, "")
 
     def save(self, epoch: int, arrays: dict, state: dict) -> None:
@@ -165,6 +167,8 @@ class _Checkpoints:
             fh.write(json.dumps(state).encode())
         with self.fs.open_output_stream(f"{self.path}/latest.json") as fh:  # written last
             fh.write(json.dumps({"epoch": epoch}).encode())
+        if self.after_save:
+            self.after_save(epoch)
 
     def latest(self) -> tuple[dict, dict] | None:
         if not self.uri:
@@ -199,8 +203,12 @@ def train(
     validation: Ratings | None = None,
     user_ids: np.ndarray | None = None,
     item_ids: np.ndarray | None = None,
+    after_checkpoint: Callable[[int], None] | None = None,
 ) -> FunkSVD:
-    """Train FunkSVD on Ray and return the fitted model (raw ids from user_ids/item_ids)."""
+    """Train FunkSVD on Ray and return the fitted model (raw ids from user_ids/item_ids).
+
+    `after_checkpoint(epoch)` runs after each checkpoint is written (e.g. to upload it).
+    """
     params = params or FunkSVDParams()
     config = config or DistributedConfig()
     if len(train_ratings) == 0:
@@ -212,7 +220,7 @@ def train(
     model.item_ids = np.arange(n_items) if item_ids is None else np.asarray(item_ids)
     model.global_mean = float(train_ratings.values.mean(dtype=np.float64))
     model.set_seen(train_ratings.users, train_ratings.items)
-    checkpoints = _Checkpoints(config.checkpoint_uri)
+    checkpoints = _Checkpoints(config.checkpoint_uri, after_checkpoint)
     run = _run_dsgd if config.strategy == "dsgd" else _run_gradient_averaging
     n_workers = _resolve_workers(config)
     for attempt in range(config.max_restarts + 1):

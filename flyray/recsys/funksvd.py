@@ -21,6 +21,7 @@ import numpy as np
 import pandas as pd
 
 from flyray import storage
+from flyray.arrays import segment_ranges
 from flyray.recsys import kernels
 
 log = logging.getLogger(__name__)
@@ -39,7 +40,7 @@ class FunkSVDParams:
     init_std: float = 0.1
     biased: bool = True
     seed: int = 0
-    # Visit ratings in a fresh random order each epoch (Surprise keeps one fixed order).
+    # Visit users in a fresh random order each epoch (Surprise keeps one fixed order).
     shuffle: bool = True
     rating_min: float = 1.0
     rating_max: float = 5.0
@@ -71,12 +72,28 @@ def init_factors(params: FunkSVDParams, n_users: int, n_items: int):
     return P, Q, np.zeros(n_users, np.float32), np.zeros(n_items, np.float32)
 
 
-def epoch_order(params: FunkSVDParams, epoch: int, n: int, *stream: int) -> np.ndarray:
-    """The visiting order of n ratings in an epoch: a function of (seed, epoch, stream) only, so
-    a resumed or re-run training repeats exactly."""
-    if not params.shuffle:
-        return np.arange(n, dtype=np.int64)
-    return np.random.default_rng((params.seed, epoch, *stream)).permutation(n)
+class VisitOrder:
+    """The order ratings are visited in each epoch: user by user, each user's ratings together
+    (their row of P stays in cache: 5x the updates/s of a full shuffle here), users in a fresh
+    random order every epoch. It depends only on (seed, epoch, stream), so a resumed or re-run
+    training repeats exactly. With shuffle=False users come in id order, like Surprise."""
+
+    def __init__(self, users: np.ndarray, params: FunkSVDParams, *stream: int):
+        self.by_user = np.argsort(users, kind="stable")
+        sorted_users = np.asarray(users)[self.by_user]
+        self.starts = np.flatnonzero(np.r_[True, sorted_users[1:] != sorted_users[:-1]])
+        if len(users) == 0:
+            self.starts = np.zeros(0, np.int64)
+        self.lengths = np.diff(np.r_[self.starts, len(users)])
+        self.params, self.stream = params, stream
+
+    def __call__(self, epoch: int) -> np.ndarray:
+        if not self.params.shuffle:
+            return self.by_user
+        rng = np.random.default_rng((self.params.seed, epoch, *self.stream))
+        perm = rng.permutation(len(self.starts))
+        lengths = self.lengths[perm]
+        return self.by_user[np.repeat(self.starts[perm], lengths) + segment_ranges(lengths)]
 
 
 def _index_of(known: np.ndarray, ids: np.ndarray) -> np.ndarray:
@@ -143,9 +160,10 @@ class FunkSVD:
         self.global_mean = float(r.mean(dtype=np.float64))
         self.set_seen(u, i)
         self.history = []
+        visit = VisitOrder(u, p)
         for epoch in range(1, p.n_epochs + 1):
             began = time.perf_counter()
-            order = epoch_order(p, epoch, len(r))
+            order = visit(epoch)
             sse = kernels.sgd_epoch(
                 u, i, r, order, self.P, self.Q, self.bu, self.bi,
                 self.global_mean, p.lr, p.reg, p.biased,

@@ -30,25 +30,33 @@ def sgd_epoch(
     """One pass of SGD over ratings[order], Surprise's update rule; returns the summed squared
     error seen before each update."""
     k = P.shape[1]
+    # All arithmetic in float32, like the factors, so that the loops over k vectorise.
+    mu = np.float32(global_mean) if biased else np.float32(0.0)
+    lr32 = np.float32(lr)
+    reg32 = np.float32(reg)
     sse = 0.0
     for n in range(order.shape[0]):
         idx = order[n]
         u = users[idx]
         i = items[idx]
+        pu = P[u]
+        qi = Q[i]
         dot = np.float32(0.0)
         for f in range(k):
-            dot += P[u, f] * Q[i, f]
-        pred = dot + (global_mean + bu[u] + bi[i] if biased else 0.0)
-        err = ratings[idx] - pred
+            dot += pu[f] * qi[f]
+        pred = dot + mu
+        if biased:
+            pred += bu[u] + bi[i]
+        err = np.float32(ratings[idx] - pred)
         sse += err * err
         if biased:
-            bu[u] += lr * (err - reg * bu[u])
-            bi[i] += lr * (err - reg * bi[i])
+            bu[u] += lr32 * (err - reg32 * bu[u])
+            bi[i] += lr32 * (err - reg32 * bi[i])
         for f in range(k):
-            puf = P[u, f]
-            qif = Q[i, f]
-            P[u, f] = puf + lr * (err * qif - reg * puf)
-            Q[i, f] = qif + lr * (err * puf - reg * qif)
+            puf = pu[f]
+            qif = qi[f]
+            pu[f] = puf + lr32 * (err * qif - reg32 * puf)
+            qi[f] = qif + lr32 * (err * puf - reg32 * qif)
     return sse
 
 
