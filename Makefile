@@ -34,7 +34,9 @@ format: setup
 	$(BIN)/ruff format .
 
 bench: setup
+	$(BIN)/python -m pip install --quiet -e '.[bench]'
 	$(BIN)/python -m bench.ingest
+	$(BIN)/python -m bench.funksvd
 
 clean:
 	rm -rf .data .pytest_cache .ruff_cache bench/results

@@ -87,7 +87,7 @@ def _row(fit: float, updates: int, preds: np.ndarray, test_df) -> dict:
 
 def synthetic(n: int, seed: int = 0) -> tuple[Ratings, Ratings, int, int]:
     rng = np.random.default_rng(seed)
-    n_users, n_items = max(1000, n // 25), max(500, n // 100)
+    n_users, n_items = max(1000, n // 100), max(500, n // 250)  # ~100 ratings per user
     pt, qt = rng.normal(0, 0.5, (n_users, 10)), rng.normal(0, 0.5, (n_items, 10))
     u = rng.integers(0, n_users, n).astype(np.int32)
     i = rng.integers(0, n_items, n).astype(np.int32)
@@ -99,7 +99,7 @@ def synthetic(n: int, seed: int = 0) -> tuple[Ratings, Ratings, int, int]:
 
 def scaling(n: int, epochs: int) -> dict:
     tr, va, n_users, n_items = synthetic(n)
-    params = FunkSVDParams(n_factors=100, n_epochs=epochs, lr=0.01, reg=0.05)
+    params = FunkSVDParams(n_factors=100, n_epochs=epochs, lr=0.02, reg=0.05)
     out = {}
     for strategy, workers in (("dsgd", 1), ("dsgd", 2), ("gradient_averaging", 2)):
         began = time.perf_counter()
@@ -146,7 +146,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description="FunkSVD benchmark")
     parser.add_argument("--surprise-events", type=int, default=3_000_000)
     parser.add_argument("--ratings", type=int, default=5_600_000, help="90%% train")
-    parser.add_argument("--epochs", type=int, default=10)
+    parser.add_argument("--epochs", type=int, default=15)
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     DATA.mkdir(parents=True, exist_ok=True)

@@ -47,7 +47,8 @@ class TrainOutputs(NamedTuple):
 
 
 def _read_ratings(dataset) -> Ratings:
-    fs, path = storage.filesystem(dataset.uri)
+    """Read a ratings split in place (an input dataset carries its location on its literal)."""
+    fs, path = storage.filesystem(dataset.uri or dataset.literal.uri)
     table = pq.read_table(path, filesystem=fs, columns=["user_idx", "item_idx", "rating"])
     return Ratings(
         table["user_idx"].to_numpy(), table["item_idx"].to_numpy(), table["rating"].to_numpy()
