@@ -117,13 +117,15 @@ class _DSGDWorker:
         return (Q, bi), {"worker": self.w, "node": _node(), "ratings": len(r), "sse": sse}
 
     def validate(self, *item_blocks) -> tuple[float, int]:
+        """Squared error and count of this user block's validation ratings."""
         p, sse, n = self.params, 0.0, 0
         for j, (Q, bi) in enumerate(item_blocks):
             u, i, r = self.val_shards[j]
-            sse += kernels.squared_error(
-                u.astype(np.int64), i.astype(np.int64), r, self.P, Q, self.bu, bi,
+            preds = kernels.predict(
+                u.astype(np.int64), i.astype(np.int64), self.P, Q, self.bu, bi,
                 self.mean, p.biased, p.rating_min, p.rating_max,
             )  # fmt: skip
+            sse += float(np.sum((preds - r) ** 2, dtype=np.float64))
             n += len(r)
         return sse, n
 

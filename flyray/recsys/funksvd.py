@@ -96,6 +96,12 @@ class VisitOrder:
         return self.by_user[np.repeat(self.starts[perm], lengths) + segment_ranges(lengths)]
 
 
+def rmse(predictions: np.ndarray, ratings: np.ndarray) -> float:
+    if len(ratings) == 0:
+        return float("nan")
+    return float(np.sqrt(np.mean((predictions - ratings) ** 2, dtype=np.float64)))
+
+
 def _index_of(known: np.ndarray, ids: np.ndarray) -> np.ndarray:
     """Positions of ids in the sorted array `known`; -1 where unknown."""
     ids = np.asarray(ids, dtype=np.int64)
@@ -208,12 +214,7 @@ class FunkSVD:
         )
 
     def rmse_indexed(self, u: np.ndarray, i: np.ndarray, r: np.ndarray) -> float:
-        p = self.params
-        sse = kernels.squared_error(
-            u.astype(np.int64), i.astype(np.int64), r.astype(np.float32), self.P, self.Q,
-            self.bu, self.bi, self.global_mean, p.biased, p.rating_min, p.rating_max,
-        )  # fmt: skip
-        return float(np.sqrt(sse / max(len(r), 1)))
+        return rmse(self._predict_indexed(u, i), r)
 
     def recommend(self, users, n: int = 10, exclude_seen: bool = True, batch: int = 2048):
         """Top-n items per user as a DataFrame (user_id, rank, item_id, score).

@@ -92,29 +92,6 @@ def predict(
 
 
 @numba.njit(nogil=True, fastmath=True, cache=True)
-def squared_error(
-    users: np.ndarray,
-    items: np.ndarray,
-    ratings: np.ndarray,
-    P: np.ndarray,
-    Q: np.ndarray,
-    bu: np.ndarray,
-    bi: np.ndarray,
-    global_mean: float,
-    biased: bool,
-    lo: float,
-    hi: float,
-) -> float:
-    """Sum of squared errors of clipped predictions (for RMSE without materialising them)."""
-    preds = predict(users, items, P, Q, bu, bi, global_mean, biased, lo, hi)
-    sse = 0.0
-    for n in range(users.shape[0]):
-        d = ratings[n] - preds[n]
-        sse += d * d
-    return sse
-
-
-@numba.njit(nogil=True, fastmath=True, cache=True)
 def gradient_sums(
     users: np.ndarray,
     items: np.ndarray,
