@@ -33,7 +33,14 @@ from ray.exceptions import RayActorError
 
 from flyray import storage
 from flyray.recsys import kernels
-from flyray.recsys.funksvd import EpochMetrics, FunkSVD, FunkSVDParams, VisitOrder, init_factors
+from flyray.recsys.funksvd import (
+    EpochMetrics,
+    FunkSVD,
+    FunkSVDParams,
+    VisitOrder,
+    init_factors,
+    with_negatives,
+)
 
 log = logging.getLogger(__name__)
 STRATEGIES = ("dsgd", "gradient_averaging")
@@ -220,8 +227,11 @@ def train(
     model = FunkSVD(params)
     model.user_ids = np.arange(n_users) if user_ids is None else np.asarray(user_ids)
     model.item_ids = np.arange(n_items) if item_ids is None else np.asarray(item_ids)
-    model.global_mean = float(train_ratings.values.mean(dtype=np.float64))
     model.set_seen(train_ratings.users, train_ratings.items)
+    train_ratings = Ratings(*with_negatives(
+        train_ratings.users, train_ratings.items, train_ratings.values, n_items, params
+    ))  # fmt: skip
+    model.global_mean = float(train_ratings.values.mean(dtype=np.float64))
     checkpoints = _Checkpoints(config.checkpoint_uri, after_checkpoint)
     run = _run_dsgd if config.strategy == "dsgd" else _run_gradient_averaging
     n_workers = _resolve_workers(config)

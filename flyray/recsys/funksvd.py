@@ -44,8 +44,17 @@ class FunkSVDParams:
     shuffle: bool = True
     rating_min: float = 1.0
     rating_max: float = 5.0
+    # Implicit feedback: per rating, this many items the user never touched are added with
+    # rating `negative_rating`, so that scores rank seen-worthy items above the rest (0: off,
+    # plain explicit-rating FunkSVD as in Surprise).
+    negatives: int = 0
+    negative_rating: float = 0.0
 
     def __post_init__(self) -> None:
+        if self.negatives < 0:
+            raise ValueError("negatives must be >= 0")
+        if self.negatives and not self.rating_min <= self.negative_rating <= self.rating_max:
+            raise ValueError("negative_rating must lie on the rating scale (lower rating_min)")
         if self.n_factors < 1 or self.n_epochs < 0:
             raise ValueError("n_factors must be >= 1 and n_epochs >= 0")
         if self.lr <= 0 or self.reg < 0 or self.init_std < 0:
@@ -94,6 +103,24 @@ class VisitOrder:
         perm = rng.permutation(len(self.starts))
         lengths = self.lengths[perm]
         return self.by_user[np.repeat(self.starts[perm], lengths) + segment_ranges(lengths)]
+
+
+def with_negatives(
+    u: np.ndarray, i: np.ndarray, r: np.ndarray, n_items: int, params: FunkSVDParams
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The ratings plus `params.negatives` sampled items per rating at `negative_rating`, kept
+    next to their user so the by-user visiting order stays cache friendly. Sampled items are
+    uniform; the rare collision with a rated item is dropped."""
+    if not params.negatives:
+        return u, i, r
+    rng = np.random.default_rng((params.seed, 7919))
+    nu = np.repeat(u, params.negatives)
+    ni = rng.integers(0, n_items, len(nu)).astype(i.dtype)
+    rated = np.unique(u.astype(np.int64) * n_items + i)
+    keep = ~np.isin(nu.astype(np.int64) * n_items + ni, rated)
+    nr = np.full(int(keep.sum()), params.negative_rating, np.float32)
+    return (np.concatenate([u, nu[keep]]), np.concatenate([i, ni[keep]]),
+            np.concatenate([r, nr]))  # fmt: skip
 
 
 def rmse(predictions: np.ndarray, ratings: np.ndarray) -> float:
@@ -163,8 +190,9 @@ class FunkSVD:
         """Fit on dense row indices (ids already set); the one-process training loop."""
         p = self.params
         self.P, self.Q, self.bu, self.bi = init_factors(p, len(self.user_ids), len(self.item_ids))
-        self.global_mean = float(r.mean(dtype=np.float64))
         self.set_seen(u, i)
+        u, i, r = with_negatives(u, i, r, len(self.item_ids), p)
+        self.global_mean = float(r.mean(dtype=np.float64))
         self.history = []
         visit = VisitOrder(u, p)
         for epoch in range(1, p.n_epochs + 1):
@@ -216,44 +244,51 @@ class FunkSVD:
     def rmse_indexed(self, u: np.ndarray, i: np.ndarray, r: np.ndarray) -> float:
         return rmse(self._predict_indexed(u, i), r)
 
-    def recommend(self, users, n: int = 10, exclude_seen: bool = True, batch: int = 2048):
+    def recommend(self, users, n: int = 10, exclude_seen: bool = True) -> pd.DataFrame:
         """Top-n items per user as a DataFrame (user_id, rank, item_id, score).
 
         Unknown users get the items with the largest biases (the model's popularity).
         """
         users = np.asarray(users, np.int64)
-        rows = _index_of(self.user_ids, users)
-        n = min(n, len(self.item_ids))
-        out_items = np.empty((len(users), n), np.int64)
-        out_scores = np.empty((len(users), n), np.float32)
-        base = (
-            self.bi + np.float32(self.global_mean) if self.params.biased else np.zeros_like(self.bi)
-        )
-        for start in range(0, len(users), batch):
-            r = rows[start : start + batch]
-            scores = np.where(r[:, None] >= 0, self.P[np.maximum(r, 0)] @ self.Q.T, 0.0)
-            scores += base
-            if self.params.biased:
-                scores += np.where(r >= 0, self.bu[np.maximum(r, 0)], 0.0)[:, None]
-            if exclude_seen:
-                for k, row in enumerate(r):
-                    if row >= 0:
-                        seen = self.seen_items[self.seen_indptr[row] : self.seen_indptr[row + 1]]
-                        scores[k, seen] = -np.inf
-            top = np.argpartition(-scores, n - 1, axis=1)[:, :n]
-            top_scores = np.take_along_axis(scores, top, axis=1)
-            order = np.argsort(-top_scores, axis=1, kind="stable")
-            out_items[start : start + batch] = self.item_ids[np.take_along_axis(top, order, 1)]
-            out_scores[start : start + batch] = np.take_along_axis(top_scores, order, 1)
+        items, scores = self.top_n_indexed(_index_of(self.user_ids, users), n, exclude_seen)
+        n = items.shape[1]
         lo, hi = self.params.rating_min, self.params.rating_max
         return pd.DataFrame(
             {
                 "user_id": np.repeat(users, n),
                 "rank": np.tile(np.arange(1, n + 1), len(users)),
-                "item_id": out_items.ravel(),
-                "score": np.clip(out_scores.ravel(), lo, hi),
+                "item_id": self.item_ids[items.ravel()],
+                "score": np.clip(scores.ravel(), lo, hi),
             }
         )
+
+    def top_n_indexed(
+        self, rows: np.ndarray, n: int, exclude_seen: bool = True, batch: int = 2048
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """(item rows, scores) of the n best items for user rows (-1: unknown user), best first."""
+        n = min(n, len(self.item_ids))
+        out_items = np.empty((len(rows), n), np.int64)
+        out_scores = np.empty((len(rows), n), np.float32)
+        base = self.bi + np.float32(self.global_mean) if self.params.biased else 0 * self.bi
+        for start in range(0, len(rows), batch):
+            r = np.asarray(rows[start : start + batch])
+            known = r >= 0
+            scores = np.where(known[:, None], self.P[np.maximum(r, 0)] @ self.Q.T, 0.0)
+            scores += base
+            if self.params.biased:
+                scores += np.where(known, self.bu[np.maximum(r, 0)], 0.0)[:, None]
+            if exclude_seen:
+                for k in np.flatnonzero(known):
+                    row = r[k]
+                    scores[
+                        k, self.seen_items[self.seen_indptr[row] : self.seen_indptr[row + 1]]
+                    ] = -np.inf
+            top = np.argpartition(-scores, n - 1, axis=1)[:, :n]
+            top_scores = np.take_along_axis(scores, top, axis=1)
+            order = np.argsort(-top_scores, axis=1, kind="stable")
+            out_items[start : start + batch] = np.take_along_axis(top, order, 1)
+            out_scores[start : start + batch] = np.take_along_axis(top_scores, order, 1)
+        return out_items, out_scores
 
     # ---------------------------------------------------------------------------- save/load
 
