@@ -58,6 +58,22 @@ def line_chart_html(
     return figure_html(fig)
 
 
+def grouped_bar_html(groups: dict[str, dict[str, float]], title: str, ylabel: str) -> str:
+    """One bar per (group, metric): e.g. each model's ranking metrics side by side."""
+    names = list(groups)
+    metrics = list(next(iter(groups.values())))
+    width = 0.8 / len(names)
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    for n, name in enumerate(names):
+        xs = [m + n * width for m in range(len(metrics))]
+        ax.bar(xs, [groups[name][m] for m in metrics], width, label=name)
+    ax.set_xticks([m + width * (len(names) - 1) / 2 for m in range(len(metrics))], metrics)
+    ax.set_title(title)
+    ax.set_ylabel(ylabel)
+    ax.legend()
+    return figure_html(fig)
+
+
 def figure_html(fig) -> str:
     buf = io.BytesIO()
     fig.tight_layout()

@@ -3,17 +3,23 @@
 from __future__ import annotations
 
 import tempfile
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import NamedTuple
 
+import mlflow
 import numpy as np
 import pyarrow.parquet as pq
-from flytekit import Cache, current_context, task
+from flytekit import Cache, StructuredDataset, current_context, task
 from flytekit.types.directory import FlyteDirectory
 
-from flyray import storage
-from flyray.recsys import FunkSVDParams
+from flyray import registry, storage
+from flyray.clickstream.reports import DataProfile
+from flyray.recsys import FunkSVD, FunkSVDParams
+from flyray.recsys.batch import recommend_all
 from flyray.recsys.distributed import DistributedConfig, Ratings, train
+from flyray.recsys.evaluate import Metrics, biases_model, evaluate, popularity_model
+from flyray.recsys.pyfunc import log_pyfunc
+from flyray.registry import GateDecision, champion_gate
 from tasks import decks
 from tasks.clickstream import Ratings as RatingsDataset
 from tasks.runtime import (
@@ -56,7 +62,7 @@ def _read_ratings(dataset) -> Ratings:
 
 
 def _id_map(id_maps: FlyteDirectory, name: str, column: str) -> np.ndarray:
-    uri = id_maps.remote_source or id_maps.path
+    uri = _dir_uri(id_maps)
     fs, path = storage.filesystem(storage.join(uri, f"{name}.parquet"))
     return pq.read_table(path, filesystem=fs, columns=[column])[column].to_numpy()
 
@@ -119,3 +125,147 @@ def train_funksvd(
         decks.table_html({k: v for k, v in params.__dict__.items()}, "Hyperparameters"),
     )  # fmt: skip
     return TrainOutputs(FlyteDirectory(out, remote_directory=False), report)
+
+
+@dataclass
+class EvaluationReport:
+    """The model and its baselines on the same held-out split."""
+
+    k: int
+    model: Metrics
+    biases: Metrics
+    popularity: Metrics
+
+
+@dataclass
+class RegistryConfig:
+    model_name: str = "flyray-funksvd"
+    experiment: str = "flyray-recommender"
+    metric: str = "ndcg@10"  # the gate's metric; higher is better
+    baseline: str = "popularity"  # the baseline a new version must also beat
+
+
+@dataclass
+class Registration:
+    """Where the run and the version are, and the champion gate's decision."""
+
+    tracking_uri: str
+    run_id: str
+    decision: GateDecision
+
+
+@task(task_config=ray_job(), cache=Cache(version="evaluate-1", serialize=True), retries=1,
+      enable_deck=True)  # fmt: skip
+def evaluate_model(
+    model_dir: FlyteDirectory,
+    train_ratings: RatingsDataset,
+    test_ratings: RatingsDataset,
+    params: FunkSVDParams,
+    k: int,
+) -> EvaluationReport:
+    """Rating and ranking metrics of the model beside biases-only and popularity baselines."""
+    setup_logging()
+    model = FunkSVD.load(_dir_uri(model_dir))
+    train_r, test_r = _read_ratings(train_ratings), _read_ratings(test_ratings)
+    n_users, n_items = len(model.user_ids), len(model.item_ids)
+    biases = biases_model(train_r, n_users, n_items, params)
+    report = EvaluationReport(
+        k,
+        evaluate(model, test_r, k, "funksvd"),
+        evaluate(biases, test_r, k, "biases"),
+        evaluate(
+            popularity_model(train_r, n_users, n_items),
+            test_r,
+            k,
+            "popularity",
+            rating_metrics=False,
+        ),  # fmt: skip
+    )
+    rows = [asdict(m) for m in (report.model, report.biases, report.popularity)]
+    decks.publish(
+        "evaluation",
+        decks.table_html(rows, f"Held-out evaluation at k={k}"),
+        decks.grouped_bar_html(
+            {
+                m["model"]: {f"{n}@{k}": m[n] for n in ("precision", "recall", "ndcg", "map")}
+                for m in rows
+            },  # fmt: skip
+            "Ranking metrics",
+            "value",
+        ),
+    )
+    return report
+
+
+@task(task_config=ray_job(), cache=Cache(version="recommend-1", serialize=True), retries=1)
+def recommend_users(model_dir: FlyteDirectory, n: int) -> StructuredDataset:
+    """Top-n unseen items for every user (Ray Data), as parquet."""
+    setup_logging()
+    export_s3_secrets()
+    out = storage.join(new_output_dir(), "recommendations")
+    recommend_all(FunkSVD.load(_dir_uri(model_dir)), out, n)
+    return StructuredDataset(uri=out)
+
+
+@task(retries=2, secret_requests=s3_secret_requests(), enable_deck=True)
+def register_model(
+    model_dir: FlyteDirectory,
+    training: TrainingReport,
+    evaluation: EvaluationReport,
+    profile: DataProfile,
+    params: FunkSVDParams,
+    config: RegistryConfig,
+) -> Registration:
+    """One MLflow run per execution, the pyfunc registered, then the champion gate."""
+    setup_logging()
+    export_s3_secrets()
+    registry.use_experiment(config.experiment)
+    execution = current_context().execution_id
+    local_model = FunkSVD.load(_dir_uri(model_dir))
+    with (
+        tempfile.TemporaryDirectory() as tmp,
+        mlflow.start_run(
+            tags={
+                "flyte.execution_id": execution.name,
+                "flyte.project": execution.project,
+                "flyte.domain": execution.domain,
+                "workload": "recommendation",
+            }  # fmt: skip
+        ) as run,
+    ):
+        mlflow.log_params({f"model.{k}": v for k, v in asdict(params).items()})
+        mlflow.log_params(
+            {"training.strategy": training.strategy, "training.workers": training.workers}
+        )
+        for epoch, tr, va in zip(
+            training.epochs, training.train_rmse, training.validation_rmse, strict=True
+        ):
+            mlflow.log_metrics({"train_rmse": tr, "validation_rmse": va}, step=epoch)
+        for metrics in (evaluation.model, evaluation.biases, evaluation.popularity):
+            prefix = "" if metrics is evaluation.model else f"{metrics.model}."
+            mlflow.log_metrics({prefix + k: v for k, v in metrics.as_mlflow().items() if v == v})
+        mlflow.log_dict(asdict(profile), "data_profile.json")
+        mlflow.log_metrics(
+            {
+                "data.users": profile.users,
+                "data.items": profile.items,
+                "data.events": profile.events,
+                "data.sparsity": profile.sparsity,
+            }  # fmt: skip
+        )
+        local_model.save(f"{tmp}/funksvd")
+        info = log_pyfunc(local_model, f"{tmp}/funksvd", registered_name=config.model_name)
+        version = str(info.registered_model_version)
+        baseline = getattr(evaluation, config.baseline)
+        decision = champion_gate(
+            config.model_name, version, config.metric, evaluation.model.get(config.metric),
+            baseline_value=baseline.get(config.metric),
+        )  # fmt: skip
+        mlflow.set_tags({"promotion": "champion" if decision.promoted else "rejected",
+                         "promotion_reason": decision.reason})  # fmt: skip
+    decks.publish("registry", decks.table_html(asdict(decision), "Champion gate"))
+    return Registration(registry.tracking_uri(), run.info.run_id, decision)
+
+
+def _dir_uri(directory: FlyteDirectory) -> str:
+    return directory.remote_source or directory.path

@@ -140,7 +140,9 @@ def evaluate(
             "k": k,
         },
         batch_size=batch_size,
-        concurrency=min(workers, max(1, math.ceil(len(users) / batch_size))),
+        compute=ray.data.ActorPoolStrategy(
+            min_size=1, max_size=min(workers, max(1, math.ceil(len(users) / batch_size)))
+        ),
         batch_format="numpy",
     ).take_all()
     sums = np.sum([row["sums"] for row in out], axis=0)
@@ -150,10 +152,10 @@ def evaluate(
         model=name,
         rmse=rmse(preds, test.values) if preds is not None else float("nan"),
         mae=float(np.mean(np.abs(preds - test.values))) if preds is not None else float("nan"),
-        precision=sums[0] / n_users,
-        recall=sums[1] / n_users,
-        ndcg=sums[2] / n_users,
-        map=sums[3] / n_users,
+        precision=float(sums[0] / n_users),
+        recall=float(sums[1] / n_users),
+        ndcg=float(sums[2] / n_users),
+        map=float(sums[3] / n_users),
         coverage=len(shown) / len(model.item_ids),
         users=n_users,
         k=k,
