@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 EXTRAS ?= all,dev
 # Local Flyte runs keep their outputs (and so the local cache stays valid) under .data/;
 # Ray keeps its sockets under /tmp, whose short path they need.
-RUN_ENV := TMPDIR=$(CURDIR)/.data/tmp RAY_TMPDIR=/tmp FLYTE_SDK_LOGGING_LEVEL=20
+RUN_ENV := TMPDIR=$(CURDIR)/.data/tmp RAY_TMPDIR=/tmp RAY_DATA_DISABLE_PROGRESS_BARS=1
 
 .PHONY: setup run test lint format bench clean distclean
 
@@ -20,7 +20,7 @@ $(STAMP): pyproject.toml
 
 run: setup
 	@mkdir -p .data/tmp
-	$(RUN_ENV) $(BIN)/pyflyte run workflows/recommendation.py prepare_data
+	$(RUN_ENV) $(BIN)/python -m workflows.run_local
 
 test: setup
 	$(BIN)/python -m pytest
