@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import tempfile
+from datetime import UTC, datetime, timedelta
 from typing import Annotated, NamedTuple
 
 import pyarrow.parquet as pq
@@ -59,22 +61,46 @@ class FeatureOutputs(NamedTuple):
 
 
 @task(secret_requests=s3_secret_requests(), retries=2)
-def resolve_source(source: str, demo_events: int, demo_seed: int) -> SourceOutputs:
+def resolve_source(
+    source: str, demo_events: int, demo_seed: int, run_date: datetime | None
+) -> SourceOutputs:
     """Name the input and fingerprint its content (never cached: the content may change).
 
-    An empty `source` generates the deterministic demo clickstream instead.
+    `{date:...}` in `source` is filled from `run_date` (a schedule's kickoff time), e.g.
+    s3://clicks/{date:%Y/%m}/. An empty `source` generates the deterministic demo clickstream,
+    covering the 30 days before `run_date` when one is given.
     """
     setup_logging()
     export_s3_secrets()
+    if "{date" in source:
+        if run_date is None:
+            raise ValueError(f"source {source!r} is a template: give run_date")
+        source = source.format(date=run_date)
     if not source:
         ctx = FlyteContextManager.current_context()
+        demo = GeneratorConfig(n_events=demo_events, seed=demo_seed)
+        if run_date is not None:
+            start = run_date.replace(tzinfo=None) - timedelta(days=demo.days)
+            demo.start = start.isoformat(timespec="seconds")
         with tempfile.TemporaryDirectory() as tmp:
             local = os.path.join(tmp, f"demo-{demo_events}-{demo_seed}.jsonl")
-            generate(local, GeneratorConfig(n_events=demo_events, seed=demo_seed))
+            generate(local, demo)
             source = ctx.file_access.put_data(local, ctx.file_access.get_random_remote_path(local))
     return SourceOutputs(
         source, storage.fingerprint(storage.list_input_files(source, INPUT_SUFFIXES))
     )
+
+
+@task
+def data_window(
+    config: FeatureConfig, run_date: datetime | None, window_days: int
+) -> FeatureConfig:
+    """The feature config restricted to the window_days before run_date (unchanged if either is
+    unset), so a scheduled run trains on the data its kickoff time selects."""
+    if run_date is None or window_days <= 0:
+        return config
+    end = run_date if run_date.tzinfo else run_date.replace(tzinfo=UTC)
+    return dataclasses.replace(config, window_end=end.isoformat(), window_days=window_days)
 
 
 @task(

@@ -148,3 +148,28 @@ def test_bad_feature_config_is_refused():
         FeatureConfig(event_weights={"wishlist": 2.0})
     with pytest.raises(ValueError, match="leave data to train on"):
         FeatureConfig(validation_fraction=0.5, test_fraction=0.5)
+
+
+def test_data_window_keeps_only_events_inside_it(tmp_path):
+    lines = [
+        event(u, i, ts=f"2024-01-{d:02d}T12:00:00Z")
+        for d in (1, 5, 9)
+        for u in range(1, 5)
+        for i in range(10, 14)
+    ]
+    cfg = FeatureConfig(
+        min_item_interactions=1,
+        min_user_interactions=1,
+        test_fraction=0.0,
+        validation_fraction=0.0,
+        window_end="2024-01-09T00:00:00",
+        window_days=5,
+    )
+    profile, splits = _prepare(tmp_path, lines, cfg)
+    assert profile.events == 16  # only 2024-01-05 is in [01-04, 01-09)
+    assert set(splits["train"]["first_ts"].dt.day) == {5}
+    with pytest.raises(FeatureError, match="no events between"):
+        (tmp_path / "b").mkdir()
+        _prepare(tmp_path / "b", lines, FeatureConfig(window_end="2023-01-01", window_days=3))
+    with pytest.raises(ValueError, match="Invalid isoformat"):
+        FeatureConfig(window_end="yesterday", window_days=1)

@@ -66,3 +66,12 @@ def test_train_recommender_end_to_end(flyte_cache):
     assert model.params.n_factors == 8 and len(model.history) == 4
     recs = model.recommend(model.user_ids[:3], n=5)
     assert len(recs) == 15
+
+
+def test_run_date_selects_the_data_window(flyte_cache):
+    from datetime import datetime
+
+    out = prepare_data(demo_events=20_000, run_date=datetime(2025, 6, 1, 3), window_days=10)
+    assert out.profile.first_event >= "2025-05-22T03:00:00"
+    assert out.profile.last_event < "2025-06-01T03:00:00"
+    assert out.profile.events < 20_000  # the demo covers 30 days; the window keeps 10

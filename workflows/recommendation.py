@@ -7,6 +7,7 @@ pyflyte run workflows/recommendation.py prepare_data --source s3://bucket/clicks
 from __future__ import annotations
 
 import os
+from datetime import datetime
 from typing import NamedTuple
 
 from flytekit import CronSchedule, LaunchPlan, StructuredDataset, workflow
@@ -15,7 +16,13 @@ from flytekit.types.directory import FlyteDirectory
 from flyray.clickstream.config import FeatureConfig, IngestConfig
 from flyray.recsys import FunkSVDParams
 from flyray.recsys.distributed import DistributedConfig
-from tasks.clickstream import FeatureOutputs, build_ratings, ingest_clickstream, resolve_source
+from tasks.clickstream import (
+    FeatureOutputs,
+    build_ratings,
+    data_window,
+    ingest_clickstream,
+    resolve_source,
+)
 from tasks.recommender import (
     EvaluationReport,
     Registration,
@@ -47,14 +54,19 @@ def prepare_data(
     demo_seed: int = 0,
     ingest_config: IngestConfig = DEFAULT_INGEST,
     feature_config: FeatureConfig = DEFAULT_FEATURES,
+    run_date: datetime | None = None,
+    window_days: int = 0,
 ) -> FeatureOutputs:
     """Ingest a clickstream (file, directory, glob or s3:// URI; empty: demo data) into
     ratings splits, id maps and a data profile."""
-    src = resolve_source(source=source, demo_events=demo_events, demo_seed=demo_seed)
+    src = resolve_source(
+        source=source, demo_events=demo_events, demo_seed=demo_seed, run_date=run_date
+    )
     ingested = ingest_clickstream(
         source=src.source, fingerprint=src.fingerprint, config=ingest_config
     )
-    return build_ratings(events=ingested.events, report=ingested.report, config=feature_config)
+    windowed = data_window(config=feature_config, run_date=run_date, window_days=window_days)
+    return build_ratings(events=ingested.events, report=ingested.report, config=windowed)
 
 
 @workflow
@@ -104,6 +116,8 @@ def recommendation_pipeline(
     k: int = 10,
     n_recommendations: int = 10,
     registry_config: RegistryConfig = DEFAULT_REGISTRY,
+    run_date: datetime | None = None,
+    window_days: int = 0,
 ) -> PipelineOutputs:
     """The main job: clickstream -> ratings -> FunkSVD on Ray -> evaluation against baselines ->
     MLflow registry behind the champion gate, plus top-N recommendations for every user."""
@@ -113,6 +127,8 @@ def recommendation_pipeline(
         demo_seed=demo_seed,
         ingest_config=ingest_config,
         feature_config=feature_config,
+        run_date=run_date,
+        window_days=window_days,
     )
     trained = train_funksvd(
         train_ratings=data.train,
@@ -142,12 +158,16 @@ def recommendation_pipeline(
 
 default_plan = LaunchPlan.get_or_create(recommendation_pipeline, name="recommendation_default")
 
-# Nightly retrain at 03:00 UTC on the clickstream at FLYRAY_NIGHTLY_SOURCE (set when
-# registering; a templated path is expanded with the kickoff date, e.g.
-# s3://clicks/{date:%Y/%m/%d}/ ... ) -- see README "Scheduled retraining".
+# Nightly retrain at 03:00 UTC. The kickoff time becomes run_date, which selects the data:
+# events of the FLYRAY_NIGHTLY_WINDOW_DAYS (default 30) days before it, from
+# FLYRAY_NIGHTLY_SOURCE (read when registering; may be a template such as
+# s3://clicks/{date:%Y/%m}/; empty: demo data generated for that window).
 nightly_plan = LaunchPlan.get_or_create(
     recommendation_pipeline,
     name="recommendation_nightly",
-    default_inputs={"source": os.environ.get("FLYRAY_NIGHTLY_SOURCE", "")},
-    schedule=CronSchedule(schedule="0 3 * * *"),
+    default_inputs={
+        "source": os.environ.get("FLYRAY_NIGHTLY_SOURCE", ""),
+        "window_days": int(os.environ.get("FLYRAY_NIGHTLY_WINDOW_DAYS", "30")),
+    },
+    schedule=CronSchedule(schedule="0 3 * * *", kickoff_time_input_arg="run_date"),
 )

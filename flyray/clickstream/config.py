@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
 
 import numpy as np
 
@@ -43,6 +44,10 @@ class FeatureConfig:
     # Per user, the latest fractions of their items (by first interaction) are held out.
     validation_fraction: float = 0.1
     test_fraction: float = 0.1
+    # Data window: only events in [window_end - window_days, window_end) are used. Empty
+    # window_end or window_days 0: all events. A scheduled run sets window_end to its kickoff.
+    window_end: str = ""
+    window_days: int = 0
 
     def __post_init__(self) -> None:
         unknown = set(self.event_weights) - set(EVENT_TYPES)
@@ -58,6 +63,17 @@ class FeatureConfig:
             raise ValueError("saturation must be > 0 and rating_max > rating_min")
         if self.min_item_interactions < 1 or self.min_user_interactions < 1:
             raise ValueError("minimum interaction counts must be >= 1")
+        if self.window_days < 0:
+            raise ValueError("window_days must be >= 0")
+        self.window()  # a bad window_end fails here, not inside a Ray task
+
+    def window(self) -> tuple[datetime, datetime] | None:
+        """[start, end) of the data window in UTC, or None for all data."""
+        if not self.window_end or not self.window_days:
+            return None
+        end = datetime.fromisoformat(self.window_end)
+        end = end if end.tzinfo else end.replace(tzinfo=UTC)
+        return end - timedelta(days=self.window_days), end
 
     def weight_vector(self) -> np.ndarray:
         """Weights indexed by event code (missing types weigh 0)."""

@@ -68,10 +68,13 @@ class _Sorted:
     pair_start: np.ndarray  # index of each (user, item) pair's first event
 
 
-def _read_bucket(fs: pafs.FileSystem, path: str) -> pa.Table:
+def _read_bucket(fs: pafs.FileSystem, path: str, window: tuple | None) -> pa.Table:
     if fs.get_file_info(path).type == pafs.FileType.NotFound:
         return pa.table({"user_id": pa.array([], pa.int64())})
-    return pq.read_table(path, filesystem=fs, columns=["user_id", "item_id", "event_code", "ts"])
+    filters = [("ts", ">=", window[0]), ("ts", "<", window[1])] if window else None
+    return pq.read_table(
+        path, filesystem=fs, columns=["user_id", "item_id", "event_code", "ts"], filters=filters
+    )
 
 
 def sort_events(table: pa.Table) -> tuple[dict, _Sorted]:
@@ -254,7 +257,9 @@ def write_splits(
     return sizes
 
 
-_round_a = ray.remote(num_returns=2)(lambda fs, path: sort_events(_read_bucket(fs, path)))
+_round_a = ray.remote(num_returns=2)(
+    lambda fs, path, window: sort_events(_read_bucket(fs, path, window))
+)
 _round_b = ray.remote(num_returns=2)(rate_pairs)
 _round_c = ray.remote(write_splits)
 
@@ -283,8 +288,11 @@ def build_features(
     if not ray.is_initialized():
         ray.init()
     out_fs, out_path = prepare_output(output_uri)
-    a = [_round_a.remote(fs, f"{events_path}/bucket={b}") for b in buckets]
+    window = config.window()
+    a = [_round_a.remote(fs, f"{events_path}/bucket={b}", window) for b in buckets]
     stats_a = ray.get([s for s, _ in a])
+    if window and not sum(s["events"] for s in stats_a):
+        raise FeatureError(f"no events between {window[0]} and {window[1]} in {events_uri}")
     n_seen, kept_items = select_items(stats_a, config)
     kept_ref = ray.put(kept_items)
     b = [_round_b.remote(sorted_ref, kept_ref, config) for _, sorted_ref in a]
