@@ -1,0 +1,51 @@
+"""Ranking and rating metrics on a case small enough to work out by hand."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from flyray.recsys import FunkSVD, FunkSVDParams
+from flyray.recsys.distributed import Ratings
+from flyray.recsys.evaluate import EvaluationError, evaluate, popularity_model
+
+
+def _fixed_model(item_scores: list[float], n_users: int) -> FunkSVD:
+    """Every user ranks items by item_scores (biases only); user 0 has seen item 0."""
+    model = FunkSVD(FunkSVDParams(n_factors=1, rating_min=0.0, rating_max=10.0))
+    model.user_ids, model.item_ids = np.arange(n_users), np.arange(len(item_scores))
+    model.P = np.zeros((n_users, 1), np.float32)
+    model.Q = np.zeros((len(item_scores), 1), np.float32)
+    model.bu = np.zeros(n_users, np.float32)
+    model.bi = np.array(item_scores, np.float32)
+    model.set_seen(np.array([0]), np.array([0]))
+    return model
+
+
+def test_metrics_match_hand_computation():
+    # Ranking for user 0 (item 0 seen): 1, 2, 3, 4; for user 1: 0, 1, 2, 3.
+    model = _fixed_model([5.0, 4.0, 3.0, 2.0, 1.0], n_users=2)
+    test = Ratings(np.array([0, 0, 1]), np.array([2, 4, 3]), np.array([3.0, 1.0, 2.0]))
+    m = evaluate(model, test, k=2)
+    # user 0: top-2 = [1, 2], relevant {2, 4}: 1 hit at rank 2. user 1: top-2 = [0, 1], rel {3}.
+    assert m.users == 2
+    assert m.precision == pytest.approx((1 / 2 + 0) / 2)
+    assert m.recall == pytest.approx((1 / 2 + 0) / 2)
+    ndcg_u0 = (1 / math.log2(3)) / (1 + 1 / math.log2(3))
+    assert m.ndcg == pytest.approx(ndcg_u0 / 2)
+    assert m.map == pytest.approx(((1 / 2) / 2) / 2)
+    assert m.coverage == pytest.approx(3 / 5)  # items 0, 1, 2 shown
+    preds = np.array([3.0, 1.0, 2.0])  # biases predict item score + global mean 0
+    want = np.sqrt(np.mean((np.array([3.0, 1.0, 2.0]) - preds) ** 2))
+    assert m.rmse == pytest.approx(want, abs=1e-6)
+
+
+def test_popularity_ranks_by_interactions_and_empty_test_is_an_error():
+    train = Ratings(np.array([0, 1, 2, 0]), np.array([3, 3, 3, 1]), np.ones(4))
+    pop = popularity_model(train, 4, 5)
+    items, _ = pop.top_n_indexed(np.array([3]), 2)
+    assert items[0].tolist() == [3, 1]
+    with pytest.raises(EvaluationError, match="test split is empty"):
+        evaluate(pop, Ratings(np.zeros(0), np.zeros(0), np.zeros(0)))
