@@ -7,6 +7,8 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -32,26 +34,29 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def serve(command: list[str], port: int, ready_url: str, timeout: float = 90):
+    """Start a server process on loopback and wait until `ready_url` answers."""
+    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            urllib.request.urlopen(ready_url, timeout=1)
+            return proc
+        except urllib.error.HTTPError:  # it answers, even if not 200
+            return proc
+        except OSError:
+            time.sleep(0.3)
+    proc.kill()
+    raise RuntimeError(f"{command[:4]} did not answer on port {port}")
+
+
 @pytest.fixture(scope="session")
 def s3_server():
     """A real S3-compatible HTTP server (moto in server mode) on loopback, for s3:// paths."""
     port = _free_port()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
     endpoint = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 30
-    while time.time() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
-            break
-        except OSError:
-            time.sleep(0.2)
-    else:
-        proc.kill()
-        raise RuntimeError("moto server did not start")
+    cmd = [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)]
+    proc = serve(cmd, port, endpoint)
     yield endpoint
     proc.terminate()
     proc.wait(timeout=10)

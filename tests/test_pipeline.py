@@ -33,6 +33,10 @@ def test_pipeline_registers_evaluates_and_recommends(tmp_path, monkeypatch, flyt
     assert run.data.tags["flyte.execution_id"]
     assert run.data.metrics["ndcg_at_10"] == ev.model.ndcg
     assert len(client.get_metric_history(run.info.run_id, "validation_rmse")) == 8
+    training = out.training
+    assert training.epochs == list(range(1, 9)) and training.workers == 2
+    assert training.train_rmse[-1] < training.train_rmse[0]  # validation scores positives only
+    assert sum(training.ratings_per_worker) >= training.train_ratings  # plus sampled negatives
     recs = out.recommendations.open(pd.DataFrame).all()
     assert (recs.groupby("user_id").size() == 5).all()
     again = recommendation_pipeline(demo_events=40_000, params=SMALL, n_recommendations=5)

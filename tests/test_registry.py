@@ -5,12 +5,10 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import time
-import urllib.request
 
 import mlflow
 import pytest
-from conftest import _free_port
+from conftest import _free_port, serve
 from test_funksvd import synthetic
 
 from flyray import registry
@@ -22,23 +20,13 @@ from flyray.recsys.pyfunc import log_pyfunc
 def mlflow_server(tmp_path_factory):
     root = tmp_path_factory.mktemp("mlflow")
     port = _free_port()
-    proc = subprocess.Popen(
+    uri = f"http://127.0.0.1:{port}"
+    proc = serve(
         [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
          "--backend-store-uri", f"sqlite:///{root / 'db.sqlite'}",
          "--artifacts-destination", str(root / "artifacts"), "--workers", "1"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        port, f"{uri}/health",
     )  # fmt: skip
-    uri = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 90
-    while time.time() < deadline:
-        try:
-            urllib.request.urlopen(f"{uri}/health", timeout=1)
-            break
-        except OSError:
-            time.sleep(0.5)
-    else:
-        proc.kill()
-        raise RuntimeError("mlflow server did not start")
     yield uri
     proc.terminate()
     proc.wait(timeout=20)

@@ -45,29 +45,6 @@ def test_cache_follows_content_not_path(tmp_path, flyte_cache):
     assert changed.profile.events == 9_000
 
 
-def test_train_recommender_end_to_end(flyte_cache):
-    from flyray.recsys import FunkSVD, FunkSVDParams
-    from flyray.recsys.distributed import DistributedConfig
-    from workflows.recommendation import train_recommender
-
-    out = train_recommender(
-        demo_events=20_000,
-        params=FunkSVDParams(n_factors=8, n_epochs=4, lr=0.01),
-        training=DistributedConfig(n_workers=2),
-    )
-    report = out.report
-    assert report.epochs == [1, 2, 3, 4] and report.workers == 2
-    assert (
-        len(report.ratings_per_worker) == 2
-        and sum(report.ratings_per_worker) == report.train_ratings
-    )
-    assert report.validation_rmse[-1] < report.validation_rmse[0]
-    model = FunkSVD.load(out.model.path)
-    assert model.params.n_factors == 8 and len(model.history) == 4
-    recs = model.recommend(model.user_ids[:3], n=5)
-    assert len(recs) == 15
-
-
 def test_run_date_selects_the_data_window(flyte_cache):
     from datetime import datetime
 

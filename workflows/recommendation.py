@@ -28,7 +28,6 @@ from tasks.recommender import (
     Registration,
     RegistryConfig,
     TrainingReport,
-    TrainOutputs,
     evaluate_model,
     recommend_users,
     register_model,
@@ -37,7 +36,6 @@ from tasks.recommender import (
 
 DEFAULT_INGEST = IngestConfig()
 DEFAULT_FEATURES = FeatureConfig()
-DEFAULT_PARAMS = FunkSVDParams()
 DEFAULT_TRAINING = DistributedConfig()
 # The pipeline's model: implicit feedback (3 sampled negatives per rating at 0) ranks held-out
 # items far better than explicit-rating FunkSVD, which loses to item popularity on clicks.
@@ -67,33 +65,6 @@ def prepare_data(
     )
     windowed = data_window(config=feature_config, run_date=run_date, window_days=window_days)
     return build_ratings(events=ingested.events, report=ingested.report, config=windowed)
-
-
-@workflow
-def train_recommender(
-    source: str = "",
-    demo_events: int = 300_000,
-    demo_seed: int = 0,
-    ingest_config: IngestConfig = DEFAULT_INGEST,
-    feature_config: FeatureConfig = DEFAULT_FEATURES,
-    params: FunkSVDParams = DEFAULT_PARAMS,
-    training: DistributedConfig = DEFAULT_TRAINING,
-) -> TrainOutputs:
-    """prepare_data, then FunkSVD trained over Ray workers on its train/validation splits."""
-    data = prepare_data(
-        source=source,
-        demo_events=demo_events,
-        demo_seed=demo_seed,
-        ingest_config=ingest_config,
-        feature_config=feature_config,
-    )
-    return train_funksvd(
-        train_ratings=data.train,
-        validation_ratings=data.validation,
-        id_maps=data.id_maps,
-        params=params,
-        config=training,
-    )
 
 
 class PipelineOutputs(NamedTuple):
