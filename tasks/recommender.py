@@ -1,4 +1,4 @@
-"""Flyte task that trains FunkSVD on the prepared splits, on the task's Ray cluster."""
+"""Flyte tasks of the recommender after data preparation: train, evaluate, register, recommend."""
 
 from __future__ import annotations
 
