@@ -55,17 +55,12 @@ def test_resume_continues_from_the_last_checkpoint(data, tmp_path):
         "epoch-0002",
         "epoch-0003",
     ]
-    resumed = _fit(data, PARAMS, n_workers=2, checkpoint_uri=str(tmp_path / "ckpt-long"))
-    # A training told to go on to 30 epochs, over the 3-epoch checkpoints, runs only 4..30.
-    import shutil
-
-    shutil.copytree(tmp_path / "ckpt", tmp_path / "ckpt2")
-    for p in (tmp_path / "ckpt2").glob("epoch-*/state.json"):
-        p.write_text(p.read_text().replace('"n_epochs": 3', f'"n_epochs": {PARAMS.n_epochs}'))
-    cont = _fit(data, PARAMS, n_workers=2, checkpoint_uri=str(tmp_path / "ckpt2"))
+    # Run again to 30 epochs on the same checkpoints: only epochs 4..30 are trained.
+    cont = _fit(data, PARAMS, n_workers=2, checkpoint_uri=uri)
+    uninterrupted = _fit(data, PARAMS, n_workers=2)
     assert [h.seconds for h in cont.history[:3]] == [h.seconds for h in first.history]
     assert [h.epoch for h in cont.history] == list(range(1, PARAMS.n_epochs + 1))
-    np.testing.assert_array_equal(cont.P, resumed.P)  # same as never stopping
+    np.testing.assert_array_equal(cont.P, uninterrupted.P)  # same as never stopping
 
 
 def test_checkpoint_from_other_settings_is_refused(data, tmp_path):
@@ -117,6 +112,5 @@ def test_blocks_are_balanced():
     blocks = balanced_blocks(counts, 4)
     loads = np.bincount(blocks, weights=counts)
     assert loads.max() / loads.min() < 1.05
-    assert DistributedConfig(n_workers=0).n_workers == 0
     with pytest.raises(ValueError, match="strategy"):
         DistributedConfig(strategy="allreduce")

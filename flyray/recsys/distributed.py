@@ -271,13 +271,11 @@ def _start_state(model, checkpoints, params, config, n_users, n_items) -> int:
     if saved is None:
         return 0
     arrays, state = saved
-    expected = {"params": asdict(params), "strategy": config.strategy}
-    found = {k: state.get(k) for k in expected}
-    if (
-        found != expected
-        or arrays["P"].shape != model.P.shape
-        or arrays["Q"].shape != model.Q.shape
-    ):
+    # Training longer than the checkpointed run is a resume; any other change is a new run.
+    expected = {"params": {**asdict(params), "n_epochs": None}, "strategy": config.strategy}
+    found = {"params": {**state["params"], "n_epochs": None}, "strategy": state["strategy"]}
+    shapes_match = arrays["P"].shape == model.P.shape and arrays["Q"].shape == model.Q.shape
+    if found != expected or not shapes_match:
         raise ValueError(
             f"checkpoint in {checkpoints.uri} was written by a different training "
             f"({found}, P{arrays['P'].shape}); use a new checkpoint_uri or the same settings"
