@@ -15,6 +15,7 @@ from flytekit.core.context_manager import FlyteContextManager
 from flytekit.types.directory import FlyteDirectory
 from flytekit.types.file import FlyteFile
 
+import images
 from flyray import storage
 from flyray.clickstream.config import FeatureConfig, IngestConfig
 from flyray.clickstream.features import build_features
@@ -60,7 +61,7 @@ class FeatureOutputs(NamedTuple):
     profile: DataProfile
 
 
-@task(secret_requests=s3_secret_requests(), retries=2)
+@task(container_image=images.recommender, secret_requests=s3_secret_requests(), retries=2)
 def resolve_source(
     source: str, demo_events: int, demo_seed: int, run_date: datetime | None
 ) -> SourceOutputs:
@@ -91,7 +92,7 @@ def resolve_source(
     )
 
 
-@task
+@task(container_image=images.recommender)
 def data_window(
     config: FeatureConfig, run_date: datetime | None, window_days: int
 ) -> FeatureConfig:
@@ -104,6 +105,7 @@ def data_window(
 
 
 @task(
+    container_image=images.recommender,
     task_config=ray_job(),
     cache=INGEST_CACHE,
     retries=1,
@@ -144,7 +146,13 @@ def ingest_clickstream(source: str, fingerprint: str, config: IngestConfig) -> I
     )
 
 
-@task(task_config=ray_job(), cache=FEATURES_CACHE, retries=1, enable_deck=True)
+@task(
+    container_image=images.recommender,
+    task_config=ray_job(),
+    cache=FEATURES_CACHE,
+    retries=1,
+    enable_deck=True,
+)
 def build_ratings(
     events: FlyteDirectory, report: IngestReport, config: FeatureConfig
 ) -> FeatureOutputs:

@@ -12,6 +12,7 @@ import pyarrow.parquet as pq
 from flytekit import Cache, StructuredDataset, current_context, task
 from flytekit.types.directory import FlyteDirectory
 
+import images
 from flyray import registry, storage
 from flyray.clickstream.reports import DataProfile
 from flyray.recsys import FunkSVD, FunkSVDParams
@@ -68,6 +69,7 @@ def _id_map(id_maps: FlyteDirectory, name: str, column: str) -> np.ndarray:
 
 
 @task(
+    container_image=images.recommender,
     task_config=ray_job(),
     cache=TRAIN_CACHE,
     retries=2,
@@ -154,8 +156,13 @@ class Registration:
     decision: GateDecision
 
 
-@task(task_config=ray_job(), cache=Cache(version="evaluate-1", serialize=True), retries=1,
-      enable_deck=True)  # fmt: skip
+@task(
+    container_image=images.recommender,
+    task_config=ray_job(),
+    cache=Cache(version="evaluate-1", serialize=True),
+    retries=1,
+    enable_deck=True,
+)
 def evaluate_model(
     model_dir: FlyteDirectory,
     train_ratings: RatingsDataset,
@@ -197,7 +204,12 @@ def evaluate_model(
     return report
 
 
-@task(task_config=ray_job(), cache=Cache(version="recommend-1", serialize=True), retries=1)
+@task(
+    container_image=images.recommender,
+    task_config=ray_job(),
+    cache=Cache(version="recommend-1", serialize=True),
+    retries=1,
+)
 def recommend_users(model_dir: FlyteDirectory, n: int) -> StructuredDataset:
     """Top-n unseen items for every user (Ray Data), as parquet."""
     setup_logging()
@@ -207,7 +219,12 @@ def recommend_users(model_dir: FlyteDirectory, n: int) -> StructuredDataset:
     return StructuredDataset(uri=out)
 
 
-@task(retries=2, secret_requests=s3_secret_requests(), enable_deck=True)
+@task(
+    container_image=images.recommender,
+    retries=2,
+    secret_requests=s3_secret_requests(),
+    enable_deck=True,
+)
 def register_model(
     model_dir: FlyteDirectory,
     training: TrainingReport,

@@ -1,0 +1,92 @@
+"""The cluster path without a cluster: every workflow and launch plan serializes; Ray specs,
+images, cache versions, retries and schedules are what registration would send."""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+import pytest
+from flytekit.configuration import ImageConfig, SerializationSettings
+from flytekit.models.launch_plan import LaunchPlan
+from flytekit.models.task import TaskSpec
+from flytekit.tools.translator import get_serializable
+
+import images
+import workflows.recommendation as rec
+
+SETTINGS = SerializationSettings(
+    image_config=ImageConfig.auto_default_image(), project="flyray", domain="development",
+    version="test",
+)  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def entities():
+    out: OrderedDict = OrderedDict()
+    for entity in (
+        rec.recommendation_pipeline,
+        rec.prepare_data,
+        rec.default_plan,
+        rec.nightly_plan,
+    ):
+        get_serializable(out, SETTINGS, entity)
+    return out
+
+
+def _tasks(entities) -> dict[str, object]:
+    return {v.template.id.name.split(".")[-1]: v.template for v in entities.values()
+            if isinstance(v, TaskSpec)}  # fmt: skip
+
+
+def test_every_task_names_the_recommender_image(entities):
+    tasks = _tasks(entities)
+    assert set(tasks) >= {"resolve_source", "ingest_clickstream", "build_ratings", "train_funksvd",
+                          "evaluate_model", "register_model", "recommend_users", "data_window"}  # fmt: skip
+    expected = images.recommender.image_name()
+    assert expected.startswith("localhost:30000/flyray-recommender:")
+    for name, template in tasks.items():
+        assert template.container.image == expected, name
+
+
+def test_ray_tasks_carry_head_and_worker_groups(entities):
+    ray_tasks = {n: t for n, t in _tasks(entities).items() if t.type == "ray"}
+    assert set(ray_tasks) == {"ingest_clickstream", "build_ratings", "train_funksvd",
+                              "evaluate_model", "recommend_users"}  # fmt: skip
+    for name, template in ray_tasks.items():
+        job = template.custom
+        assert job["shutdownAfterJobFinishes"] is True, name
+        assert job["ttlSecondsAfterFinished"] == 600
+        head = job["rayCluster"]["headGroupSpec"]
+        assert head["rayStartParams"] == {"num-cpus": "0"}  # the head schedules, workers compute
+        [head_container] = head["k8sPod"]["podSpec"]["containers"]
+        assert head_container["resources"]["limits"] == {"cpu": "2", "memory": "8Gi"}
+        [group] = job["rayCluster"]["workerGroupSpec"]
+        assert group["groupName"] == "workers"
+        assert (group["replicas"], group["minReplicas"], group["maxReplicas"]) == (2, 2, 2)
+        [worker] = group["k8sPod"]["podSpec"]["containers"]
+        assert worker["resources"]["requests"] == {"cpu": "2", "memory": "8Gi"}
+
+
+def test_cache_versions_and_retries(entities):
+    tasks = _tasks(entities)
+    versions = {
+        n: t.metadata.discovery_version for n, t in tasks.items() if t.metadata.discoverable
+    }
+    assert versions == {"ingest_clickstream": "ingest-1", "build_ratings": "features-1",
+                        "train_funksvd": "train-1", "evaluate_model": "evaluate-1",
+                        "recommend_users": "recommend-1"}  # fmt: skip
+    assert not tasks["resolve_source"].metadata.discoverable  # it must see content changes
+    assert not tasks["register_model"].metadata.discoverable  # one MLflow run per execution
+    assert tasks["train_funksvd"].metadata.retries.retries == 2
+    assert tasks["register_model"].metadata.retries.retries == 2
+
+
+def test_launch_plans_and_the_nightly_schedule(entities):
+    plans = {v.id.name: v for v in entities.values() if isinstance(v, LaunchPlan)}
+    assert set(plans) >= {"recommendation_default", "recommendation_nightly"}
+    schedule = plans["recommendation_nightly"].spec.entity_metadata.schedule
+    assert schedule.cron_schedule.schedule == "0 3 * * *"
+    assert schedule.kickoff_time_input_arg == "run_date"
+    assert plans["recommendation_default"].spec.entity_metadata.schedule is None
+    defaults = plans["recommendation_nightly"].spec.default_inputs.parameters
+    assert defaults["window_days"].default.scalar.primitive.integer == 30
