@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import ray
+from flytekit.core import local_cache
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
@@ -70,6 +71,16 @@ def s3_env(s3_server, monkeypatch):
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing-secret")
     monkeypatch.setenv("AWS_REGION", "us-east-1")
     return s3_server
+
+
+@pytest.fixture
+def flyte_cache(tmp_path, monkeypatch):
+    """A fresh local Flyte cache per test: no result leaks between tests or from user runs."""
+    monkeypatch.setattr(local_cache, "CACHE_LOCATION", str(tmp_path / "flyte-cache"))
+    monkeypatch.setattr(local_cache.LocalTaskCache, "_initialized", False)
+    monkeypatch.setenv("FLYTE_LOCAL_CACHE_ENABLED", "true")
+    yield
+    monkeypatch.setattr(local_cache.LocalTaskCache, "_initialized", False)
 
 
 def jsonl(*records: str) -> bytes:

@@ -8,7 +8,6 @@ import sys
 
 import mlflow
 import pandas as pd
-from test_workflow import flyte_cache  # noqa: F401  (fixture)
 
 from flyray.recsys import FunkSVDParams
 from workflows.recommendation import recommendation_pipeline
@@ -16,7 +15,7 @@ from workflows.recommendation import recommendation_pipeline
 SMALL = FunkSVDParams(n_factors=16, n_epochs=8, lr=0.01, reg=0.05, negatives=3, rating_min=0.0)
 
 
-def test_pipeline_registers_evaluates_and_recommends(tmp_path, monkeypatch, flyte_cache):  # noqa: F811
+def test_pipeline_registers_evaluates_and_recommends(tmp_path, monkeypatch, flyte_cache):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.setenv("FLYRAY_DATA_DIR", str(tmp_path / "data"))
     out = recommendation_pipeline(demo_events=40_000, params=SMALL, n_recommendations=5)

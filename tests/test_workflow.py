@@ -2,32 +2,24 @@
 
 from __future__ import annotations
 
-import pytest
-from flytekit.core import local_cache
+from pathlib import Path
+
+import pandas as pd
 
 from flyray.clickstream.generate import GeneratorConfig, generate
 from workflows.recommendation import prepare_data
 
 
-@pytest.fixture
-def flyte_cache(tmp_path, monkeypatch):
-    monkeypatch.setattr(local_cache, "CACHE_LOCATION", str(tmp_path / "flyte-cache"))
-    monkeypatch.setattr(local_cache.LocalTaskCache, "_initialized", False)
-    monkeypatch.setenv("FLYTE_LOCAL_CACHE_ENABLED", "true")
-    yield
-    monkeypatch.setattr(local_cache.LocalTaskCache, "_initialized", False)
-
-
 def test_prepare_data_demo_defaults_produce_typed_splits(flyte_cache):
     out = prepare_data(demo_events=20_000)
-    train = out.train.open(__import__("pandas").DataFrame).all()
-    test = out.test.open(__import__("pandas").DataFrame).all()
+    train = out.train.open(pd.DataFrame).all()
+    test = out.test.open(pd.DataFrame).all()
     assert len(train) == out.profile.ratings_by_split["train"] > 0
     assert len(test) == out.profile.ratings_by_split["test"] > 0
     assert {"user_idx", "item_idx", "rating"} <= set(train.columns)
     assert out.profile.events == 20_000
     assert train["user_idx"].max() < out.profile.users
-    assert sorted(p.name for p in __import__("pathlib").Path(out.id_maps.path).iterdir()) == [
+    assert sorted(p.name for p in Path(out.id_maps.path).iterdir()) == [
         "items.parquet",
         "users.parquet",
     ]
