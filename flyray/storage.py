@@ -73,11 +73,6 @@ def join(uri: str, *parts: str) -> str:
     return posixpath.join(uri, *parts) if is_s3(uri) else os.path.join(uri, *parts)
 
 
-def makedirs(uri: str) -> None:
-    fs, path = filesystem(uri)
-    fs.create_dir(path, recursive=True)
-
-
 def list_input_files(spec: str, suffixes: tuple[str, ...]) -> list[InputFile]:
     """Files named by a file, a directory (recursive) or a glob, sorted by path.
 

@@ -25,6 +25,7 @@ from flyray.clickstream.reports import DataProfile, IngestReport
 from flyray.clickstream.schema import INPUT_SUFFIXES
 from tasks import decks
 from tasks.runtime import (
+    dir_uri,
     export_s3_secrets,
     new_output_dir,
     ray_job,
@@ -159,7 +160,7 @@ def build_ratings(
     """Implicit ratings, dense id maps and a per-user time split, one Ray task per bucket."""
     setup_logging()
     out = new_output_dir()
-    profile = build_features(_uri(events), out, config, report)
+    profile = build_features(dir_uri(events), out, config, report)
     decks.publish(
         "data profile",
         decks.table_html(
@@ -181,8 +182,3 @@ def build_ratings(
         FlyteDirectory(storage.join(out, "id_maps"), remote_directory=False),
         profile,
     )
-
-
-def _uri(directory: FlyteDirectory) -> str:
-    """Where a directory input lives, without downloading it (Ray workers read it in place)."""
-    return directory.remote_source or directory.path

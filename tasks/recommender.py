@@ -24,6 +24,7 @@ from flyray.registry import GateDecision, champion_gate
 from tasks import decks
 from tasks.clickstream import Ratings as RatingsDataset
 from tasks.runtime import (
+    dir_uri,
     export_s3_secrets,
     new_output_dir,
     ray_job,
@@ -63,7 +64,7 @@ def _read_ratings(dataset) -> Ratings:
 
 
 def _id_map(id_maps: FlyteDirectory, name: str, column: str) -> np.ndarray:
-    uri = _dir_uri(id_maps)
+    uri = dir_uri(id_maps)
     fs, path = storage.filesystem(storage.join(uri, f"{name}.parquet"))
     return pq.read_table(path, filesystem=fs, columns=[column])[column].to_numpy()
 
@@ -172,7 +173,7 @@ def evaluate_model(
 ) -> EvaluationReport:
     """Rating and ranking metrics of the model beside biases-only and popularity baselines."""
     setup_logging()
-    model = FunkSVD.load(_dir_uri(model_dir))
+    model = FunkSVD.load(dir_uri(model_dir))
     train_r, test_r = _read_ratings(train_ratings), _read_ratings(test_ratings)
     n_users, n_items = len(model.user_ids), len(model.item_ids)
     biases = biases_model(train_r, n_users, n_items, params)
@@ -215,7 +216,7 @@ def recommend_users(model_dir: FlyteDirectory, n: int) -> StructuredDataset:
     setup_logging()
     export_s3_secrets()
     out = storage.join(new_output_dir(), "recommendations")
-    recommend_all(FunkSVD.load(_dir_uri(model_dir)), out, n)
+    recommend_all(FunkSVD.load(dir_uri(model_dir)), out, n)
     return StructuredDataset(uri=out)
 
 
@@ -238,7 +239,7 @@ def register_model(
     export_s3_secrets()
     registry.use_experiment(config.experiment)
     execution = current_context().execution_id
-    local_model = FunkSVD.load(_dir_uri(model_dir))
+    local_model = FunkSVD.load(dir_uri(model_dir))
     with (
         tempfile.TemporaryDirectory() as tmp,
         mlflow.start_run(
@@ -282,7 +283,3 @@ def register_model(
                          "promotion_reason": decision.reason})  # fmt: skip
     decks.publish("registry", decks.table_html(asdict(decision), "Champion gate"))
     return Registration(registry.tracking_uri(), run.info.run_id, decision)
-
-
-def _dir_uri(directory: FlyteDirectory) -> str:
-    return directory.remote_source or directory.path

@@ -16,6 +16,7 @@ import os
 
 from flytekit import Resources, Secret, current_context
 from flytekit.core.context_manager import FlyteContextManager
+from flytekit.types.directory import FlyteDirectory
 from flytekitplugins.ray import HeadNodeConfig, RayJobConfig, WorkerNodeConfig
 
 _S3_SECRET_KEYS = ("aws_access_key_id", "aws_secret_access_key")
@@ -25,9 +26,9 @@ def _env_int(name: str, default: int) -> int:
     return int(os.environ.get(name, default))
 
 
-def ray_job(workers: int | None = None) -> RayJobConfig:
+def ray_job() -> RayJobConfig:
     """One Ray cluster per task execution: a head and one worker group, torn down afterwards."""
-    replicas = workers if workers is not None else _env_int("FLYRAY_RAY_WORKERS", 2)
+    replicas = _env_int("FLYRAY_RAY_WORKERS", 2)
     worker_res = Resources(
         cpu=os.environ.get("FLYRAY_RAY_WORKER_CPU", "2"),
         mem=os.environ.get("FLYRAY_RAY_WORKER_MEM", "8Gi"),
@@ -75,6 +76,11 @@ def export_s3_secrets() -> None:
 def new_output_dir() -> str:
     """A fresh directory under the execution's raw-output prefix (s3:// on a cluster)."""
     return FlyteContextManager.current_context().file_access.get_random_remote_directory()
+
+
+def dir_uri(directory: FlyteDirectory) -> str:
+    """Where a directory input lives, without downloading it (Ray workers read it in place)."""
+    return directory.remote_source or directory.path
 
 
 def setup_logging() -> None:
