@@ -8,7 +8,14 @@ EXTRAS ?= all,dev
 # Ray keeps its sockets under /tmp, whose short path they need.
 RUN_ENV := TMPDIR=$(CURDIR)/.data/tmp RAY_TMPDIR=/tmp RAY_DATA_DISABLE_PROGRESS_BARS=1
 
-.PHONY: setup run test lint format bench clean distclean
+# The cluster path (see README, "Deploy to a cluster"). Versions are pinned here and in k8s/.
+KUBERAY_VERSION := 1.1.1
+FLYTE_VERSION   := v1.16.1
+FLYTE_PROJECT   ?= flyray
+FLYTE_DOMAIN    ?= development
+VERSION         ?= $(shell git rev-parse --short=12 HEAD 2>/dev/null || echo dev)
+
+.PHONY: setup run test lint format bench package register images clean distclean
 
 setup: $(STAMP)
 
@@ -38,8 +45,23 @@ bench: setup
 	$(BIN)/python -m bench.ingest
 	$(BIN)/python -m bench.funksvd
 
+# Serialize every workflow, task and launch plan (with the code, for fast registration) into
+# dist/flyray-flyte.tgz; needs no cluster: `flytectl register files` takes the archive.
+package: setup
+	@mkdir -p dist
+	$(BIN)/pyflyte --pkgs workflows package --fast --force --output dist/flyray-flyte.tgz
+
+# Needs a Flyte cluster (~/.flyte/config.yaml or FLYTECTL_CONFIG) and Docker to build images.
+register: setup
+	$(BIN)/pyflyte register --project $(FLYTE_PROJECT) --domain $(FLYTE_DOMAIN) \
+		--version $(VERSION) --activate-launchplans workflows
+
+# Build and push every ImageSpec to $$FLYRAY_REGISTRY (needs Docker).
+images: setup
+	$(BIN)/python -m images
+
 clean:
-	rm -rf .data .pytest_cache .ruff_cache bench/results
+	rm -rf .data .pytest_cache .ruff_cache bench/results dist
 	find . -name __pycache__ -not -path './$(VENV)/*' -prune -exec rm -rf {} +
 	-$(BIN)/pyflyte local-cache clear 2>/dev/null
 

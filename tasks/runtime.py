@@ -7,6 +7,10 @@ same code registers a small cluster for a demo and a large one for production:
   FLYRAY_RAY_HEAD_CPU (2)    FLYRAY_RAY_HEAD_MEM (8Gi)
   FLYRAY_S3_SECRET_GROUP           Flyte secret group holding aws_access_key_id and
                                    aws_secret_access_key (unset: credentials come from the env)
+  FLYRAY_K8S_CONFIGMAP (flyray-env)  FLYRAY_K8S_SECRET (flyray-s3)
+                                   ConfigMap and Secret that every Ray head and worker pod takes
+                                   its environment from (endpoints, S3 keys; see k8s/), so Ray
+                                   workers on other pods reach MinIO and MLflow too
 """
 
 from __future__ import annotations
@@ -14,12 +18,29 @@ from __future__ import annotations
 import logging
 import os
 
-from flytekit import Resources, Secret, current_context
+from flytekit import PodTemplate, Resources, Secret, current_context
 from flytekit.core.context_manager import FlyteContextManager
+from flytekit.core.resources import pod_spec_from_resources
 from flytekit.types.directory import FlyteDirectory
 from flytekitplugins.ray import HeadNodeConfig, RayJobConfig, WorkerNodeConfig
 
 _S3_SECRET_KEYS = ("aws_access_key_id", "aws_secret_access_key")
+# The `flytekit` user of ImageSpec images; numeric so that runAsNonRoot can be verified.
+RUN_AS_USER = 1000
+
+
+# Ray cluster shape; k8s/render.py fills the standalone RayCluster from the same settings.
+RAY_DEFAULTS = {
+    "FLYRAY_RAY_WORKERS": "2",
+    "FLYRAY_RAY_WORKER_CPU": "2",
+    "FLYRAY_RAY_WORKER_MEM": "8Gi",
+    "FLYRAY_RAY_HEAD_CPU": "2",
+    "FLYRAY_RAY_HEAD_MEM": "8Gi",
+}
+
+
+def ray_setting(name: str) -> str:
+    return os.environ.get(name, RAY_DEFAULTS[name])
 
 
 def _env_int(name: str, default: int) -> int:
@@ -28,20 +49,17 @@ def _env_int(name: str, default: int) -> int:
 
 def ray_job() -> RayJobConfig:
     """One Ray cluster per task execution: a head and one worker group, torn down afterwards."""
-    replicas = _env_int("FLYRAY_RAY_WORKERS", 2)
+    replicas = int(ray_setting("FLYRAY_RAY_WORKERS"))
     worker_res = Resources(
-        cpu=os.environ.get("FLYRAY_RAY_WORKER_CPU", "2"),
-        mem=os.environ.get("FLYRAY_RAY_WORKER_MEM", "8Gi"),
+        cpu=ray_setting("FLYRAY_RAY_WORKER_CPU"), mem=ray_setting("FLYRAY_RAY_WORKER_MEM")
     )
     head_res = Resources(
-        cpu=os.environ.get("FLYRAY_RAY_HEAD_CPU", "2"),
-        mem=os.environ.get("FLYRAY_RAY_HEAD_MEM", "8Gi"),
+        cpu=ray_setting("FLYRAY_RAY_HEAD_CPU"), mem=ray_setting("FLYRAY_RAY_HEAD_MEM")
     )
     return RayJobConfig(
         head_node_config=HeadNodeConfig(
             ray_start_params={"num-cpus": "0"} if replicas else None,
-            requests=head_res,
-            limits=head_res,
+            pod_template=_ray_pod("ray-head", head_res),
         ),
         worker_node_config=[
             WorkerNodeConfig(
@@ -49,13 +67,43 @@ def ray_job() -> RayJobConfig:
                 replicas=replicas,
                 min_replicas=_env_int("FLYRAY_RAY_WORKERS_MIN", replicas),
                 max_replicas=_env_int("FLYRAY_RAY_WORKERS_MAX", replicas),
-                requests=worker_res,
-                limits=worker_res,
+                pod_template=_ray_pod("ray-worker", worker_res),
             )
         ],
         shutdown_after_job_finishes=True,
         ttl_seconds_after_finished=600,
     )
+
+
+def _ray_pod(container: str, resources: Resources) -> PodTemplate:
+    """A Ray head or worker pod: fixed resources, non-root, environment from the ConfigMap and
+    Secret of k8s/ (both optional, so a cluster without them still starts)."""
+    from kubernetes.client import (
+        V1Capabilities,
+        V1ConfigMapEnvSource,
+        V1EnvFromSource,
+        V1PodSecurityContext,
+        V1SeccompProfile,
+        V1SecretEnvSource,
+        V1SecurityContext,
+    )
+
+    spec = pod_spec_from_resources(container, requests=resources, limits=resources)
+    spec.security_context = V1PodSecurityContext(
+        run_as_non_root=True, run_as_user=RUN_AS_USER, fs_group=RUN_AS_USER,
+        seccomp_profile=V1SeccompProfile(type="RuntimeDefault"),
+    )  # fmt: skip
+    [primary] = spec.containers
+    primary.security_context = V1SecurityContext(
+        allow_privilege_escalation=False, capabilities=V1Capabilities(drop=["ALL"])
+    )
+    primary.env_from = [
+        V1EnvFromSource(config_map_ref=V1ConfigMapEnvSource(
+            name=os.environ.get("FLYRAY_K8S_CONFIGMAP", "flyray-env"), optional=True)),
+        V1EnvFromSource(secret_ref=V1SecretEnvSource(
+            name=os.environ.get("FLYRAY_K8S_SECRET", "flyray-s3"), optional=True)),
+    ]  # fmt: skip
+    return PodTemplate(pod_spec=spec, primary_container_name=container)
 
 
 def s3_secret_requests() -> list[Secret]:
