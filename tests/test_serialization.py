@@ -97,6 +97,9 @@ def test_ray_tasks_carry_head_and_worker_groups(entities):
         job = template.custom
         assert job["shutdownAfterJobFinishes"] is True, name
         assert job["ttlSecondsAfterFinished"] == 600
+        # No runtime env in the spec: on a cluster the plugin ships the fast-registered code as
+        # working_dir at ray.init, and pods take their environment from envFrom (test_k8s).
+        assert not job.get("runtimeEnv") and not job.get("runtimeEnvYaml"), name
         head = job["rayCluster"]["headGroupSpec"]
         assert head["rayStartParams"] == {"num-cpus": "0"}  # the head schedules, workers compute
         [head_container] = head["k8sPod"]["podSpec"]["containers"]
