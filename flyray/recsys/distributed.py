@@ -29,7 +29,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 import ray
-from ray.exceptions import RayActorError
+from ray.exceptions import ObjectLostError, RayActorError
 
 from flyray import storage
 from flyray.recsys import kernels
@@ -234,21 +234,35 @@ def train(
     model.global_mean = float(train_ratings.values.mean(dtype=np.float64))
     checkpoints = _Checkpoints(config.checkpoint_uri, after_checkpoint)
     run = _run_dsgd if config.strategy == "dsgd" else _run_gradient_averaging
-    n_workers = _resolve_workers(config)
     for attempt in range(config.max_restarts + 1):
+        # Resolved again on a restart: with n_workers=0 a run that lost a node goes on with the
+        # CPUs left (or the replacement node's) instead of waiting for the old count.
+        free = ray.available_resources().get("CPU", 0)
+        n_workers = _resolve_workers(config)
         start = _start_state(model, checkpoints, params, config, n_users, n_items)
         workers: list = []
         try:
             run(model, start, train_ratings, validation, n_workers, workers, config, checkpoints)
             return model
-        except RayActorError as exc:
+        except (RayActorError, ObjectLostError) as exc:  # a worker or its node is gone
             if attempt == config.max_restarts:
                 raise
             log.warning("a worker was lost (%s); resuming from the last checkpoint", exc)
         finally:
-            for w in workers:  # free their CPUs before a restart or on any error
-                ray.kill(w)
+            _stop(workers, free)
     raise AssertionError("unreachable")
+
+
+def _stop(workers: list, free_before: float, timeout: float = 10.0) -> None:
+    """Kill the workers and wait until their CPUs show as free again, so that a restart or the
+    next training sizes itself on the real cluster (CPUs of a lost node never come back)."""
+    for w in workers:
+        ray.kill(w)
+    deadline = time.monotonic() + timeout
+    while workers and time.monotonic() < deadline:
+        if ray.available_resources().get("CPU", 0) >= free_before:
+            return
+        time.sleep(0.05)
 
 
 def _started(workers: list, timeout: float = 120.0) -> None:
