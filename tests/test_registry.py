@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import threading
 
 import mlflow
 import pytest
@@ -106,3 +107,38 @@ def test_embedded_store_lives_in_the_data_dir(tmp_path, monkeypatch):
     with mlflow.start_run():
         mlflow.log_dict({"a": 1}, "x.json")
     assert list((tmp_path / "mlflow" / "artifacts").rglob("x.json"))
+
+
+def _race(name: str, values: tuple[float, float], small_model) -> dict:
+    """Two pipelines register and run their gates at the same moment."""
+    barrier = threading.Barrier(2)
+    decisions: dict = {}
+
+    def pipeline(value: float) -> None:
+        version = _register(name, value, small_model)
+        barrier.wait()
+        decisions[value] = registry.champion_gate(
+            name, version, "ndcg@10", value, baseline_value=0.1
+        )
+
+    threads = [threading.Thread(target=pipeline, args=(v,)) for v in values]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    return decisions
+
+
+def test_concurrent_registrations_end_with_the_better_champion(tracking, small_model):
+    """Both versions exist and the better one holds the alias, whichever gate wrote last."""
+    client = mlflow.MlflowClient(tracking)
+    for attempt, values in enumerate([(0.30, 0.40), (0.40, 0.30)] * 2):
+        name = f"race-{attempt}"
+        decisions = _race(name, values, small_model)
+        versions = {v.version for v in client.search_model_versions(f"name='{name}'")}
+        assert versions == {decisions[0.30].version, decisions[0.40].version}
+        champion = client.get_model_version_by_alias(name, "champion").version
+        assert champion == decisions[0.40].version, attempt
+        assert decisions[0.40].promoted and not decisions[0.30].promoted
+        tags = client.get_model_version(name, decisions[0.30].version).tags
+        assert tags["promotion"] == "rejected"
