@@ -63,6 +63,29 @@ def s3_server():
     proc.wait(timeout=10)
 
 
+@pytest.fixture(scope="session")
+def mlflow_root(tmp_path_factory):
+    """Where the test MLflow server keeps its database and artifacts."""
+    return tmp_path_factory.mktemp("mlflow")
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(mlflow_root):
+    """A real `mlflow server` process on loopback (sqlite backend, local artifact store)."""
+    root = mlflow_root
+    port = _free_port()
+    uri = f"http://127.0.0.1:{port}"
+    proc = serve(
+        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
+         "--backend-store-uri", f"sqlite:///{root / 'db.sqlite'}",
+         "--artifacts-destination", str(root / "artifacts"), "--workers", "1"],
+        port, f"{uri}/health",
+    )  # fmt: skip
+    yield uri
+    proc.terminate()
+    proc.wait(timeout=20)
+
+
 @pytest.fixture
 def s3_env(s3_server, monkeypatch):
     """Endpoint and credentials from the environment, as a user would configure MinIO."""

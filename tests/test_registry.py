@@ -9,28 +9,11 @@ import threading
 
 import mlflow
 import pytest
-from conftest import _free_port, serve
 from test_funksvd import synthetic
 
 from flyray import registry
 from flyray.recsys import FunkSVD
 from flyray.recsys.pyfunc import log_pyfunc
-
-
-@pytest.fixture(scope="module")
-def mlflow_server(tmp_path_factory):
-    root = tmp_path_factory.mktemp("mlflow")
-    port = _free_port()
-    uri = f"http://127.0.0.1:{port}"
-    proc = serve(
-        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
-         "--backend-store-uri", f"sqlite:///{root / 'db.sqlite'}",
-         "--artifacts-destination", str(root / "artifacts"), "--workers", "1"],
-        port, f"{uri}/health",
-    )  # fmt: skip
-    yield uri
-    proc.terminate()
-    proc.wait(timeout=20)
 
 
 @pytest.fixture
