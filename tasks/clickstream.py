@@ -31,6 +31,7 @@ from tasks.runtime import (
     ray_job,
     s3_secret_requests,
     setup_logging,
+    transient_retries,
 )
 
 # Bump when the code of a cached step changes what it writes.
@@ -63,6 +64,7 @@ class FeatureOutputs(NamedTuple):
 
 
 @task(container_image=images.recommender, secret_requests=s3_secret_requests(), retries=2)
+@transient_retries
 def resolve_source(
     source: str, demo_events: int, demo_seed: int, run_date: datetime | None
 ) -> SourceOutputs:
@@ -113,6 +115,7 @@ def data_window(
     secret_requests=s3_secret_requests(),
     enable_deck=True,
 )
+@transient_retries
 def ingest_clickstream(source: str, fingerprint: str, config: IngestConfig) -> IngestOutputs:
     """Validate and bucket the events on Ray; the cache key is the content fingerprint."""
     setup_logging()
@@ -154,6 +157,7 @@ def ingest_clickstream(source: str, fingerprint: str, config: IngestConfig) -> I
     retries=1,
     enable_deck=True,
 )
+@transient_retries
 def build_ratings(
     events: FlyteDirectory, report: IngestReport, config: FeatureConfig
 ) -> FeatureOutputs:

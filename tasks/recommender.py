@@ -30,6 +30,7 @@ from tasks.runtime import (
     ray_job,
     s3_secret_requests,
     setup_logging,
+    transient_retries,
 )
 
 TRAIN_CACHE = Cache(version="train-1", serialize=True)
@@ -77,6 +78,7 @@ def _id_map(id_maps: FlyteDirectory, name: str, column: str) -> np.ndarray:
     secret_requests=s3_secret_requests(),
     enable_deck=True,
 )
+@transient_retries
 def train_funksvd(
     train_ratings: RatingsDataset,
     validation_ratings: RatingsDataset,
@@ -164,6 +166,7 @@ class Registration:
     retries=1,
     enable_deck=True,
 )
+@transient_retries
 def evaluate_model(
     model_dir: FlyteDirectory,
     train_ratings: RatingsDataset,
@@ -211,6 +214,7 @@ def evaluate_model(
     cache=Cache(version="recommend-1", serialize=True),
     retries=1,
 )
+@transient_retries
 def recommend_users(model_dir: FlyteDirectory, n: int) -> StructuredDataset:
     """Top-n unseen items for every user (Ray Data), as parquet."""
     setup_logging()
@@ -226,6 +230,7 @@ def recommend_users(model_dir: FlyteDirectory, n: int) -> StructuredDataset:
     secret_requests=s3_secret_requests(),
     enable_deck=True,
 )
+@transient_retries
 def register_model(
     model_dir: FlyteDirectory,
     training: TrainingReport,

@@ -15,12 +15,15 @@ same code registers a small cluster for a demo and a large one for production:
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
+from collections.abc import Callable
 
 from flytekit import PodTemplate, Resources, Secret, current_context
 from flytekit.core.context_manager import FlyteContextManager
 from flytekit.core.resources import pod_spec_from_resources
+from flytekit.exceptions.user import FlyteRecoverableException
 from flytekit.types.directory import FlyteDirectory
 from flytekitplugins.ray import HeadNodeConfig, RayJobConfig, WorkerNodeConfig
 
@@ -47,11 +50,14 @@ def _env_int(name: str, default: int) -> int:
     return int(os.environ.get(name, default))
 
 
-def ray_job() -> RayJobConfig:
-    """One Ray cluster per task execution: a head and one worker group, torn down afterwards."""
+def ray_job(worker_gpus: int = 0) -> RayJobConfig:
+    """One Ray cluster per task execution: a head and one worker group, torn down afterwards.
+    `worker_gpus` > 0 gives each worker pod that many GPUs."""
     replicas = int(ray_setting("FLYRAY_RAY_WORKERS"))
     worker_res = Resources(
-        cpu=ray_setting("FLYRAY_RAY_WORKER_CPU"), mem=ray_setting("FLYRAY_RAY_WORKER_MEM")
+        cpu=ray_setting("FLYRAY_RAY_WORKER_CPU"),
+        mem=ray_setting("FLYRAY_RAY_WORKER_MEM"),
+        gpu=worker_gpus or None,
     )
     head_res = Resources(
         cpu=ray_setting("FLYRAY_RAY_HEAD_CPU"), mem=ray_setting("FLYRAY_RAY_HEAD_MEM")
@@ -134,3 +140,53 @@ def dir_uri(directory: FlyteDirectory) -> str:
 def setup_logging() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     logging.getLogger("flyray").setLevel(logging.INFO)
+
+
+# What a flaky store, network or lost node looks like; bad input never matches these.
+_TRANSIENT_TYPES = (ConnectionError, TimeoutError)
+_TRANSIENT_NAMES = {
+    "EndpointConnectionError", "ConnectTimeoutError", "ReadTimeoutError", "ConnectionClosedError",
+    "RayActorError", "ActorDiedError", "ActorUnavailableError", "ObjectLostError",
+    "OwnerDiedError", "NodeDiedError", "ObjectReconstructionFailedError",
+}  # fmt: skip
+_TRANSIENT_TEXT = (
+    "NETWORK_CONNECTION", "curlCode", "SLOW_DOWN", "SERVICE_UNAVAILABLE", "INTERNAL_FAILURE",
+    "Connection refused", "Connection reset", "timed out", "Max retries exceeded",
+    "503 Server Error", "502 Server Error", "504 Server Error",
+)  # fmt: skip
+
+
+def is_transient(exc: BaseException) -> bool:
+    """True when the error, or one it was raised from (Ray task errors included), is a network,
+    storage-service or node failure that a retry can outlive."""
+    seen: set[int] = set()
+    stack = [exc]
+    while stack:
+        e = stack.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        names = {t.__name__ for t in type(e).__mro__}
+        if isinstance(e, _TRANSIENT_TYPES) or names & _TRANSIENT_NAMES:
+            return True
+        if isinstance(e, OSError) and any(t in str(e) for t in _TRANSIENT_TEXT):
+            return True
+        stack += [e.__cause__, e.__context__, getattr(e, "cause", None)]
+    return False
+
+
+def transient_retries(fn: Callable) -> Callable:
+    """Let Flyte retry a task on transient failures only. flytekit reports every user exception
+    as non-recoverable (no retry); this re-raises transient ones as FlyteRecoverableException,
+    so `retries=` covers a flaky store or a lost node, while bad input fails at once."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except Exception as exc:
+            if is_transient(exc):
+                raise FlyteRecoverableException(f"transient failure, retrying: {exc}") from exc
+            raise
+
+    return wrapper
