@@ -16,6 +16,7 @@ import fnmatch
 import hashlib
 import os
 import posixpath
+import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -71,6 +72,22 @@ def to_uri(fs: pafs.FileSystem, path: str) -> str:
 
 def join(uri: str, *parts: str) -> str:
     return posixpath.join(uri, *parts) if is_s3(uri) else os.path.join(uri, *parts)
+
+
+SUCCESS = "_SUCCESS"  # Hadoop's marker of a complete output directory
+
+
+def write_atomic(fs: pafs.FileSystem, path: str, data: bytes) -> None:
+    """Write a file so that readers see all of it or none: a local file is written beside and
+    renamed into place; an S3 object only appears when its upload completes."""
+    if isinstance(fs, pafs.LocalFileSystem):
+        tmp = f"{path}.tmp-{uuid.uuid4().hex}"
+        with fs.open_output_stream(tmp) as fh:
+            fh.write(data)
+        fs.move(tmp, path)
+    else:
+        with fs.open_output_stream(path) as fh:
+            fh.write(data)
 
 
 def list_input_files(spec: str, suffixes: tuple[str, ...]) -> list[InputFile]:

@@ -285,6 +285,11 @@ def build_features(
     )
     if not buckets:
         raise FeatureError(f"no events under {events_uri}: run ingest first")
+    if fs.get_file_info(f"{events_path}/{storage.SUCCESS}").type != pafs.FileType.File:
+        raise FeatureError(
+            f"{events_uri} has no {storage.SUCCESS} marker: the ingest that wrote it did not "
+            "finish (or rejected too much); run ingest again"
+        )
     if not ray.is_initialized():
         ray.init()
     out_fs, out_path = prepare_output(output_uri)
@@ -388,7 +393,8 @@ def finalize(
         last_event=str(np.datetime64(last, "us")) + "Z",
         seconds=time.perf_counter() - began,
     )
-    with out_fs.open_output_stream(f"{out_path}/profile.json") as fh:
-        fh.write(json.dumps(asdict(profile), indent=2).encode())
+    storage.write_atomic(
+        out_fs, f"{out_path}/profile.json", json.dumps(asdict(profile), indent=2).encode()
+    )
     log.info("features: %s", by_split)
     return profile

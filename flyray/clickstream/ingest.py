@@ -301,9 +301,12 @@ def ingest(source: str, output_uri: str, config: IngestConfig | None = None) -> 
         rejects_uri=rejects_uri,
         empty_files=empty,
     )
-    with out_fs.open_output_stream(f"{out_path}/ingest_report.json") as fh:
-        fh.write(json.dumps(asdict(report), indent=2).encode())
+    storage.write_atomic(
+        out_fs, f"{out_path}/ingest_report.json", json.dumps(asdict(report), indent=2).encode()
+    )
     _check(report, config.max_reject_fraction)
+    # Last: only a finished, accepted ingest is marked complete (features refuse any other).
+    storage.write_atomic(out_fs, f"{events_path}/{storage.SUCCESS}", b"")
     log.info("ingest done: %d events, %d rejects in %.1fs", n_events, n_rejects, report.seconds)
     return report
 

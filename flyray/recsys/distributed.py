@@ -170,12 +170,12 @@ class _Checkpoints:
         self.fs.create_dir(folder, recursive=True)
         buf = io.BytesIO()
         np.savez(buf, **arrays)
-        with self.fs.open_output_stream(f"{folder}/model.npz") as fh:
-            fh.write(buf.getvalue())
-        with self.fs.open_output_stream(f"{folder}/state.json") as fh:
-            fh.write(json.dumps(state).encode())
-        with self.fs.open_output_stream(f"{self.path}/latest.json") as fh:  # written last
-            fh.write(json.dumps({"epoch": epoch}).encode())
+        storage.write_atomic(self.fs, f"{folder}/model.npz", buf.getvalue())
+        storage.write_atomic(self.fs, f"{folder}/state.json", json.dumps(state).encode())
+        # Written last: a checkpoint interrupted before this line is never resumed from.
+        storage.write_atomic(
+            self.fs, f"{self.path}/latest.json", json.dumps({"epoch": epoch}).encode()
+        )
         if self.after_save:
             self.after_save(epoch)
 

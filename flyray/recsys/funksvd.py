@@ -300,8 +300,7 @@ class FunkSVD:
         fs.create_dir(path, recursive=True)
         buf = io.BytesIO()
         np.savez(buf, **{name: getattr(self, name) for name in self._ARRAYS})
-        with fs.open_output_stream(f"{path}/model.npz") as fh:
-            fh.write(buf.getvalue())
+        storage.write_atomic(fs, f"{path}/model.npz", buf.getvalue())
         meta = {
             "format": "flyray.funksvd",
             "version": FORMAT_VERSION,
@@ -311,8 +310,7 @@ class FunkSVD:
             "n_users": len(self.user_ids),
             "n_items": len(self.item_ids),
         }
-        with fs.open_output_stream(f"{path}/meta.json") as fh:
-            fh.write(json.dumps(meta, indent=2).encode())
+        storage.write_atomic(fs, f"{path}/meta.json", json.dumps(meta, indent=2).encode())
         return uri
 
     @classmethod
