@@ -56,6 +56,10 @@ def s3_filesystem() -> pafs.S3FileSystem:
         kwargs.update(access_key=key, secret_key=secret)
         if os.environ.get("AWS_SESSION_TOKEN"):
             kwargs["session_token"] = os.environ["AWS_SESSION_TOKEN"]
+    # Throttling (503 SlowDown) and dropped connections are retried with backoff by the client;
+    # an outage longer than that fails the task as transient, for Flyte to retry.
+    attempts = int(os.environ.get("FLYRAY_S3_MAX_ATTEMPTS", "6"))
+    kwargs["retry_strategy"] = pafs.AwsStandardS3RetryStrategy(max_attempts=attempts)
     return pafs.S3FileSystem(**kwargs)
 
 
