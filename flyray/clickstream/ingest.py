@@ -128,7 +128,14 @@ def _ingest_block(
 
     Output file names depend only on the block, so a retried task overwrites, never duplicates.
     """
-    data = _read_range(fs, spec)
+    try:
+        data = _read_range(fs, spec)
+    except OSError as exc:
+        if not spec.compressed or "NETWORK" in str(exc) or "curlCode" in str(exc):
+            raise  # a storage failure, not bad input
+        raise IngestError(
+            f"{storage.to_uri(fs, spec.path)}: not a readable gzip file ({exc})"
+        ) from None
     result = parse_block(
         data,
         spec.fmt,
@@ -216,7 +223,12 @@ def _run_blocks(
             pending[_ingest_block.remote(fs, out_fs, spec, n_buckets, events_dir)] = spec
         done, _ = ray.wait(list(pending), num_returns=1)
         for ref in done:
-            results[pending.pop(ref).block_id] = ray.get(ref)
+            try:
+                results[pending.pop(ref).block_id] = ray.get(ref)
+            except ray.exceptions.RayTaskError as err:
+                if isinstance(err.cause, IngestError):  # its own message, not Ray's traceback
+                    raise err.cause from None
+                raise
         if time.perf_counter() - last_log > 5 or not (todo or pending):
             last_log = time.perf_counter()
             events = sum(r[0]["events"] for r in results.values())

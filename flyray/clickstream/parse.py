@@ -8,6 +8,7 @@ proportion to how many there are, and good ones are never dropped with them.
 
 from __future__ import annotations
 
+import codecs
 import io
 import json
 from dataclasses import dataclass
@@ -33,6 +34,7 @@ _JSON_SCHEMA = pa.schema(
 _INT64_MAX = 2**63 - 1
 _ISO_RE = r"^\d{4}-\d{2}-\d{2}[T ]\d{2}:\d{2}:\d{2}(\.\d{1,9})?(Z|[+-]\d{2}:?\d{2})?$"
 _EPOCH_RE = r"^\d{9,13}(\.\d+)?$"
+_RAW_KEEP = 65_536  # characters of a rejected line kept in rejects.parquet
 _SMALL = 16  # below this many lines a failing chunk is explained line by line
 _WS = np.frombuffer(b" \t\r\n", dtype=np.uint8)
 
@@ -66,7 +68,36 @@ class _Rejects:
         self.reasons.append(reason)
         self.fields.append(field)
         self.details.append(detail)
-        self.raw.append(raw.decode("utf-8", "replace") if isinstance(raw, bytes) else raw)
+        text = raw.decode("utf-8", "replace") if isinstance(raw, bytes) else raw
+        if len(text) > _RAW_KEEP:  # file and line lead to the rest
+            text = f"{text[:_RAW_KEEP]}... [{len(raw):,} bytes in all, truncated]"
+        self.raw.append(text)
+
+
+def _drop_invalid_utf8(data: bytes, rejects: _Rejects) -> bytes:
+    """Reject the lines that are not UTF-8 and empty them, so the line numbers stay as they
+    were (pyarrow would fail the whole block on them). Each byte is decoded once."""
+    view, pos, parts, done = memoryview(data), 0, [], 0
+    newlines = None
+    while True:
+        try:
+            codecs.utf_8_decode(view[pos:], "strict", True)
+            break
+        except UnicodeDecodeError as exc:
+            bad = pos + exc.start
+        if newlines is None:
+            newlines = np.flatnonzero(np.frombuffer(data, dtype=np.uint8) == 10)
+        line = int(np.searchsorted(newlines, bad))  # the number of lines before it
+        start = int(newlines[line - 1]) + 1 if line else 0
+        end = int(newlines[line]) if line < len(newlines) else len(data)
+        detail = f"not valid UTF-8 (byte {bad - start + 1} of the line)"
+        rejects.add(line, "malformed_line", None, detail, data[start:end])
+        parts.append(data[done:start])
+        done = pos = end
+    if not parts:
+        return data
+    parts.append(data[done:])
+    return b"".join(parts)
 
 
 def nonblank_lines(data: bytes, fmt: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -113,6 +144,9 @@ def _explain_json_line(text: bytes) -> tuple[str, str | None, str] | None:
     ts = obj["timestamp"]
     if isinstance(ts, bool) or not isinstance(ts, (str, int, float)):
         return "unparseable_timestamp", "timestamp", f"cannot read a timestamp from {ts!r}"
+    session = obj.get("session_id")
+    if isinstance(session, (dict, list)):
+        return "wrong_type", "session_id", f"'session_id' must be text or a number, got {session!r}"
     return None
 
 
@@ -325,6 +359,9 @@ def _validate(
     items, i_missing, i_wrong, i_neg = _ids(cols["item_id"], n)
     codes, e_missing, e_unknown = _event_codes(cols["event_type"], n)
     us, t_missing, t_bad = _timestamps(cols["timestamp"], n)
+    session = cols["session_id"]
+    nested = session is not None and pa.types.is_nested(session.type)  # objects or lists
+    s_wrong = np.full(n, nested)
     checks = [  # first failing check names the reject, in this order
         (u_missing, "missing_field", "user_id"),
         (i_missing, "missing_field", "item_id"),
@@ -336,6 +373,7 @@ def _validate(
         (i_neg, "negative_id", "item_id"),
         (e_unknown, "unknown_event_type", "event_type"),
         (t_bad, "unparseable_timestamp", "timestamp"),
+        (s_wrong, "wrong_type", "session_id"),
     ]
     bad = np.zeros(n, bool)
     for mask, _, _ in checks:
@@ -354,8 +392,9 @@ def _validate(
                 rejects.add(ln, reason, field, detail, data[line_start[ln] : line_end[ln]])
             taken |= mask
     good = ~bad
-    session = cols["session_id"]
-    session = session.cast(pa.string()) if session is not None else pa.nulls(n, pa.string())
+    if session is None or nested:
+        session = pa.nulls(n, pa.string())
+    session = session.cast(pa.string())
     return pa.table(
         {
             "user_id": users[good],
@@ -371,6 +410,8 @@ def _validate(
 def _detail(reason: str, field: str, value: object) -> str:
     if reason == "missing_field":
         return f"'{field}' is missing or empty"
+    if reason == "wrong_type" and field == "session_id":
+        return f"'session_id' must be text or a number, got {value!r}"
     if reason == "wrong_type":
         return f"'{field}' must be an integer, got {value!r}"
     if reason == "negative_id":
@@ -390,6 +431,7 @@ def parse_block(
 ) -> BlockResult:
     """Parse whole lines of one file. Line numbers in the result are 0-based within `data`."""
     rejects = _Rejects()
+    data = _drop_invalid_utf8(data, rejects)
     if fmt == "jsonl":
         parts = _parse_json(data, rejects, use_threads)
     else:
