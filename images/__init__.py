@@ -27,7 +27,7 @@ _REGISTRY = os.environ.get("FLYRAY_REGISTRY", "localhost:30000")
 _TAG_FORMAT = os.environ.get("FLYRAY_IMAGE_TAG_FORMAT") or None
 
 
-def _spec(name: str, *extras: str, **kwargs) -> ImageSpec:
+def _spec(name: str, *extras: str, env: dict[str, str] | None = None, **kwargs) -> ImageSpec:
     packages = list(_DEPS) + [p for extra in extras for p in _EXTRAS[extra]]
     return ImageSpec(
         name=f"flyray-{name}",
@@ -36,7 +36,7 @@ def _spec(name: str, *extras: str, **kwargs) -> ImageSpec:
         apt_packages=["wget"],
         registry=_REGISTRY,
         tag_format=_TAG_FORMAT,
-        env={"PYTHONUNBUFFERED": "1"},
+        env={"PYTHONUNBUFFERED": "1", **(env or {})},
         **kwargs,
     )
 
@@ -44,7 +44,8 @@ def _spec(name: str, *extras: str, **kwargs) -> ImageSpec:
 base = _spec("base")
 recommender = _spec("recommender", "recommender")
 tabular = _spec("tabular", "tabular")
-image = _spec("tensorflow", "image")
+# tf-keras (Keras 2): Keras 3 + MultiWorkerMirroredStrategy breaks on CPU (ray-project/ray#47464)
+image = _spec("tensorflow", "image", env={"TF_USE_LEGACY_KERAS": "1"})
 clip = _spec("torch", "clip")
 standalone = _spec(
     "standalone", "recommender",
