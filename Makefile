@@ -44,6 +44,10 @@ bench: setup
 	$(BIN)/python -m pip install --quiet -e '.[bench]'
 	$(BIN)/python -m bench.ingest
 	$(BIN)/python -m bench.funksvd
+	$(BIN)/python -m bench.pipeline
+	$(BIN)/python -m bench.cnn
+	$(BIN)/python -m bench.xgboost
+	$(BIN)/python -m bench.clip
 
 # Serialize every workflow, task and launch plan (with the code, for fast registration) into
 # dist/flyray-flyte.tgz; needs no cluster: `flytectl register files` takes the archive.

@@ -73,6 +73,16 @@ class GateDecision:
     baseline_value: float | None = None
 
 
+@dataclass
+class Registration:
+    """Where a registration's MLflow run is, and the champion gate's decision: the output of
+    every workload's register task."""
+
+    tracking_uri: str
+    run_id: str
+    decision: GateDecision
+
+
 def champion_gate(
     model_name: str,
     version: str,

@@ -20,10 +20,11 @@ from flyray.recsys.batch import recommend_all
 from flyray.recsys.distributed import DistributedConfig, Ratings, train
 from flyray.recsys.evaluate import Metrics, biases_model, evaluate, popularity_model
 from flyray.recsys.pyfunc import log_pyfunc
-from flyray.registry import GateDecision, champion_gate
+from flyray.registry import Registration, champion_gate
 from tasks import decks
 from tasks.clickstream import Ratings as RatingsDataset
 from tasks.runtime import (
+    dataset_uri,
     dir_uri,
     export_s3_secrets,
     new_output_dir,
@@ -57,7 +58,7 @@ class TrainOutputs(NamedTuple):
 
 def _read_ratings(dataset) -> Ratings:
     """Read a ratings split in place (an input dataset carries its location on its literal)."""
-    fs, path = storage.filesystem(dataset.uri or dataset.literal.uri)
+    fs, path = storage.filesystem(dataset_uri(dataset))
     table = pq.read_table(path, filesystem=fs, columns=["user_idx", "item_idx", "rating"])
     return Ratings(
         table["user_idx"].to_numpy(), table["item_idx"].to_numpy(), table["rating"].to_numpy()
@@ -148,15 +149,6 @@ class RegistryConfig:
     experiment: str = "flyray-recommender"
     metric: str = "ndcg@10"  # the gate's metric; higher is better
     baseline: str = "popularity"  # the baseline a new version must also beat
-
-
-@dataclass
-class Registration:
-    """Where the run and the version are, and the champion gate's decision."""
-
-    tracking_uri: str
-    run_id: str
-    decision: GateDecision
 
 
 @task(

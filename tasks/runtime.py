@@ -20,7 +20,7 @@ import logging
 import os
 from collections.abc import Callable
 
-from flytekit import PodTemplate, Resources, Secret, current_context
+from flytekit import PodTemplate, Resources, Secret, StructuredDataset, current_context
 from flytekit.core.context_manager import FlyteContextManager
 from flytekit.core.resources import pod_spec_from_resources
 from flytekit.exceptions.user import FlyteRecoverableException
@@ -130,6 +130,11 @@ def export_s3_secrets() -> None:
 def new_output_dir() -> str:
     """A fresh directory under the execution's raw-output prefix (s3:// on a cluster)."""
     return FlyteContextManager.current_context().file_access.get_random_remote_directory()
+
+
+def dataset_uri(dataset: StructuredDataset) -> str:
+    """Where a dataset input lives, without downloading it (its literal carries the location)."""
+    return dataset.uri or dataset.literal.uri
 
 
 def dir_uri(directory: FlyteDirectory) -> str:

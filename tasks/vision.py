@@ -16,7 +16,7 @@ from flytekit.types.file import FlyteFile
 
 import images
 from flyray import registry, storage
-from flyray.registry import GateDecision, champion_gate
+from flyray.registry import Registration, champion_gate
 from flyray.vision.data import (
     CIFAR_META,
     CIFAR_TEST_BATCH,
@@ -33,6 +33,7 @@ from flyray.vision.train import train_baseline as run_baseline
 from flyray.vision.train import train_distributed as run_distributed
 from tasks import decks
 from tasks.runtime import (
+    dataset_uri,
     export_s3_secrets,
     new_output_dir,
     ray_job,
@@ -69,17 +70,6 @@ class DistributedOutputs(NamedTuple):
 class ReportOutputs(NamedTuple):
     report: FlyteFile
     comparison: Comparison
-
-
-class RegistrationOutputs(NamedTuple):
-    tracking_uri: str
-    run_id: str
-    decision: GateDecision
-
-
-def _uri(dataset: StructuredDataset) -> str:
-    """Where an input dataset lives, read in place (its literal carries the location)."""
-    return dataset.uri or dataset.literal.uri
 
 
 @task(container_image=images.image, retries=1, secret_requests=s3_secret_requests())
@@ -158,7 +148,7 @@ def train_baseline(
     """The CNN in one process (threads 0: every CPU of this pod)."""
     setup_logging()
     export_s3_secrets()
-    return run_baseline(_uri(train), _uri(test), params, threads)
+    return run_baseline(dataset_uri(train), dataset_uri(test), params, threads)
 
 
 @task(
@@ -179,7 +169,7 @@ def train_distributed(
             **{**asdict(config), "storage_uri": storage.join(new_output_dir(), "ray-train")}
         )
     model_dir = tempfile.mkdtemp(prefix="cnn-model-")
-    report = run_distributed(_uri(train), _uri(test), params, config, model_dir)
+    report = run_distributed(dataset_uri(train), dataset_uri(test), params, config, model_dir)
     return DistributedOutputs(FlyteDirectory(model_dir), report)
 
 
@@ -265,7 +255,7 @@ def register_cnn(
     summary: DataSummary,
     params: CNNParams,
     config: CNNRegistryConfig,
-) -> RegistrationOutputs:
+) -> Registration:
     """The distributed model in MLflow (tensorflow flavor), the comparison as metrics, then the
     shared champion gate on test accuracy against always predicting the majority class."""
     import tf_keras as keras
@@ -318,4 +308,4 @@ def register_cnn(
         mlflow.set_tags({"promotion": "champion" if decision.promoted else "rejected",
                          "promotion_reason": decision.reason})  # fmt: skip
     decks.publish("registry", decks.table_html(asdict(decision), "Champion gate"))
-    return RegistrationOutputs(registry.tracking_uri(), run.info.run_id, decision)
+    return Registration(registry.tracking_uri(), run.info.run_id, decision)

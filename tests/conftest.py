@@ -24,7 +24,8 @@ REES46_SAMPLE = SHARED_DATA / "clickstream" / "rees46-2019-oct-sample.csv"
 def ray_session():
     """One Ray instance for the whole session; Flyte's Ray plugin reuses it (ignore_reinit)."""
     os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    # address="local": always a new instance, never another Ray already running on the host.
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield
     ray.shutdown()
 

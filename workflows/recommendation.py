@@ -16,6 +16,7 @@ from flytekit.types.directory import FlyteDirectory
 from flyray.clickstream.config import FeatureConfig, IngestConfig
 from flyray.recsys import FunkSVDParams
 from flyray.recsys.distributed import DistributedConfig
+from flyray.registry import Registration
 from tasks.clickstream import (
     FeatureOutputs,
     build_ratings,
@@ -25,7 +26,6 @@ from tasks.clickstream import (
 )
 from tasks.recommender import (
     EvaluationReport,
-    Registration,
     RegistryConfig,
     TrainingReport,
     evaluate_model,

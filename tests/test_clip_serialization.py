@@ -1,0 +1,74 @@
+"""The CLIP workflow's cluster path: tasks, images, Ray job specs, caches, retries, GPUs."""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+import pytest
+from flytekit.configuration import ImageConfig, SerializationSettings
+from flytekit.models.launch_plan import LaunchPlan
+from flytekit.models.task import TaskSpec
+from flytekit.tools.translator import get_serializable
+
+import images
+import workflows.clip as clip
+from tasks.runtime import ray_job
+
+SETTINGS = SerializationSettings(
+    image_config=ImageConfig.auto_default_image(), project="flyray", domain="development",
+    version="test",
+)  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def tasks() -> dict:
+    out: OrderedDict = OrderedDict()
+    for entity in (clip.clip_pipeline, clip.clip_default):
+        get_serializable(out, SETTINGS, entity)
+    assert any(isinstance(v, LaunchPlan) and v.id.name == "clip_default" for v in out.values())
+    return {v.template.id.name.split(".")[-1]: v.template for v in out.values()
+            if isinstance(v, TaskSpec)}  # fmt: skip
+
+
+def test_every_task_names_the_torch_image(tasks):
+    assert set(tasks) == {"resolve_images", "embed_images", "train_clip_classifier",
+                          "evaluate_clip_classifier", "register_clip_classifier"}  # fmt: skip
+    expected = images.clip.image_name()
+    assert expected.startswith("localhost:30000/flyray-torch:")
+    for name, template in tasks.items():
+        assert template.container.image == expected, name
+
+
+def test_ray_tasks_carry_head_and_worker_groups(tasks):
+    ray_tasks = {n: t for n, t in tasks.items() if t.type == "ray"}
+    assert set(ray_tasks) == {"embed_images", "train_clip_classifier", "evaluate_clip_classifier"}
+    for name, template in ray_tasks.items():
+        job = template.custom
+        assert job["shutdownAfterJobFinishes"] is True, name
+        head = job["rayCluster"]["headGroupSpec"]
+        assert head["rayStartParams"] == {"num-cpus": "0"}
+        [group] = job["rayCluster"]["workerGroupSpec"]
+        assert group["groupName"] == "workers" and group["replicas"] == 2
+        [worker] = group["k8sPod"]["podSpec"]["containers"]
+        assert worker["resources"]["requests"] == {"cpu": "2", "memory": "8Gi"}  # no GPU asked
+
+
+def test_cache_versions_and_retries(tasks):
+    versions = {n: t.metadata.discovery_version for n, t in tasks.items()
+                if t.metadata.discoverable}  # fmt: skip
+    assert versions == {"embed_images": "clip-embed-1", "train_clip_classifier": "clip-train-1",
+                        "evaluate_clip_classifier": "clip-evaluate-1"}  # fmt: skip
+    assert not tasks["resolve_images"].metadata.discoverable  # must see changed images
+    assert not tasks["register_clip_classifier"].metadata.discoverable
+    assert tasks["train_clip_classifier"].metadata.retries.retries == 2
+    assert tasks["register_clip_classifier"].metadata.retries.retries == 2
+
+
+def test_gpu_workers_when_asked():
+    def worker_resources(job):
+        [group] = job.worker_node_config
+        return group.pod_template.pod_spec.containers[0].resources
+
+    gpu = worker_resources(ray_job(worker_gpus=1))
+    assert gpu.requests["nvidia.com/gpu"] == gpu.limits["nvidia.com/gpu"] == 1
+    assert "nvidia.com/gpu" not in worker_resources(ray_job()).requests
