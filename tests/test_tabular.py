@@ -24,7 +24,14 @@ from flytekit.tools.translator import get_serializable
 import images
 import workflows.tabular as wf
 from flyray import storage
-from flyray.tabular.data import TableConfig, prepare, read_split, split_uri, write_breast_cancer
+from flyray.tabular.data import (
+    TableConfig,
+    prepare,
+    read_share,
+    read_split,
+    split_uri,
+    write_breast_cancer,
+)
 from flyray.tabular.evaluate import evaluate
 from flyray.tabular.train import TrainConfig, XGBParams, load_model, predict, train_distributed
 from tasks.runtime import dataset_uri, dir_uri
@@ -240,3 +247,16 @@ def test_cluster_serialization():
     assert tasks["register_xgboost"].metadata.retries.retries == 2
     plans = {v.id.name for v in entities.values() if isinstance(v, LaunchPlan)}
     assert "xgboost_default" in plans
+
+
+def test_worker_shares_partition_the_rows(tmp_path):
+    """Every row in exactly one worker's share, also when a row group holds both ends of one."""
+    pq.write_table(pa.table({"a": np.arange(10.0), "y": np.zeros(10)}), tmp_path / "f1.parquet")
+    pq.write_table(pa.table({"a": np.arange(10.0, 30.0), "y": np.zeros(20)}),
+                   tmp_path / "f2.parquet", row_group_size=10)  # fmt: skip
+    spec = type("Spec", (), {"features": ["a"], "label": "y"})
+    fs, _ = storage.filesystem(str(tmp_path))
+    paths = [str(tmp_path / "f1.parquet"), str(tmp_path / "f2.parquet")]
+    for world in (1, 2, 3, 7):
+        shares = [read_share(fs, paths, spec, rank, world)[0][:, 0] for rank in range(world)]
+        assert sorted(np.concatenate(shares).tolist()) == list(range(30)), world

@@ -307,7 +307,8 @@ def read_share(
             n = pf.metadata.row_group(g).num_rows
             if offset < hi and offset + n > lo:
                 part = pf.read_row_group(g, columns=[*spec.features, spec.label])
-                pieces.append(part.slice(max(0, lo - offset), min(n, hi - offset)))
+                start, stop = max(0, lo - offset), min(n, hi - offset)
+                pieces.append(part.slice(start, stop - start))
             offset += n
     return table_to_xy(pa.concat_tables(pieces), spec)
 
