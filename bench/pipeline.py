@@ -3,7 +3,7 @@
     python -m bench.pipeline [--events 10000000]
 
 Runs `python -m workflows.run_local --source FILE` (flytekit local execution, a local Ray) in a
-fresh subprocess and samples its process tree every 0.2 s: the driver's peak RSS, and the peak
+fresh subprocess and samples its process tree every second: the driver's peak RSS, and the peak
 of the whole tree (driver, Ray's raylet, GCS and workers) as PSS, which splits shared pages
 (Ray's object store) between the processes mapping them instead of counting them in each.
 Prints a table and writes bench/results/pipeline.json.
@@ -62,7 +62,7 @@ def run(source: Path, work: Path) -> dict:
                 return
             peaks["driver"] = max(peaks["driver"], driver)
             peaks["tree"] = max(peaks["tree"], tree)
-            time.sleep(0.2)
+            time.sleep(1.0)  # reading every process's PSS costs CPU the pipeline needs
 
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
