@@ -154,7 +154,7 @@ class RegistryConfig:
 @task(
     container_image=images.recommender,
     task_config=ray_job(),
-    cache=Cache(version="evaluate-1", serialize=True),
+    cache=Cache(version="evaluate-2", serialize=True),
     retries=1,
     enable_deck=True,
 )
@@ -165,8 +165,10 @@ def evaluate_model(
     test_ratings: RatingsDataset,
     params: FunkSVDParams,
     k: int,
+    ranking_users: int,
 ) -> EvaluationReport:
-    """Rating and ranking metrics of the model beside biases-only and popularity baselines."""
+    """Rating and ranking metrics of the model beside biases-only and popularity baselines;
+    ranking metrics on at most `ranking_users` test users (0 = all; see flyray.recsys.evaluate)."""
     setup_logging()
     model = FunkSVD.load(dir_uri(model_dir))
     train_r, test_r = _read_ratings(train_ratings), _read_ratings(test_ratings)
@@ -174,20 +176,19 @@ def evaluate_model(
     biases = biases_model(train_r, n_users, n_items, params)
     report = EvaluationReport(
         k,
-        evaluate(model, test_r, k, "funksvd"),
-        evaluate(biases, test_r, k, "biases"),
-        evaluate(
-            popularity_model(train_r, n_users, n_items),
-            test_r,
-            k,
-            "popularity",
-            rating_metrics=False,
-        ),  # fmt: skip
-    )
+        evaluate(model, test_r, k, "funksvd", max_users=ranking_users),
+        evaluate(biases, test_r, k, "biases", max_users=ranking_users),
+        evaluate(popularity_model(train_r, n_users, n_items), test_r, k, "popularity",
+                 rating_metrics=False, max_users=ranking_users),
+    )  # fmt: skip
     rows = [asdict(m) for m in (report.model, report.biases, report.popularity)]
     decks.publish(
         "evaluation",
-        decks.table_html(rows, f"Held-out evaluation at k={k}"),
+        decks.table_html(
+            rows,
+            f"Held-out evaluation at k={k}, ranking metrics on {report.model.users:,} of "
+            f"{report.model.test_users:,} test users",
+        ),
         decks.grouped_bar_html(
             {
                 m["model"]: {f"{n}@{k}": m[n] for n in ("precision", "recall", "ndcg", "map")}

@@ -1,11 +1,14 @@
-"""Node loss on a real multi-node Ray cluster (ray.cluster_utils.Cluster: a head and 2 worker
-nodes, each its own raylet process). Run in a process of its own, because a test session
-already holds one Ray instance:
+"""Node loss on a real multi-node Ray cluster (ray.cluster_utils.Cluster: a head with no CPUs
+and 2 one-CPU worker nodes, each its own raylet process). Run in a process of its own, because
+a test session already holds one Ray instance:
 
-    python -m tests.node_loss funksvd OUT.json
+    python -m tests.node_loss funksvd|xgboost|torch OUT.json
 
-Trains once undisturbed, then again while a watcher removes a worker node (killing its raylet
-and every process on it) as soon as a given checkpoint is written; writes what happened as JSON.
+Each scenario trains once undisturbed, then again while a watcher removes a worker node
+(killing its raylet and every process on it) as soon as a given checkpoint has been written,
+and writes what happened as JSON. FunkSVD (dsgd) carries on with the workers left; the Ray
+Train runs (fixed worker count) get a replacement node a moment later, as KubeRay recreates a
+lost worker pod.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -23,24 +27,71 @@ import ray
 from ray.cluster_utils import Cluster
 
 
-def _start_cluster() -> tuple[Cluster, list]:
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
-    workers = [cluster.add_node(num_cpus=1) for _ in range(2)]
-    cluster.wait_for_nodes()
-    ray.init(address=cluster.address, log_to_driver=False)
-    return cluster, workers
+class _Disturber:
+    """Owns the cluster: a head with no CPUs and two one-CPU worker nodes."""
+
+    def __init__(self) -> None:
+        self.cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
+        self.nodes = [self.cluster.add_node(num_cpus=1) for _ in range(2)]
+        self.cluster.wait_for_nodes()
+        ray.init(address=self.cluster.address, log_to_driver=False)
+        self.killed_after: float | None = None  # seconds into the disturbed run
+        self.seconds: dict[str, float] = {}
+
+    def reference(self, fit: Callable[[], object]):
+        began = time.perf_counter()
+        result = fit()
+        self.seconds["reference"] = time.perf_counter() - began
+        return result
+
+    def disturbed(self, fit: Callable[[], object], ready: Callable[[], bool], replace: bool):
+        """`fit()` in a thread while this (main) thread removes node 2 once `ready()`, then, if
+        `replace`, adds a fresh one (Ray starts nodes only from the main thread)."""
+        done: dict = {}
+        began = time.perf_counter()
+
+        def run() -> None:
+            try:
+                done["result"] = fit()
+            except BaseException as exc:  # re-raised in the main thread
+                done["error"] = exc
+
+        thread = threading.Thread(target=run, daemon=True)
+        thread.start()
+        while thread.is_alive() and not ready():
+            time.sleep(0.02)
+        if thread.is_alive():
+            self.cluster.remove_node(self.nodes[1], allow_graceful=False)
+            self.killed_after = time.perf_counter() - began
+            if replace:
+                time.sleep(2)
+                self.nodes[1] = self.cluster.add_node(num_cpus=1)
+        thread.join()
+        self.seconds["disturbed"] = time.perf_counter() - began
+        if "error" in done:
+            raise done["error"]
+        return done["result"]
+
+    def close(self, out: Path, result: dict) -> None:
+        out.write_text(json.dumps({"killed_after": self.killed_after, "seconds": self.seconds,
+                                   **result}))  # fmt: skip
+        ray.shutdown()
+        self.cluster.shutdown()
 
 
-def _kill_when(path: Path, cluster: Cluster, node, killed: dict, timeout: float = 300) -> None:
-    deadline = time.time() + timeout
-    while time.time() < deadline and not path.exists():
-        time.sleep(0.02)
-    if path.exists():
-        killed["at"] = time.time()
-        cluster.remove_node(node, allow_graceful=False)
+def _checkpoints_seen(folder: Path, n: int) -> Callable[[], bool]:
+    """True once `n` distinct Ray Train checkpoint folders have appeared under `folder` (only
+    the newest 2 are kept, so they are counted as they come)."""
+    seen: set[str] = set()
+
+    def ready() -> bool:
+        seen.update(p.name for p in folder.glob("*/checkpoint_*"))
+        return len(seen) >= n
+
+    return ready
 
 
-class _Resumes(logging.Handler):
+class _Messages(logging.Handler):
     def __init__(self) -> None:
         super().__init__()
         self.messages: list[str] = []
@@ -49,7 +100,7 @@ class _Resumes(logging.Handler):
         self.messages.append(record.getMessage())
 
 
-def funksvd(out: Path) -> None:
+def funksvd(out: Path, tmp: Path) -> None:
     from flyray.recsys import FunkSVDParams
     from flyray.recsys.distributed import DistributedConfig, Ratings, train
     from tests.test_funksvd import synthetic
@@ -61,40 +112,98 @@ def funksvd(out: Path) -> None:
     cut = 260_000
     train_r, val_r = Ratings(u[:cut], i[:cut], r[:cut]), Ratings(u[cut:], i[cut:], r[cut:])
     params = FunkSVDParams(n_factors=32, n_epochs=20, lr=0.01, reg=0.05, seed=3)
-    cluster, nodes = _start_cluster()
-    handler = _Resumes()
+    disturber = _Disturber()
+    handler = _Messages()
     logging.getLogger("flyray").addHandler(handler)
     logging.getLogger("flyray").setLevel(logging.INFO)
-    with tempfile.TemporaryDirectory() as tmp:
 
-        def fit(name: str):
-            config = DistributedConfig(checkpoint_uri=f"{tmp}/{name}", max_restarts=2)
-            return train(train_r, len(users), len(items), params, config, val_r, users, items)
+    def fit(name: str):
+        config = DistributedConfig(checkpoint_uri=f"{tmp}/{name}", max_restarts=2)
+        return train(train_r, len(users), len(items), params, config, val_r, users, items)
 
-        reference = fit("reference")
-        killed: dict = {}
-        watcher = threading.Thread(
-            target=_kill_when,
-            args=(Path(tmp) / "disturbed" / "epoch-0006", cluster, nodes[1], killed),
-            daemon=True,
-        )
-        watcher.start()
-        disturbed = fit("disturbed")
-        watcher.join(timeout=5)
-    result = {
-        "node_killed": "at" in killed,
+    reference = disturber.reference(lambda: fit("reference"))
+    disturbed = disturber.disturbed(
+        lambda: fit("disturbed"), (tmp / "disturbed" / "epoch-0006").exists, replace=False
+    )
+    disturber.close(out, {
         "resumes": [m for m in handler.messages if "resuming from" in m],
         "lost": [m for m in handler.messages if "was lost" in m],
-        "log": [m for m in handler.messages if "dsgd:" in m or "worker" in m][:8],
         "epochs": [h.epoch for h in disturbed.history],
         "workers_per_epoch": [len(h.workers) for h in disturbed.history],
-        "reference_rmse": reference.history[-1].validation_rmse,
-        "disturbed_rmse": disturbed.history[-1].validation_rmse,
-    }
-    out.write_text(json.dumps(result))
-    ray.shutdown()
-    cluster.shutdown()
+        "reference": reference.history[-1].validation_rmse,
+        "disturbed": disturbed.history[-1].validation_rmse,
+    })  # fmt: skip
+
+
+def xgboost(out: Path, tmp: Path) -> None:
+    from flyray.tabular.data import prepare, read_split, split_uri
+    from flyray.tabular.evaluate import evaluate
+    from flyray.tabular.generate import generate_table
+    from flyray.tabular.train import TrainConfig, XGBParams, predict, train_distributed
+
+    disturber = _Disturber()
+    spec = prepare(generate_table(str(tmp / "table.parquet"), 200_000, 20), str(tmp / "prepared"))
+    x_test, y_test = read_split(split_uri(str(tmp / "prepared"), "test"), spec)
+    params = XGBParams(num_boost_round=150, max_depth=8, early_stopping_rounds=0)
+
+    def fit(name: str):
+        config = TrainConfig(checkpoint_every=15, storage_uri=str(tmp / name), run_name=name)
+        booster, report = train_distributed(
+            split_uri(str(tmp / "prepared"), "train"),
+            split_uri(str(tmp / "prepared"), "validation"), spec, params, config,
+        )  # fmt: skip
+        return report, evaluate(predict(booster, spec, x_test), y_test, name).auc
+
+    (reference, reference_auc) = disturber.reference(lambda: fit("reference"))
+    (disturbed, disturbed_auc) = disturber.disturbed(
+        lambda: fit("disturbed"), _checkpoints_seen(tmp / "disturbed", 3), replace=True
+    )
+    disturber.close(out, {
+        "restored_from": disturbed.restored_from_round,
+        "rounds": [reference.rounds, disturbed.rounds],
+        "reference": reference_auc,
+        "disturbed": disturbed_auc,
+    })  # fmt: skip
+
+
+def torch(out: Path, tmp: Path) -> None:
+    import pyarrow as pa
+
+    from flyray.clip.classifier import ClassifierParams, TrainingConfig, train_classifier
+
+    rng = np.random.default_rng(0)
+    centres = rng.normal(0, 1, (6, 64)).astype(np.float32)
+
+    def blobs(n: int) -> pa.Table:
+        y = rng.integers(0, len(centres), n)
+        x = centres[y] + rng.normal(0, 3.0, (n, 64)).astype(np.float32)
+        x /= np.linalg.norm(x, axis=1, keepdims=True)
+        emb = pa.FixedSizeListArray.from_arrays(pa.array(x.ravel()), 64)
+        return pa.table({"embedding": emb, "label_idx": pa.array(y, pa.int64())})
+
+    train, validation = blobs(6000), blobs(2000)
+    labels = [f"class_{k}" for k in range(len(centres))]
+    params = ClassifierParams(hidden=64, epochs=8, batch_size=128, seed=1)
+    disturber = _Disturber()
+
+    def fit(name: str):
+        config = TrainingConfig(num_workers=2, max_failures=2, storage_uri=str(tmp / name))
+        return train_classifier(train, validation, labels, "synthetic", params, config)
+
+    reference = disturber.reference(lambda: fit("reference"))
+    disturbed = disturber.disturbed(
+        lambda: fit("disturbed"), _checkpoints_seen(tmp / "disturbed", 3), replace=True
+    )
+    disturber.close(out, {
+        "restored_from": disturbed.resumed_from_epoch,
+        "epochs": [h.epoch for h in disturbed.history],
+        "reference": reference.history[-1].validation_accuracy,
+        "disturbed": disturbed.history[-1].validation_accuracy,
+    })  # fmt: skip
 
 
 if __name__ == "__main__":
-    {"funksvd": funksvd}[sys.argv[1]](Path(sys.argv[2]))
+    with tempfile.TemporaryDirectory() as folder:
+        {"funksvd": funksvd, "xgboost": xgboost, "torch": torch}[sys.argv[1]](
+            Path(sys.argv[2]), Path(folder)
+        )

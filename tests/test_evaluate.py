@@ -49,3 +49,40 @@ def test_popularity_ranks_by_interactions_and_empty_test_is_an_error():
     assert items[0].tolist() == [3, 1]
     with pytest.raises(EvaluationError, match="test split is empty"):
         evaluate(pop, Ratings(np.zeros(0), np.zeros(0), np.zeros(0)))
+
+
+def _random_model(n_users: int, n_items: int, seed: int = 0) -> tuple[FunkSVD, Ratings]:
+    """Random factors and a random held-out split in which every user has 3 items."""
+    rng = np.random.default_rng(seed)
+    model = FunkSVD(FunkSVDParams(n_factors=4))
+    model.user_ids, model.item_ids = np.arange(n_users), np.arange(n_items)
+    model.P = rng.normal(0, 1, (n_users, 4)).astype(np.float32)
+    model.Q = rng.normal(0, 1, (n_items, 4)).astype(np.float32)
+    model.bu, model.bi = np.zeros(n_users, np.float32), np.zeros(n_items, np.float32)
+    model.set_seen(np.arange(n_users), rng.integers(0, n_items, n_users))
+    users = np.repeat(np.arange(n_users), 3)
+    return model, Ratings(users, rng.integers(0, n_items, len(users)), np.ones(len(users)))
+
+
+def test_ranking_metrics_on_a_seeded_sample_of_users():
+    model, test = _random_model(3000, 200)
+    full = evaluate(model, test, k=10, max_users=0)
+    sample = evaluate(model, test, k=10, max_users=1000)
+    again = evaluate(model, test, k=10, max_users=1000)
+    assert (full.users, full.test_users) == (3000, 3000)
+    assert (sample.users, sample.test_users) == (1000, 3000)
+    assert sample == again  # the same users every time
+    assert sample.rmse == full.rmse  # rating metrics use every held-out rating
+    assert sample.ndcg == pytest.approx(full.ndcg, abs=0.02) and sample.ndcg != full.ndcg
+
+
+def test_top_n_is_the_same_whatever_block_of_scores_is_ranked_at_once(monkeypatch):
+    import flyray.recsys.funksvd as funksvd
+
+    model, _ = _random_model(500, 300)
+    rows = np.array([*range(500), -1])  # -1: an unknown user
+    want = model.top_n_indexed(rows, 7)
+    monkeypatch.setattr(funksvd, "_SCORE_BLOCK", 300 * 3)  # 3 users at a time
+    got = model.top_n_indexed(rows, 7)
+    np.testing.assert_array_equal(got[0], want[0])
+    np.testing.assert_array_equal(got[1], want[1])

@@ -1,5 +1,7 @@
-"""A worker node dies mid-training on a real multi-node Ray cluster: the training resumes from
-its last checkpoint (not epoch 0) on what is left and ends as good as an undisturbed run."""
+"""A worker node dies mid-training on a real multi-node Ray cluster (tests/node_loss.py): each
+training resumes from its last checkpoint (not from the start) and ends within 1% of the quality
+of an undisturbed run. FunkSVD (dsgd) carries on with the node that is left; the Ray Train runs
+(XGBoost, the Torch classifier) restart their worker group once a replacement node joins."""
 
 from __future__ import annotations
 
@@ -26,12 +28,34 @@ def _scenario(name: str, tmp_path) -> dict:
 @pytest.mark.slow
 def test_funksvd_dsgd_survives_losing_a_node(tmp_path):
     result = _scenario("funksvd", tmp_path)
-    assert result["node_killed"]
+    assert result["killed_after"] is not None
     assert len(result["lost"]) == 1
     [resumed] = [int(m) for r in result["resumes"] for m in re.findall(r"at epoch (\d+)", r)]
     assert 1 <= resumed < 20  # from the checkpoint, not from scratch
     assert result["epochs"] == list(range(1, 21))
     workers = result["workers_per_epoch"]
     assert workers[:resumed] == [2] * resumed and set(workers[resumed:]) == {1}
-    ref, got = result["reference_rmse"], result["disturbed_rmse"]
-    assert abs(got - ref) / ref < 0.01
+    _within_one_percent(result)
+
+
+def _within_one_percent(result: dict) -> None:
+    ref, got = result["reference"], result["disturbed"]
+    assert abs(got - ref) / ref < 0.01, (ref, got)
+
+
+@pytest.mark.slow
+def test_xgboost_resumes_from_its_checkpoint_after_losing_a_node(tmp_path):
+    result = _scenario("xgboost", tmp_path)
+    assert result["killed_after"] is not None
+    assert result["restored_from"] in range(15, 150, 15)  # a checkpoint round, not round 0
+    assert result["rounds"] == [150, 150]
+    _within_one_percent(result)  # test AUC
+
+
+@pytest.mark.slow
+def test_torch_classifier_resumes_from_its_checkpoint_after_losing_a_node(tmp_path):
+    result = _scenario("torch", tmp_path)
+    assert result["killed_after"] is not None
+    assert 1 <= result["restored_from"] < 8
+    assert result["epochs"] == list(range(1, 9))
+    _within_one_percent(result)  # validation accuracy

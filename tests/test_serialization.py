@@ -117,7 +117,7 @@ def test_cache_versions_and_retries(entities):
         n: t.metadata.discovery_version for n, t in tasks.items() if t.metadata.discoverable
     }
     assert versions == {"ingest_clickstream": "ingest-1", "build_ratings": "features-1",
-                        "train_funksvd": "train-1", "evaluate_model": "evaluate-1",
+                        "train_funksvd": "train-1", "evaluate_model": "evaluate-2",
                         "recommend_users": "recommend-1"}  # fmt: skip
     assert not tasks["resolve_source"].metadata.discoverable  # it must see content changes
     assert not tasks["register_model"].metadata.discoverable  # one MLflow run per execution

@@ -85,6 +85,7 @@ def recommendation_pipeline(
     params: FunkSVDParams = PIPELINE_PARAMS,
     training: DistributedConfig = DEFAULT_TRAINING,
     k: int = 10,
+    ranking_users: int = 20_000,
     n_recommendations: int = 10,
     registry_config: RegistryConfig = DEFAULT_REGISTRY,
     run_date: datetime | None = None,
@@ -114,6 +115,7 @@ def recommendation_pipeline(
         test_ratings=data.test,
         params=params,
         k=k,
+        ranking_users=ranking_users,
     )
     registration = register_model(
         model_dir=trained.model,

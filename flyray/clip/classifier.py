@@ -75,6 +75,7 @@ class TrainedClassifier:
     params: ClassifierParams
     history: list[EpochMetrics] = field(default_factory=list)
     workers: int = 1
+    resumed_from_epoch: int = 0  # the checkpoint the last restart after a failure continued from
 
     def predict_proba(self, x: np.ndarray) -> np.ndarray:
         self.model.eval()
@@ -92,6 +93,7 @@ class TrainedClassifier:
             "params": asdict(self.params),
             "history": [asdict(h) for h in self.history],
             "workers": self.workers,
+            "resumed_from_epoch": self.resumed_from_epoch,
         }
         with fs.open_output_stream(f"{path}/classifier.pt") as out:
             torch.save(self.model.state_dict(), out)
@@ -109,8 +111,9 @@ class TrainedClassifier:
             model.load_state_dict(torch.load(fh, map_location="cpu", weights_only=True))
         history = [EpochMetrics(**h) for h in meta["history"]]
         return cls(
-            model.eval(), meta["labels"], meta["embedding_model"], params, history, meta["workers"]
-        )
+            model.eval(), meta["labels"], meta["embedding_model"], params, history, meta["workers"],
+            meta.get("resumed_from_epoch", 0),
+        )  # fmt: skip
 
 
 def training_dataset(table: pa.Table, seed: int | None = None) -> ray.data.Dataset:
@@ -137,7 +140,7 @@ def _train_loop(config: dict) -> None:
     optimizer = torch.optim.AdamW(
         model.parameters(), lr=params.lr, weight_decay=params.weight_decay
     )
-    start, history = 0, []
+    start, history, resumed_from = 0, [], 0
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:  # a restart after a failure: continue from the last epoch saved
         with checkpoint.as_directory() as folder:
@@ -145,6 +148,7 @@ def _train_loop(config: dict) -> None:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         start, history = state["epoch"], state["history"]
+        resumed_from = start
     model = prepare_model(model)
     client = mlflow.MlflowClient(config["tracking_uri"]) if rank == 0 and config["run_id"] else None
     loss_fn = nn.CrossEntropyLoss(reduction="sum")
@@ -208,6 +212,7 @@ def _train_loop(config: dict) -> None:
                 "optimizer": optimizer.state_dict(),
                 "epoch": epoch,
                 "history": history,
+                "resumed_from": resumed_from,
             }
             torch.save(state, os.path.join(folder, "state.pt"))
             ray.train.report(
@@ -271,5 +276,6 @@ def train_classifier(
     model.load_state_dict(state["model"])
     history = [EpochMetrics(**h) for h in state["history"]]
     return TrainedClassifier(
-        model.eval(), labels, embedding_model, params, history, config.num_workers
-    )
+        model.eval(), labels, embedding_model, params, history, config.num_workers,
+        state["resumed_from"],
+    )  # fmt: skip

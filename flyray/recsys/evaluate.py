@@ -3,7 +3,11 @@
 Rating metrics (RMSE, MAE) score the held-out ratings; ranking metrics (precision, recall,
 NDCG, MAP at k; catalog coverage) ask whether each user's top-k unseen items contain their
 held-out items. Users are scored in batches by Ray Data's map_batches over an actor pool that
-holds the model once, so the same code scales from a laptop to millions of users.
+holds the model once. Ranking scores every item for a user, so past `max_users` test users the
+ranking metrics are computed on a seeded random sample of them (the same users for every model
+evaluated on the same split): 10M events give 250k users x 100k items, 2.5e10 scores per model,
+where a 20k-user sample estimates NDCG@10 to about +-0.002 in a fraction of the time. RMSE and
+MAE always use every held-out rating.
 """
 
 from __future__ import annotations
@@ -38,8 +42,9 @@ class Metrics:
     ndcg: float
     map: float
     coverage: float
-    users: int
+    users: int  # users the ranking metrics were computed on
     k: int
+    test_users: int = 0  # users in the held-out split (users < test_users: a sample)
 
     def get(self, name: str) -> float:
         """A metric by the names used in configs and MLflow: rmse, ndcg@10, precision@10, ..."""
@@ -117,14 +122,20 @@ def evaluate(
     name: str = "funksvd",
     rating_metrics: bool = True,
     batch_size: int = 1024,
+    max_users: int = 20_000,
+    seed: int = 0,
 ) -> Metrics:
-    """Score `model` on held-out ratings (dense rows shared with the model)."""
+    """Score `model` on held-out ratings (dense rows shared with the model); ranking metrics on
+    at most `max_users` users (a seeded sample; 0 = every user)."""
     if len(test) == 0:
         raise EvaluationError("the test split is empty: nothing to evaluate (more data or a "
                               "larger test_fraction)")  # fmt: skip
     preds = model._predict_indexed(test.users, test.items) if rating_metrics else None
     order = np.argsort(test.users, kind="stable")
-    users = np.unique(test.users)
+    all_users = np.unique(test.users)
+    users = all_users
+    if 0 < max_users < len(all_users):
+        users = np.sort(np.random.default_rng(seed).choice(all_users, max_users, replace=False))
     counts = np.bincount(test.users, minlength=len(model.user_ids))
     indptr = np.concatenate(([0], np.cumsum(counts)))
     relevant = (indptr, test.items[order].astype(np.int64))
@@ -159,6 +170,7 @@ def evaluate(
         coverage=len(shown) / len(model.item_ids),
         users=n_users,
         k=k,
+        test_users=len(all_users),
     )
     log.info("evaluation of %s: %s", name, metrics)
     return metrics

@@ -26,6 +26,7 @@ from flyray.recsys import kernels
 
 log = logging.getLogger(__name__)
 FORMAT_VERSION = 1
+_SCORE_BLOCK = 1 << 24  # user x item scores ranked at once: 64 MiB, plus 128 MiB of indices
 
 
 @dataclass
@@ -267,6 +268,7 @@ class FunkSVD:
     ) -> tuple[np.ndarray, np.ndarray]:
         """(item rows, scores) of the n best items for user rows (-1: unknown user), best first."""
         n = min(n, len(self.item_ids))
+        batch = max(1, min(batch, _SCORE_BLOCK // max(1, len(self.item_ids))))
         out_items = np.empty((len(rows), n), np.int64)
         out_scores = np.empty((len(rows), n), np.float32)
         base = self.bi + np.float32(self.global_mean) if self.params.biased else 0 * self.bi
