@@ -1,4 +1,4 @@
-"""Storage faults on a real S3 server: errors mid-write are retried, an outage mid-run fails
+"""Storage faults on a real S3 server: errors mid-read and mid-write are retried, an outage mid-run fails
 cleanly (transient, nothing marked complete), and the next run succeeds with no duplicates.
 
 Faults come from a small HTTP proxy in front of the moto server that answers chosen requests
@@ -70,7 +70,9 @@ class FaultyProxy:
                 for k, v in resp.getheaders():
                     if k.lower() not in ("connection", "transfer-encoding", "content-length"):
                         self.send_header(k, v)
-                self.send_header("Content-Length", str(len(data)))
+                # a HEAD answer has no body but the length of the object's
+                length = resp.getheader("Content-Length") if self.command == "HEAD" else len(data)
+                self.send_header("Content-Length", str(length or 0))
                 self.end_headers()
                 if self.command != "HEAD":
                     self.wfile.write(data)
@@ -154,6 +156,24 @@ def test_s3_errors_mid_write_are_retried(moto_port, events_file, monkeypatch):
     fs, out = storage.filesystem("s3://out/run")
     assert _events(fs, f"{out}/events") == summary["events"]  # every part landed, once
     assert fs.get_file_info(f"{out}/events/_SUCCESS").type == pafs.FileType.File
+
+
+def test_s3_errors_mid_read_are_retried(moto_port, events_file, monkeypatch):
+    port, _ = moto_port
+    path, summary = events_file
+    _bucket(port, "inbox", path)
+    # One GET in three (listings and the input's ranged reads alike) answers 503 SlowDown.
+    proxy = FaultyProxy(port, lambda method, path, n: method == "GET" and n % 3 == 0)
+    try:
+        _env(monkeypatch, proxy.endpoint)
+        report = ingest("s3://inbox/in/events.jsonl", "s3://inbox/run", IngestConfig(block_mb=2))
+    finally:
+        proxy.close()
+    assert proxy.injected >= 5
+    assert report.events == summary["events"] and report.rejects == 0
+    _env(monkeypatch, f"http://127.0.0.1:{port}")
+    fs, out = storage.filesystem("s3://inbox/run")
+    assert _events(fs, f"{out}/events") == summary["events"]
 
 
 def test_an_outage_mid_read_fails_cleanly_and_the_next_run_succeeds(
