@@ -6,9 +6,9 @@ a test session already holds one Ray instance:
 
 Each scenario trains once undisturbed, then again while a watcher removes a worker node
 (killing its raylet and every process on it) as soon as a given checkpoint has been written,
-and writes what happened as JSON. FunkSVD (dsgd) carries on with the workers left; the Ray
-Train runs (fixed worker count) get a replacement node a moment later, as KubeRay recreates a
-lost worker pod.
+and writes what happened as JSON. FunkSVD (dsgd) and XGBoost (elastic Ray Train) carry on with
+the worker left; the Torch classifier (a fixed worker count) gets a replacement node a moment
+later, as KubeRay recreates a lost worker pod.
 """
 
 from __future__ import annotations
@@ -156,11 +156,12 @@ def xgboost(out: Path, tmp: Path) -> None:
 
     (reference, reference_auc) = disturber.reference(lambda: fit("reference"))
     (disturbed, disturbed_auc) = disturber.disturbed(
-        lambda: fit("disturbed"), _checkpoints_seen(tmp / "disturbed", 3), replace=True
+        lambda: fit("disturbed"), _checkpoints_seen(tmp / "disturbed", 3), replace=False
     )
     disturber.close(out, {
         "restored_from": disturbed.restored_from_round,
         "rounds": [reference.rounds, disturbed.rounds],
+        "workers": [reference.workers, disturbed.workers],
         "reference": reference_auc,
         "disturbed": disturbed_auc,
     })  # fmt: skip

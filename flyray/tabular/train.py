@@ -11,8 +11,9 @@ Ray Data, tuned for small clusters after measuring it (bench/xgboost.py):
   materialized first, or Ray Data gets no CPU beside 2 workers on 2 CPUs) measured no faster
   here and adds Ray Data's actors to every run; the splits are already Ray Data's output.
 - Checkpoints go to `storage_uri` (local or s3://); a lost worker restarts the group, which
-  resumes from the latest checkpoint (`max_failures`), and a run started again with the same
-  storage_uri and run_name resumes too.
+  resumes from the latest checkpoint (`max_failures`), with fewer workers when the cluster has
+  lost a node (`min_workers`, elastic), and a run started again with the same storage_uri and
+  run_name resumes too.
 The workers time-stamp start, data and boosting, so the report splits the wall time.
 """
 
@@ -69,6 +70,10 @@ class TrainConfig:
     """Where and how wide the Ray Train run is."""
 
     n_workers: int = 2
+    # 1 <= min_workers < n_workers: elastic (Ray Train V2); after a lost node the group restarts
+    # from the last checkpoint with the workers the cluster can place (at least min_workers),
+    # instead of waiting for a replacement, and grows back when one joins. 0: always n_workers.
+    min_workers: int = 1
     cpus_per_worker: int = 1  # also xgboost's nthread in each worker
     checkpoint_every: int = 25  # rounds; every checkpoint is one Ray Train report
     storage_uri: str = ""  # checkpoints, local or s3://; "" = a fresh temporary directory
@@ -80,7 +85,7 @@ class TrainConfig:
 class TrainReport:
     """What training did and where the time went (seconds)."""
 
-    workers: int
+    workers: int  # in the worker group that finished (fewer than asked after a lost node)
     rounds: int
     validation_auc: list[float] = field(default_factory=list)  # per round since the last restore
     validation_logloss: list[float] = field(default_factory=list)
@@ -190,7 +195,8 @@ def _train_loop(config: dict) -> None:
 
     def finish(metrics: dict) -> dict:
         return {**metrics, "started_at": started, "data_done_at": data_done,
-                "boosting_done_at": time.time(), "restored_from_round": restored}  # fmt: skip
+                "boosting_done_at": time.time(), "restored_from_round": restored,
+                "workers": ray.train.get_context().get_world_size()}  # fmt: skip
 
     xgb.train(
         params.booster_params(nthread), dtrain, max(0, params.num_boost_round - restored),
@@ -231,7 +237,10 @@ def train_distributed(
             "files": {"train": split_files(train_uri), "validation": split_files(validation_uri)},
         },  # fmt: skip
         scaling_config=ray.train.ScalingConfig(
-            num_workers=config.n_workers, resources_per_worker={"CPU": config.cpus_per_worker}
+            num_workers=(config.min_workers, config.n_workers)
+            if 0 < config.min_workers < config.n_workers
+            else config.n_workers,
+            resources_per_worker={"CPU": config.cpus_per_worker},
         ),
         run_config=ray.train.RunConfig(
             name=config.run_name,
@@ -246,7 +255,7 @@ def train_distributed(
     booster = _report_at_checkpoints().get_model(result.checkpoint)
     m = result.metrics
     report = TrainReport(
-        workers=config.n_workers,
+        workers=m["workers"],
         rounds=booster.num_boosted_rounds(),
         validation_auc=m.get("validation_auc", []),  # none when resumed at the last round
         validation_logloss=m.get("validation_logloss", []),
