@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import os
 import tempfile
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import NamedTuple
 
 import mlflow
@@ -212,9 +212,7 @@ def train_clip_classifier(
     registry.use_experiment(experiment)
     execution = current_context().execution_id
     if not config.storage_uri:
-        config = TrainingConfig(
-            config.num_workers, config.max_failures, storage.join(new_output_dir(), "ray-train")
-        )
+        config = replace(config, storage_uri=storage.join(new_output_dir(), "ray-train"))
     with mlflow.start_run(tags={"flyte.execution_id": execution.name, "workload": "clip"}) as run:
         mlflow.log_params({f"classifier.{k}": v for k, v in asdict(params).items()})
         mlflow.log_params(

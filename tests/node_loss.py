@@ -6,9 +6,8 @@ a test session already holds one Ray instance:
 
 Each scenario trains once undisturbed, then again while a watcher removes a worker node
 (killing its raylet and every process on it) as soon as a given checkpoint has been written,
-and writes what happened as JSON. FunkSVD (dsgd) and XGBoost (elastic Ray Train) carry on with
-the worker left; the Torch classifier (a fixed worker count) gets a replacement node a moment
-later, as KubeRay recreates a lost worker pod.
+and writes what happened as JSON. Each carries on with the worker left (FunkSVD's dsgd by
+design, XGBoost and the Torch classifier as elastic Ray Train runs); no replacement node joins.
 """
 
 from __future__ import annotations
@@ -44,9 +43,9 @@ class _Disturber:
         self.seconds["reference"] = time.perf_counter() - began
         return result
 
-    def disturbed(self, fit: Callable[[], object], ready: Callable[[], bool], replace: bool):
-        """`fit()` in a thread while this (main) thread removes node 2 once `ready()`, then, if
-        `replace`, adds a fresh one (Ray starts nodes only from the main thread)."""
+    def disturbed(self, fit: Callable[[], object], ready: Callable[[], bool]):
+        """`fit()` in a thread while this (main) thread removes node 2 once `ready()` (Ray's
+        cluster utilities work only from the main thread)."""
         done: dict = {}
         began = time.perf_counter()
 
@@ -63,9 +62,6 @@ class _Disturber:
         if thread.is_alive():
             self.cluster.remove_node(self.nodes[1], allow_graceful=False)
             self.killed_after = time.perf_counter() - began
-            if replace:
-                time.sleep(2)
-                self.nodes[1] = self.cluster.add_node(num_cpus=1)
         thread.join()
         self.seconds["disturbed"] = time.perf_counter() - began
         if "error" in done:
@@ -123,7 +119,7 @@ def funksvd(out: Path, tmp: Path) -> None:
 
     reference = disturber.reference(lambda: fit("reference"))
     disturbed = disturber.disturbed(
-        lambda: fit("disturbed"), (tmp / "disturbed" / "epoch-0006").exists, replace=False
+        lambda: fit("disturbed"), (tmp / "disturbed" / "epoch-0006").exists
     )
     disturber.close(out, {
         "resumes": [m for m in handler.messages if "resuming from" in m],
@@ -156,7 +152,7 @@ def xgboost(out: Path, tmp: Path) -> None:
 
     (reference, reference_auc) = disturber.reference(lambda: fit("reference"))
     (disturbed, disturbed_auc) = disturber.disturbed(
-        lambda: fit("disturbed"), _checkpoints_seen(tmp / "disturbed", 3), replace=False
+        lambda: fit("disturbed"), _checkpoints_seen(tmp / "disturbed", 3)
     )
     disturber.close(out, {
         "restored_from": disturbed.restored_from_round,
@@ -177,14 +173,14 @@ def torch(out: Path, tmp: Path) -> None:
 
     def blobs(n: int) -> pa.Table:
         y = rng.integers(0, len(centres), n)
-        x = centres[y] + rng.normal(0, 3.0, (n, 64)).astype(np.float32)
+        x = centres[y] + rng.normal(0, 2.5, (n, 64)).astype(np.float32)
         x /= np.linalg.norm(x, axis=1, keepdims=True)
         emb = pa.FixedSizeListArray.from_arrays(pa.array(x.ravel()), 64)
         return pa.table({"embedding": emb, "label_idx": pa.array(y, pa.int64())})
 
     train, validation = blobs(6000), blobs(2000)
     labels = [f"class_{k}" for k in range(len(centres))]
-    params = ClassifierParams(hidden=64, epochs=8, batch_size=128, seed=1)
+    params = ClassifierParams(hidden=64, lr=3e-3, epochs=10, batch_size=128, seed=1)
     disturber = _Disturber()
 
     def fit(name: str):
@@ -193,11 +189,12 @@ def torch(out: Path, tmp: Path) -> None:
 
     reference = disturber.reference(lambda: fit("reference"))
     disturbed = disturber.disturbed(
-        lambda: fit("disturbed"), _checkpoints_seen(tmp / "disturbed", 3), replace=True
+        lambda: fit("disturbed"), _checkpoints_seen(tmp / "disturbed", 3)
     )
     disturber.close(out, {
         "restored_from": disturbed.resumed_from_epoch,
         "epochs": [h.epoch for h in disturbed.history],
+        "workers": [reference.workers, disturbed.workers],
         "reference": reference.history[-1].validation_accuracy,
         "disturbed": disturbed.history[-1].validation_accuracy,
     })  # fmt: skip

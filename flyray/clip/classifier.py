@@ -40,6 +40,9 @@ class TrainingConfig:
     num_workers: int = 2  # Ray Train workers, 1 CPU (or 1 GPU when the cluster has GPUs) each
     max_failures: int = 2  # worker failures survived by resuming from the last checkpoint
     storage_uri: str = ""  # where Ray Train keeps checkpoints (local or s3://); "" = a temp dir
+    # 1 <= min_workers < num_workers: elastic; after a lost node training resumes on the workers
+    # the cluster can still place instead of waiting for a replacement. 0: always num_workers.
+    min_workers: int = 1
 
 
 class ClipClassifier(nn.Module):
@@ -74,7 +77,7 @@ class TrainedClassifier:
     embedding_model: str
     params: ClassifierParams
     history: list[EpochMetrics] = field(default_factory=list)
-    workers: int = 1
+    workers: int = 1  # in the worker group that finished (fewer than asked after a lost node)
     resumed_from_epoch: int = 0  # the checkpoint the last restart after a failure continued from
 
     def predict_proba(self, x: np.ndarray) -> np.ndarray:
@@ -198,6 +201,7 @@ def _train_loop(config: dict) -> None:
             float(val[1] / val[2].clamp(min=1)),
         )
         history.append(asdict(metrics))
+        world = ray.train.get_context().get_world_size()
         if rank != 0:
             ray.train.report(asdict(metrics))
             continue
@@ -213,6 +217,7 @@ def _train_loop(config: dict) -> None:
                 "epoch": epoch,
                 "history": history,
                 "resumed_from": resumed_from,
+                "workers": world,
             }
             torch.save(state, os.path.join(folder, "state.pt"))
             ray.train.report(
@@ -254,7 +259,12 @@ def train_classifier(
             "run_id": run_id,
         },
         torch_config=TorchConfig(backend="nccl" if gpu else "gloo"),
-        scaling_config=ray.train.ScalingConfig(num_workers=config.num_workers, use_gpu=gpu),
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=(config.min_workers, config.num_workers)
+            if 0 < config.min_workers < config.num_workers
+            else config.num_workers,
+            use_gpu=gpu,
+        ),
         run_config=ray.train.RunConfig(
             name="clip-classifier",
             storage_path=storage_path,
@@ -276,6 +286,6 @@ def train_classifier(
     model.load_state_dict(state["model"])
     history = [EpochMetrics(**h) for h in state["history"]]
     return TrainedClassifier(
-        model.eval(), labels, embedding_model, params, history, config.num_workers,
+        model.eval(), labels, embedding_model, params, history, state["workers"],
         state["resumed_from"],
     )  # fmt: skip
