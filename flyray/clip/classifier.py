@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from flyray import storage
+from flyray.raytrain import run_config, worker_count
 
 
 @dataclass
@@ -247,8 +248,6 @@ def train_classifier(
     if not ray.is_initialized():
         ray.init()
     gpu = use_gpu(ray.cluster_resources())
-    storage_uri = config.storage_uri or tempfile.mkdtemp(prefix="clip-train-")
-    fs, storage_path = storage.filesystem(storage_uri)
     trainer = TorchTrainer(
         _train_loop,
         train_loop_config={
@@ -260,18 +259,9 @@ def train_classifier(
         },
         torch_config=TorchConfig(backend="nccl" if gpu else "gloo"),
         scaling_config=ray.train.ScalingConfig(
-            num_workers=(config.min_workers, config.num_workers)
-            if 0 < config.min_workers < config.num_workers
-            else config.num_workers,
-            use_gpu=gpu,
+            num_workers=worker_count(config.num_workers, config.min_workers), use_gpu=gpu
         ),
-        run_config=ray.train.RunConfig(
-            name="clip-classifier",
-            storage_path=storage_path,
-            storage_filesystem=fs,
-            failure_config=ray.train.FailureConfig(max_failures=config.max_failures),
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
-        ),
+        run_config=run_config("clip-classifier", config.storage_uri, config.max_failures)[0],
         datasets={
             "train": training_dataset(train, params.seed),
             "validation": training_dataset(validation),

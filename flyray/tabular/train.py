@@ -20,7 +20,6 @@ The workers time-stamp start, data and boosting, so the report splits the wall t
 from __future__ import annotations
 
 import logging
-import tempfile
 import time
 from dataclasses import dataclass, field
 
@@ -28,6 +27,7 @@ import numpy as np
 import xgboost as xgb
 
 from flyray import storage
+from flyray.raytrain import run_config, worker_count
 from flyray.tabular.data import TableSpec, read_share, read_split, split_files
 
 log = logging.getLogger(__name__)
@@ -224,8 +224,7 @@ def train_distributed(
     from ray.train.xgboost import XGBoostTrainer
 
     began = time.time()
-    ckpt_uri = config.storage_uri or tempfile.mkdtemp(prefix="xgboost-ckpt-")
-    ckpt_fs, ckpt_path = storage.filesystem(ckpt_uri)
+    run, ckpt_uri = run_config(config.run_name, config.storage_uri, config.max_failures)
     trainer = XGBoostTrainer(
         _train_loop,
         train_loop_config={
@@ -237,18 +236,10 @@ def train_distributed(
             "files": {"train": split_files(train_uri), "validation": split_files(validation_uri)},
         },  # fmt: skip
         scaling_config=ray.train.ScalingConfig(
-            num_workers=(config.min_workers, config.n_workers)
-            if 0 < config.min_workers < config.n_workers
-            else config.n_workers,
+            num_workers=worker_count(config.n_workers, config.min_workers),
             resources_per_worker={"CPU": config.cpus_per_worker},
         ),
-        run_config=ray.train.RunConfig(
-            name=config.run_name,
-            storage_path=ckpt_path,
-            storage_filesystem=ckpt_fs,
-            failure_config=ray.train.FailureConfig(max_failures=config.max_failures),
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
-        ),
+        run_config=run,
     )
     result = trainer.fit()
     done = time.time()

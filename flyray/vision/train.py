@@ -25,6 +25,7 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 
 from flyray import storage
+from flyray.raytrain import run_config
 from flyray.vision import LEGACY_KERAS_ENV
 from flyray.vision.data import ImageSet, from_table, read_parquet
 from flyray.vision.model import CNNParams, build_cnn
@@ -306,7 +307,7 @@ def train_distributed(
     training, which is what a user waits for; epoch_seconds are the epochs alone.
     """
     import ray
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import ScalingConfig
     from ray.train.tensorflow import TensorflowTrainer
 
     test = read_parquet(test_uri)
@@ -315,8 +316,6 @@ def train_distributed(
     # Read before the workers start: once they hold every CPU of a small cluster, Ray Data's
     # read tasks could not be scheduled (it hung on this 2-CPU machine).
     dataset = ray.data.read_parquet(path, filesystem=fs).materialize()
-    storage_uri = config.storage_uri or tempfile.mkdtemp(prefix="cnn-ray-train-")
-    run_fs, run_path = storage.filesystem(storage_uri)
     trainer = TensorflowTrainer(
         _worker_loop,
         train_loop_config={
@@ -329,12 +328,11 @@ def train_distributed(
             num_workers=config.workers, resources_per_worker={"CPU": config.cpus_per_worker}
         ),
         datasets={"train": dataset},
-        run_config=RunConfig(
-            storage_path=run_path, storage_filesystem=run_fs,
-            failure_config=FailureConfig(max_failures=config.max_failures),
-            checkpoint_config=CheckpointConfig(num_to_keep=None),  # metrics of every epoch
+        run_config=run_config(
+            None, config.storage_uri, config.max_failures,
+            keep=None,  # metrics of every epoch
             worker_runtime_env={"env_vars": LEGACY_KERAS_ENV},  # before TF loads in workers
-        ),
+        )[0],
     )  # fmt: skip
     began, began_wall = time.perf_counter(), time.time()
     result = trainer.fit()
