@@ -58,9 +58,24 @@ def s3_filesystem() -> pafs.S3FileSystem:
             kwargs["session_token"] = os.environ["AWS_SESSION_TOKEN"]
     # Throttling (503 SlowDown) and dropped connections are retried with backoff by the client;
     # an outage longer than that fails the task as transient, for Flyte to retry.
-    attempts = int(os.environ.get("FLYRAY_S3_MAX_ATTEMPTS", "6"))
-    kwargs["retry_strategy"] = pafs.AwsStandardS3RetryStrategy(max_attempts=attempts)
-    return pafs.S3FileSystem(**kwargs)
+    return _S3FileSystem(int(os.environ.get("FLYRAY_S3_MAX_ATTEMPTS", "6")), **kwargs)
+
+
+class _S3FileSystem(pafs.S3FileSystem):
+    """S3FileSystem with a retry strategy that survives pickling: pyarrow's own pickles every
+    option but `retry_strategy`, so a Ray task handed the filesystem fell back to 3 attempts."""
+
+    def __init__(self, attempts: int, **kwargs) -> None:
+        retry = pafs.AwsStandardS3RetryStrategy(max_attempts=attempts)
+        super().__init__(retry_strategy=retry, **kwargs)
+        self._attempts, self._kwargs = attempts, kwargs
+
+    def __reduce__(self):
+        return _rebuild_s3, (self._attempts, self._kwargs)
+
+
+def _rebuild_s3(attempts: int, kwargs: dict) -> _S3FileSystem:
+    return _S3FileSystem(attempts, **kwargs)
 
 
 def filesystem(uri: str) -> tuple[pafs.FileSystem, str]:

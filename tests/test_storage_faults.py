@@ -176,6 +176,17 @@ def test_s3_errors_mid_read_are_retried(moto_port, events_file, monkeypatch):
     assert _events(fs, f"{out}/events") == summary["events"]
 
 
+def test_the_retry_strategy_travels_with_the_filesystem_to_ray_tasks(monkeypatch):
+    """Ray tasks get the driver's filesystem pickled; pyarrow's pickle drops retry_strategy."""
+    import pickle
+
+    monkeypatch.setenv("FLYRAY_S3_MAX_ATTEMPTS", "9")
+    fs = storage.s3_filesystem()
+    monkeypatch.delenv("FLYRAY_S3_MAX_ATTEMPTS")
+    copy = pickle.loads(pickle.dumps(fs))
+    assert copy._attempts == 9 and copy.region == fs.region
+
+
 def test_an_outage_mid_read_fails_cleanly_and_the_next_run_succeeds(
     moto_port, events_file, tmp_path, monkeypatch
 ):

@@ -181,11 +181,13 @@ def test_report_speedup_and_efficiency_follow_the_recorded_times():
 
 
 def _exit_rank_1_after_two_checkpoints(monkeypatch, storage_dir, marker) -> None:
-    """Make Ray worker 1 exit once two epochs are checkpointed (once: the marker remembers)."""
+    """Make Ray worker 1 exit once two epochs are checkpointed (once: the marker remembers):
+    registered by Ray Train, that is named in its checkpoint manager snapshot, not only written."""
     import ray.train.tensorflow as rtt
 
     def flaky_loop(config):  # nested, so Ray ships it by value to the workers
         import glob
+        import re
         import threading
         import time
 
@@ -193,8 +195,15 @@ def _exit_rank_1_after_two_checkpoints(monkeypatch, storage_dir, marker) -> None
 
         from flyray.vision.train import _worker_loop
 
+        def registered() -> int:
+            names: set[str] = set()
+            for path in glob.glob(os.path.join(config["storage"], "*", "checkpoint_manager_*")):
+                with open(path) as fh:
+                    names.update(re.findall(r"checkpoint_\d{4}-[\d_.-]+", fh.read()))
+            return len(names)
+
         def exit_after_two_checkpoints():
-            while len(glob.glob(os.path.join(config["storage"], "*", "checkpoint_*"))) < 2:
+            while registered() < 2:
                 time.sleep(0.05)
             open(config["marker"], "w").close()
             os._exit(1)
