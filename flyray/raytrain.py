@@ -1,37 +1,67 @@
-"""What every Ray Train run of flyray shares: where its checkpoints go, how many failures it
-survives, and how many workers it asks for (elastic after a lost node)."""
+"""What every distributed training run of flyray shares: how wide it is, where its checkpoints
+go, how many failures it survives (one `DistributedConfig` for FunkSVD, XGBoost, the CNN and the
+CLIP classifier), and the Ray Train run configuration built from it."""
 
 from __future__ import annotations
 
 import tempfile
+from dataclasses import dataclass
 
 from flyray import storage
 
 
-def worker_count(n_workers: int, min_workers: int) -> int | tuple[int, int]:
-    """ScalingConfig.num_workers: elastic `(min_workers, n_workers)` when 1 <= min_workers <
-    n_workers (after a lost node the group restarts with what the cluster can place instead of
-    waiting for a replacement), else a fixed `n_workers`."""
-    return (min_workers, n_workers) if 0 < min_workers < n_workers else n_workers
+@dataclass
+class DistributedConfig:
+    """How a training run spreads over Ray and survives failures: one knob per concept.
+
+    `workers` is also what the task's Ray cluster is sized by (the tasks layer asks for enough
+    worker pods to place `workers x cpus_per_worker` CPUs), so a run changes one number.
+    """
+
+    workers: int = 2  # training workers (Ray Train workers, FunkSVD actors)
+    # 1 <= min_workers < workers: elastic; after a lost node training resumes from the last
+    # checkpoint on the workers the cluster can still place instead of waiting for a
+    # replacement (and the task's Ray cluster autoscales between the two). 0: always `workers`.
+    min_workers: int = 1
+    cpus_per_worker: int = 1  # Ray CPUs each worker reserves (its thread count)
+    max_failures: int = 2  # worker-group restarts from the latest checkpoint
+    checkpoint_every: int = 1  # rounds or epochs between checkpoints
+    # Checkpoints (local or s3://). "" inside a Flyte task: the task's checkpoint folder, stable
+    # across Flyte retries of the same node (tasks/platform.py); elsewhere a temporary folder.
+    checkpoint_uri: str = ""
+
+    def __post_init__(self) -> None:
+        if self.workers < 1 or self.min_workers < 0 or self.cpus_per_worker < 1:
+            raise ValueError(
+                f"DistributedConfig: workers ({self.workers}) and cpus_per_worker "
+                f"({self.cpus_per_worker}) must be >= 1, min_workers ({self.min_workers}) >= 0"
+            )
+        if self.checkpoint_every < 1 or self.max_failures < 0:
+            raise ValueError("DistributedConfig: checkpoint_every >= 1 and max_failures >= 0")
+
+    def worker_count(self) -> int | tuple[int, int]:
+        """ScalingConfig.num_workers: elastic `(min_workers, workers)` when 1 <= min_workers <
+        workers (after a lost node the group restarts with what the cluster can place instead
+        of waiting for a replacement), else a fixed `workers`."""
+        w, lo = self.workers, self.min_workers
+        return (lo, w) if 0 < lo < w else w
 
 
-def run_config(
-    name: str | None, storage_uri: str, max_failures: int, keep: int | None = 2, **extra
-):
-    """(RunConfig, storage URI): checkpoints under `storage_uri` (local or s3://; "" = a new
-    temporary directory), the newest `keep` kept (None: all), restarts from the latest one after
-    up to `max_failures` failures. A run started again with the same storage URI and `name`
-    resumes from its checkpoints; `name=None` makes every run a fresh one. `extra` goes to
-    RunConfig as is."""
+def run_config(name: str | None, config: DistributedConfig, keep: int | None = 2, **extra):
+    """(RunConfig, storage URI): checkpoints under `config.checkpoint_uri` (local or s3://;
+    "" = a new temporary directory), the newest `keep` kept (None: all), restarts from the
+    latest one after up to `max_failures` failures. A run started again with the same storage
+    URI and `name` resumes from its checkpoints (this is how a Flyte retry resumes); `name=None`
+    makes every run a fresh one. `extra` goes to RunConfig as is."""
     import ray.train
 
-    uri = storage_uri or tempfile.mkdtemp(prefix=f"{name or 'ray-train'}-")
+    uri = config.checkpoint_uri or tempfile.mkdtemp(prefix=f"{name or 'ray-train'}-")
     fs, path = storage.filesystem(uri)
     return ray.train.RunConfig(
         name=name,
         storage_path=path,
         storage_filesystem=fs,
-        failure_config=ray.train.FailureConfig(max_failures=max_failures),
+        failure_config=ray.train.FailureConfig(max_failures=config.max_failures),
         checkpoint_config=ray.train.CheckpointConfig(num_to_keep=keep),
         **extra,
     ), uri
