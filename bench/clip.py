@@ -29,7 +29,7 @@ import pyarrow as pa
 import ray
 import torch
 
-from flyray.clip.classifier import ClassifierParams, ClipClassifier, TrainingConfig
+from flyray.clip.classifier import ClassifierParams, ClipClassifier
 from flyray.clip.classifier import train_classifier as ray_train
 from flyray.clip.embed import ClipEmbedder, embed_paths, fixed_width, matrix
 from flyray.clip.generate import (
@@ -38,7 +38,9 @@ from flyray.clip.generate import (
     build_random_clip,
     generate_shapes,
 )
-from flyray.clip.images import decode, list_images, split_embeddings
+from flyray.clip.images import split_embeddings
+from flyray.images import decode, list_images
+from flyray.raytrain import DistributedConfig
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "bench" / "results"
@@ -117,7 +119,7 @@ def training_rows(listing, reference: np.ndarray, model: str, epochs: int, work:
     rows = {"plain torch": {"seconds": seconds, "validation_accuracy": accuracy,
                             "train_rows": split.train.num_rows}}  # fmt: skip
     began = time.perf_counter()
-    config = TrainingConfig(num_workers=2, storage_uri=str(work / "ray-train"))
+    config = DistributedConfig(workers=2, checkpoint_uri=str(work / "ray-train"))
     trained = ray_train(split.train, split.validation, split.labels, model, params, config)
     rows["TorchTrainer 2 workers"] = {
         "seconds": time.perf_counter() - began,

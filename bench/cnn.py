@@ -18,10 +18,11 @@ from pathlib import Path
 
 import ray
 
+from flyray.raytrain import DistributedConfig
 from flyray.vision.data import prepare
 from flyray.vision.model import CNNParams
 from flyray.vision.report import build_report
-from flyray.vision.train import DistributedConfig, available_cpus, train_baseline, train_distributed
+from flyray.vision.train import available_cpus, train_baseline, train_distributed
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "bench" / "results"
@@ -34,7 +35,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=64, help="global, over all workers")
     parser.add_argument("--learning-rate", type=float, default=1e-3)
     parser.add_argument("--workers", type=int, default=2)
-    parser.add_argument("--cpus-per-worker", type=float, default=1.0)
+    parser.add_argument("--cpus-per-worker", type=int, default=1)
     parser.add_argument("--image-size", type=int, default=32)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quick", action="store_true", help="2 epochs: a smoke run")
@@ -49,12 +50,12 @@ def main() -> None:
         summary = prepare(args.source, tmp, args.image_size, seed=args.seed)
         train, test = os.path.join(tmp, "train"), os.path.join(tmp, "test")
         baseline = train_baseline(train, test, params)
-        config.storage_uri = os.path.join(tmp, "ray-train")
+        config.checkpoint_uri = os.path.join(tmp, "ray-train")
         distributed = train_distributed(train, test, params, config)
     setup = {"dataset": summary.kind, "source": args.source or "sklearn digits",
              "image_shape": summary.image_shape, "train_examples": summary.train_examples,
              "test_examples": summary.test_examples, "params": params.__dict__,
-             "distributed": config.__dict__ | {"storage_uri": ""}}  # fmt: skip
+             "distributed": config.__dict__ | {"checkpoint_uri": ""}}  # fmt: skip
     report = build_report(baseline, distributed, setup)
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "cnn.json").write_text(json.dumps(report, indent=2))

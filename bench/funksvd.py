@@ -6,7 +6,8 @@ and RMSE per epoch of DSGD beside gradient averaging.
 1. Surprise vs flyray, one process, same data, split and hyperparameters (k=100, 20 epochs,
    lr 0.005, reg 0.02): ratings from the demo clickstream through prepare_data's feature code.
 2. dsgd with 1 vs 2 Ray workers on --ratings synthetic ratings from known factors.
-3. dsgd vs gradient_averaging, validation RMSE per epoch: bench/results/funksvd_rmse.png.
+3. dsgd vs gradient averaging (bench/gradient_averaging.py, the original system's training),
+   validation RMSE per epoch: bench/results/funksvd_rmse.png.
 Writes bench/results/funksvd.json and prints a table.
 """
 
@@ -24,8 +25,10 @@ import numpy as np
 import pyarrow.parquet as pq
 import ray
 
+from bench import gradient_averaging
+from flyray.raytrain import DistributedConfig
 from flyray.recsys import FunkSVD, FunkSVDParams
-from flyray.recsys.distributed import DistributedConfig, Ratings, train
+from flyray.recsys.distributed import Ratings, train
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO / ".data" / "bench"
@@ -103,8 +106,11 @@ def scaling(n: int, epochs: int) -> dict:
     out = {}
     for strategy, workers in (("dsgd", 1), ("dsgd", 2), ("gradient_averaging", 2)):
         began = time.perf_counter()
-        model = train(tr, n_users, n_items, params,
-                      DistributedConfig(strategy=strategy, n_workers=workers), va)  # fmt: skip
+        if strategy == "dsgd":
+            config = DistributedConfig(workers=workers, min_workers=0)  # always that many
+            model = train(tr, n_users, n_items, params, config, va)
+        else:
+            model = gradient_averaging.train(tr, n_users, n_items, params, workers, va)
         wall = time.perf_counter() - began
         steady = [h.seconds for h in model.history[1:]] or [model.history[0].seconds]
         out[f"{strategy}_{workers}"] = {

@@ -28,10 +28,11 @@ import numpy as np
 import ray
 import xgboost as xgb
 
+from flyray.raytrain import DistributedConfig
 from flyray.tabular.data import TableSpec, prepare, read_split, split_uri
 from flyray.tabular.evaluate import evaluate
 from flyray.tabular.generate import generate_table
-from flyray.tabular.train import TrainConfig, XGBParams, predict, train_distributed, train_local
+from flyray.tabular.train import XGBParams, predict, train_distributed, train_local
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO / ".data" / "bench"
@@ -122,7 +123,9 @@ def main() -> None:
         print(f"Ray Train no-op fit: {first_fit:.1f} s cold, {fixed:.1f} s warm", flush=True)
         booster, report = train_local(tr, va, spec, params, nthread=args.workers)
         record("plain", booster, split_of(report))
-        config = TrainConfig(n_workers=args.workers, storage_uri=tempfile.mkdtemp(dir=out))
+        config = DistributedConfig(
+            workers=args.workers, checkpoint_every=25, checkpoint_uri=tempfile.mkdtemp(dir=out)
+        )
         booster, report = train_distributed(tr, va, spec, params, config)
         record("ray", booster, split_of(report))
         if not args.no_skeleton:

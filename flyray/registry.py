@@ -3,17 +3,27 @@
 Tracking: MLFLOW_TRACKING_URI when set; otherwise an embedded store, sqlite plus a local
 artifact directory under the project's data directory (FLYRAY_DATA_DIR, default ./.data).
 
-The gate: a newly registered version takes the alias "champion" only if it beats the current
-champion on the configured metric and beats the baseline it was evaluated against; otherwise it
-stays registered, tagged with why it was not promoted. Every decision is tagged on the version.
+Registration (`register`, the one path every workload takes): one MLflow run with the run's
+parameters, curves, metrics and lineage; the model logged with its flavor; then, if the model
+name already holds another task (`TaskIdentity`: what is predicted, from what, judged by which
+metric), the model stays in the run but is not registered under that name, and the reason says
+how to register it; otherwise a new version and the champion gate.
+
+The gate: a new version takes the alias "champion" only if it beats the baseline it was evaluated
+against, and the current champion scored on the new version's own held-out split (same metric,
+same users or rows); otherwise it stays registered, tagged with why it was not promoted. Every
+decision is tagged on the version.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import os
 import time
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import mlflow
@@ -74,6 +84,67 @@ class GateDecision:
 
 
 @dataclass
+class RegistryConfig:
+    """Where a workload's models go and what its champion gate compares (higher is better)."""
+
+    model_name: str
+    experiment: str
+    metric: str
+
+
+@dataclass
+class TaskIdentity:
+    """What a model is for: versions of one registered model compete only when this is equal.
+
+    `target`: what it predicts (label column, class names, next interactions); `inputs`: what it
+    reads (feature schema, image shape, embedding model); `source`: for a recommender, the source
+    as configured (a template before it is filled, so nightly windows are one task); `settings`:
+    configuration that changes the task's meaning (e.g. feature weights), as JSON.
+    """
+
+    workload: str
+    target: str
+    inputs: str
+    metric: str
+    source: str = ""
+    settings: str = ""
+
+    def key(self) -> str:
+        text = json.dumps(asdict(self), sort_keys=True)
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+    def describe(self) -> str:
+        parts = [f"{self.workload}: predicts {self.target} from {self.inputs}", f"by {self.metric}"]
+        if self.source:
+            parts.append(f"source {self.source}")
+        return ", ".join(parts)
+
+
+@dataclass
+class RunRecord:
+    """What a registration logs besides the model: parameters, final metrics, per-step curves
+    (step -> metrics) and JSON documents (artifact name -> content)."""
+
+    params: dict[str, object] = field(default_factory=dict)
+    metrics: dict[str, float] = field(default_factory=dict)
+    curves: dict[int, dict[str, float]] = field(default_factory=dict)
+    documents: dict[str, object] = field(default_factory=dict)
+    files: list[str] = field(default_factory=list)  # local files logged as artifacts
+
+    def log(self) -> None:
+        """Into the active MLflow run (NaN metrics are left out: MLflow cannot plot them)."""
+        if self.params:
+            mlflow.log_params(self.params)
+        for step, values in sorted(self.curves.items()):
+            mlflow.log_metrics({k: v for k, v in values.items() if v == v}, step=step)
+        mlflow.log_metrics({k: float(v) for k, v in self.metrics.items() if v == v})
+        for name, content in self.documents.items():
+            mlflow.log_dict(content, name)
+        for path in self.files:
+            mlflow.log_artifact(path)
+
+
+@dataclass
 class Registration:
     """Where a registration's MLflow run is, and the champion gate's decision: the output of
     every workload's register task."""
@@ -81,6 +152,11 @@ class Registration:
     tracking_uri: str
     run_id: str
     decision: GateDecision
+
+    def deck(self) -> list[str]:
+        from flyray import decks
+
+        return [decks.table_html(asdict(self.decision), "Champion gate")]
 
 
 def champion_gate(
@@ -91,12 +167,18 @@ def champion_gate(
     baseline_value: float | None = None,
     higher_is_better: bool = True,
     client: MlflowClient | None = None,
+    champion_value: float | None = None,
 ) -> GateDecision:
     """Move the champion alias to `version` if it beats the champion and the baseline.
 
-    Safe when pipelines finish at once: each version's gate value is recorded on it first, and
-    after deciding every gate settles the alias on the best eligible version, so whichever
-    gate writes last, the alias ends on the better model (MLflow has no compare-and-set).
+    `champion_value`: the champion scored on this version's own held-out split (what `register`
+    passes, so the gate compares two numbers measured on the same data); None falls back to
+    the figure recorded when the champion was gated.
+
+    Safe when pipelines finish at once: each version records its gate value and the champion it
+    was compared with first; then every gate settles the alias on the best of the versions that
+    beat that same champion, so whichever gate writes last, the alias ends on the better model
+    (MLflow has no compare-and-set).
     """
     client = client or MlflowClient(tracking_uri())
     key = metric_key(metric)
@@ -104,32 +186,33 @@ def champion_gate(
     def beats(a: float, b: float) -> bool:
         return a > b if higher_is_better else a < b
 
-    eligible = baseline_value is None or beats(value, baseline_value)
-    for tag, text in (("gate.metric", key), ("gate.value", repr(float(value))),
-                      ("gate.eligible", str(eligible).lower())):  # fmt: skip
-        client.set_model_version_tag(model_name, version, tag, text)
     champion = _alias_holder(client, model_name)
-    champion_value = _gate_value(client, champion, key) if champion is not None else None
-
+    if champion is not None and champion_value is None:
+        champion_value = _gate_value(client, champion, key)
     failures = []
-    if not eligible:
+    if baseline_value is not None and not beats(value, baseline_value):
         failures.append(f"{metric} {value:.4f} does not beat the baseline's {baseline_value:.4f}")
     if champion_value is not None and not beats(value, champion_value):
         failures.append(
             f"{metric} {value:.4f} does not beat champion v{champion.version}'s "
-            f"{champion_value:.4f}"
+            f"{champion_value:.4f} on the same data"
         )
+    base = str(champion.version) if champion is not None else ""
+    for tag, text in (("gate.metric", key), ("gate.value", repr(float(value))),
+                      ("gate.champion", base), ("gate.eligible", str(not failures).lower()),
+                      ("gate.champion_value", repr(champion_value))):  # fmt: skip
+        client.set_model_version_tag(model_name, version, tag, text)
     if not failures:
         _set_alias(client, model_name, version)
-    holder = _settle(client, model_name, key, beats)
-    if not failures and holder != str(version):
-        failures.append(f"v{holder}, registered at the same time, beats it on {metric}")
+        holder = _settle(client, model_name, key, base, beats)
+        if holder != str(version):
+            failures.append(f"v{holder}, registered at the same time, beats it on {metric}")
     promoted = not failures
     if promoted:
         reason = (
             f"{metric} {value:.4f} beats "
             + (
-                f"champion v{champion.version}'s {champion_value:.4f}"
+                f"champion v{champion.version}'s {champion_value:.4f} on the same data"
                 if champion_value is not None
                 else "no champion yet"
             )  # fmt: skip
@@ -144,8 +227,8 @@ def champion_gate(
     log.info("registry: %s v%s %s: %s", model_name, version,
              "promoted" if promoted else "not promoted", reason)  # fmt: skip
     return GateDecision(
-        model_name, str(version), metric, value, promoted, reason,
-        str(champion.version) if champion is not None else "", champion_value, baseline_value,
+        model_name, str(version), metric, value, promoted, reason, base, champion_value,
+        baseline_value,
     )  # fmt: skip
 
 
@@ -179,30 +262,95 @@ def _set_alias(client: MlflowClient, model_name: str, version: str, attempts: in
             time.sleep(0.2 * (attempt + 1))
 
 
-def _settle(client: MlflowClient, model_name: str, key: str, beats, rounds: int = 5) -> str:
-    """Put the alias on the best eligible version (ties: the earliest) and return its number."""
+def _settle(client: MlflowClient, model_name: str, key: str, base: str, beats) -> str:
+    """Put the alias on the best version that beat the same champion `base` (ties: the
+    earliest) and return the holder's number."""
+    best = None
+    for mv in client.search_model_versions(f"name='{model_name}'"):
+        tags = mv.tags or {}
+        if (tags.get("gate.metric"), tags.get("gate.champion"), tags.get("gate.eligible")) != (
+            key,
+            base,
+            "true",
+        ):
+            continue
+        candidate = (float(tags["gate.value"]), int(mv.version))
+        if (
+            best is None
+            or beats(candidate[0], best[0])
+            or (candidate[0] == best[0] and candidate[1] < best[1])
+        ):
+            best = candidate
     holder = _alias_holder(client, model_name)
-    for _ in range(rounds):
-        best = None
-        for mv in client.search_model_versions(f"name='{model_name}'"):
-            tags = mv.tags or {}
-            if tags.get("gate.metric") != key or tags.get("gate.eligible") != "true":
-                continue
-            candidate = (float(tags["gate.value"]), int(mv.version))
-            if (
-                best is None
-                or beats(candidate[0], best[0])
-                or (candidate[0] == best[0] and candidate[1] < best[1])
-            ):
-                best = candidate
-        if holder is not None and (best is None or str(best[1]) == str(holder.version)):
-            return str(holder.version)
-        if best is None:
-            return ""
-        if holder is not None and (holder.tags or {}).get("gate.metric") != key:
-            value = _gate_value(client, holder, key)  # a champion from before gate tags
-            if value is not None and not beats(best[0], value):
-                return str(holder.version)
+    if best is not None and (holder is None or str(holder.version) != str(best[1])):
         _set_alias(client, model_name, str(best[1]))
         holder = _alias_holder(client, model_name)
     return str(holder.version) if holder is not None else ""
+
+
+TASK_KEY, TASK_TEXT = "task.key", "task"
+
+
+def register(
+    config: RegistryConfig,
+    identity: TaskIdentity,
+    record: RunRecord,
+    log_model: Callable[[str | None], object],
+    value: float,
+    baseline_value: float | None,
+    score_champion: Callable[[str], float],
+    tags: dict[str, str] | None = None,
+    run_id: str | None = None,
+) -> Registration:
+    """The one registration path: log `record` to a run (a new one, or `run_id` continued),
+    `log_model(name)` (the workload's flavor; it registers under `name`, or only logs when
+    None), then the gate on `value`, with the champion scored by `score_champion(model_uri)`
+    on this version's own held-out split."""
+    use_experiment(config.experiment)
+    client = MlflowClient(tracking_uri())
+    task_tags = {TASK_KEY: identity.key(), TASK_TEXT: identity.describe()}
+    with mlflow.start_run(run_id=run_id, tags={**(tags or {}), **task_tags}) as run:
+        record.log()
+        conflict = _other_task(client, config, identity)
+        if conflict:
+            log_model(None)  # kept in the run, so nothing trained is lost
+            decision = GateDecision(config.model_name, "", config.metric, value, False, conflict)
+            log.warning("registry: %s", conflict)
+        else:
+            info = log_model(config.model_name)
+            version = str(info.registered_model_version)
+            for tag, text in task_tags.items():
+                client.set_model_version_tag(config.model_name, version, tag, text)
+            champion = _alias_holder(client, config.model_name)
+            champion_value = (
+                score_champion(f"models:/{config.model_name}/{champion.version}")
+                if champion is not None
+                else None
+            )
+            decision = champion_gate(
+                config.model_name, version, config.metric, value, baseline_value,
+                client=client, champion_value=champion_value,
+            )  # fmt: skip
+        mlflow.set_tags({"promotion": "champion" if decision.promoted else "rejected",
+                         "promotion_reason": decision.reason})  # fmt: skip
+    return Registration(tracking_uri(), run.info.run_id, decision)
+
+
+def _other_task(client: MlflowClient, config: RegistryConfig, identity: TaskIdentity) -> str:
+    """Why this model may not join `config.model_name` ("" if it may): the name already holds
+    versions of another task. Versions from before task identities count as compatible."""
+    try:
+        versions = client.search_model_versions(f"name='{config.model_name}'")
+    except MlflowException:
+        return ""
+    key = identity.key()
+    for mv in sorted(versions, key=lambda v: -int(v.version)):
+        tags = mv.tags or {}
+        if tags.get(TASK_KEY, key) != key:
+            return (
+                f"not registered: '{config.model_name}' holds another task (v{mv.version}: "
+                f"{tags.get(TASK_TEXT, '?')}); this model is {identity.describe()}. Its champion "
+                f"stays. Register this one under its own name, e.g. registration "
+                f'\'{{"model_name": "{config.model_name}-{identity.key()[:6]}"}}\''
+            )
+    return ""

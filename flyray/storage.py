@@ -1,7 +1,10 @@
 """Filesystem access for local paths and s3:// URIs (AWS or an S3-compatible server such as MinIO).
 
 One place decides how a URI becomes a pyarrow filesystem, so every step (ingest, features,
-checkpoints) reads and writes local and object storage the same way.
+checkpoints) reads and writes local and object storage the same way. Every file that a later
+step trusts is written whole or not at all (atomic_output, write_atomic, write_table), and a
+folder of them is trusted only when its verifiable _SUCCESS marker says so (mark_complete,
+is_complete).
 
 Configuration (environment, never code):
   FLYRAY_S3_ENDPOINT_URL or AWS_ENDPOINT_URL   endpoint override, e.g. http://minio:9000
@@ -14,14 +17,20 @@ from __future__ import annotations
 
 import fnmatch
 import hashlib
+import json
 import os
 import posixpath
+import tempfile
 import uuid
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+import pyarrow as pa
 import pyarrow.fs as pafs
+import pyarrow.parquet as pq
 
 S3_PREFIX = "s3://"
 
@@ -78,11 +87,13 @@ def _rebuild_s3(attempts: int, kwargs: dict) -> _S3FileSystem:
     return _S3FileSystem(attempts, **kwargs)
 
 
+def _path(uri: str) -> str:
+    return uri[len(S3_PREFIX) :] if is_s3(uri) else str(Path(uri).expanduser().absolute())
+
+
 def filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
     """(filesystem, path inside it) for a local path or an s3:// URI."""
-    if is_s3(uri):
-        return s3_filesystem(), uri[len(S3_PREFIX) :]
-    return pafs.LocalFileSystem(), str(Path(uri).expanduser().absolute())
+    return (s3_filesystem() if is_s3(uri) else pafs.LocalFileSystem()), _path(uri)
 
 
 def to_uri(fs: pafs.FileSystem, path: str) -> str:
@@ -96,17 +107,99 @@ def join(uri: str, *parts: str) -> str:
 SUCCESS = "_SUCCESS"  # Hadoop's marker of a complete output directory
 
 
+def _hidden(name: str) -> bool:
+    """Names that readers skip (pyarrow datasets, list_input_files): markers, staging files."""
+    return name.startswith((".", "_"))
+
+
+@contextmanager
+def atomic_output(fs: pafs.FileSystem, path: str) -> Iterator[pa.NativeFile]:
+    """A stream for `path` whose file appears only when the block ends without error, so that
+    readers see all of it or none. Local files are written beside, hidden, and renamed into
+    place; S3 objects are staged in a local file and uploaded whole (an S3 stream closed after
+    an error would still publish what it had)."""
+    parent, name = posixpath.split(path)
+    local = isinstance(fs, pafs.LocalFileSystem)
+    staging_fs = fs if local else pafs.LocalFileSystem()
+    staging = f"{parent if local else tempfile.gettempdir()}/.{name}.{uuid.uuid4().hex}.tmp"
+    if local:
+        fs.create_dir(parent, recursive=True)
+    try:
+        with staging_fs.open_output_stream(staging) as fh:
+            yield fh
+        if local:
+            fs.move(staging, path)
+        else:
+            pafs.copy_files(staging, path, source_filesystem=staging_fs, destination_filesystem=fs)
+    finally:
+        if staging_fs.get_file_info(staging).type == pafs.FileType.File:
+            staging_fs.delete_file(staging)
+
+
 def write_atomic(fs: pafs.FileSystem, path: str, data: bytes) -> None:
-    """Write a file so that readers see all of it or none: a local file is written beside and
-    renamed into place; an S3 object only appears when its upload completes."""
-    if isinstance(fs, pafs.LocalFileSystem):
-        tmp = f"{path}.tmp-{uuid.uuid4().hex}"
-        with fs.open_output_stream(tmp) as fh:
-            fh.write(data)
-        fs.move(tmp, path)
-    else:
-        with fs.open_output_stream(path) as fh:
-            fh.write(data)
+    """Write a file that readers see whole or not at all (see atomic_output)."""
+    with atomic_output(fs, path) as fh:
+        fh.write(data)
+
+
+def write_table(fs: pafs.FileSystem, path: str, table: pa.Table, **kwargs) -> None:
+    """One parquet file, written atomically; `kwargs` go to pyarrow.parquet.write_table."""
+    with atomic_output(fs, path) as fh:
+        pq.write_table(table, fh, **kwargs)
+
+
+def read_table(
+    uri: str,
+    columns: list[str] | None = None,
+    filters: list | None = None,
+    fs: pafs.FileSystem | None = None,
+) -> pa.Table:
+    """A parquet file or directory (local or s3://) as one table. `fs` replaces the filesystem
+    built from the environment: a Ray worker is handed the driver's, as it may lack the
+    driver's storage settings."""
+    return pq.read_table(
+        _path(uri), filesystem=fs or filesystem(uri)[0], columns=columns, filters=filters
+    )
+
+
+def _listing(fs: pafs.FileSystem, folder: str) -> dict[str, int]:
+    """Size of every file under `folder` that readers see, by path relative to it."""
+    infos = fs.get_file_info(pafs.FileSelector(folder, recursive=True, allow_not_found=True))
+    return {
+        posixpath.relpath(i.path, folder): i.size
+        for i in infos
+        if i.type == pafs.FileType.File
+        and not any(_hidden(part) for part in posixpath.relpath(i.path, folder).split("/"))
+    }
+
+
+def _digest(files: dict[str, int]) -> str:
+    return hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest()
+
+
+def mark_complete(uri: str) -> None:
+    """Write `uri`/_SUCCESS, last: the list of the folder's files with their sizes and a digest
+    of that list, so that a reader can tell a complete folder from one that was cut short, had
+    files added or lost since, or whose marker is itself damaged (see is_complete)."""
+    fs, folder = filesystem(uri)
+    files = _listing(fs, folder)
+    marker = {"files": files, "sha256": _digest(files)}
+    write_atomic(fs, f"{folder}/{SUCCESS}", json.dumps(marker, indent=1).encode())
+
+
+def is_complete(uri: str) -> bool:
+    """True if `uri` holds a _SUCCESS marker that parses, matches its digest, and lists exactly
+    the files the folder has, at their sizes. A missing, truncated or garbled marker is the
+    same as none: the output is not trusted and gets rebuilt."""
+    fs, folder = filesystem(uri)
+    try:
+        with fs.open_input_stream(f"{folder}/{SUCCESS}") as fh:
+            marker = json.loads(fh.read())
+        files = marker["files"]
+        valid = marker["sha256"] == _digest(files)
+    except (FileNotFoundError, ValueError, KeyError, TypeError):
+        return False
+    return valid and files == _listing(fs, folder)
 
 
 def list_input_files(spec: str, suffixes: tuple[str, ...]) -> list[InputFile]:

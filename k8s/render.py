@@ -51,7 +51,7 @@ def _image(name: str) -> Callable[[], str]:
 
 def _defaults() -> dict[str, str | Callable[[], str]]:
     sys.path.insert(0, str(REPO))
-    from tasks.runtime import RAY_DEFAULTS
+    from tasks.platform import RAY_DEFAULTS
 
     return {
         **RAY_DEFAULTS,

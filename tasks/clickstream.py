@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import tempfile
 from datetime import UTC, datetime, timedelta
 from typing import Annotated, NamedTuple
 
-import pyarrow.parquet as pq
-from flytekit import Cache, StructuredDataset, kwtypes, task
+from flytekit import StructuredDataset, kwtypes
 from flytekit.core.context_manager import FlyteContextManager
 from flytekit.types.directory import FlyteDirectory
 from flytekit.types.file import FlyteFile
@@ -21,22 +19,9 @@ from flyray.clickstream.config import FeatureConfig, IngestConfig
 from flyray.clickstream.features import build_features
 from flyray.clickstream.generate import GeneratorConfig, generate
 from flyray.clickstream.ingest import ingest
-from flyray.clickstream.reports import DataProfile, IngestReport
+from flyray.clickstream.reports import DataProfile, IngestReport, ingest_deck, profile_deck
 from flyray.clickstream.schema import INPUT_SUFFIXES
-from tasks import decks
-from tasks.runtime import (
-    dir_uri,
-    export_s3_secrets,
-    new_output_dir,
-    ray_job,
-    s3_secret_requests,
-    setup_logging,
-    transient_retries,
-)
-
-# Bump when the code of a cached step changes what it writes.
-INGEST_CACHE = Cache(version="ingest-1", serialize=True, ignored_inputs=("source",))
-FEATURES_CACHE = Cache(version="features-1", serialize=True)
+from tasks.platform import dir_uri, flyray_task, new_output_dir, publish
 
 Ratings = Annotated[
     StructuredDataset,
@@ -63,8 +48,7 @@ class FeatureOutputs(NamedTuple):
     profile: DataProfile
 
 
-@task(container_image=images.recommender, secret_requests=s3_secret_requests(), retries=2)
-@transient_retries
+@flyray_task(images.recommender)
 def resolve_source(
     source: str, demo_events: int, demo_seed: int, run_date: datetime | None
 ) -> SourceOutputs:
@@ -74,8 +58,6 @@ def resolve_source(
     s3://clicks/{date:%Y/%m}/. An empty `source` generates the deterministic demo clickstream,
     covering the 30 days before `run_date` when one is given.
     """
-    setup_logging()
-    export_s3_secrets()
     if "{date" in source:
         if run_date is None:
             raise ValueError(f"source {source!r} is a template: give run_date")
@@ -95,7 +77,7 @@ def resolve_source(
     )
 
 
-@task(container_image=images.recommender)
+@flyray_task(images.recommender, storage=False)
 def data_window(
     config: FeatureConfig, run_date: datetime | None, window_days: int
 ) -> FeatureConfig:
@@ -107,42 +89,12 @@ def data_window(
     return dataclasses.replace(config, window_end=end.isoformat(), window_days=window_days)
 
 
-@task(
-    container_image=images.recommender,
-    task_config=ray_job(),
-    cache=INGEST_CACHE,
-    retries=1,
-    secret_requests=s3_secret_requests(),
-    enable_deck=True,
-)
-@transient_retries
+@flyray_task(images.recommender, ray=True, cache="ingest-1", cache_ignore=("source",), deck=True)
 def ingest_clickstream(source: str, fingerprint: str, config: IngestConfig) -> IngestOutputs:
     """Validate and bucket the events on Ray; the cache key is the content fingerprint."""
-    setup_logging()
-    export_s3_secrets()
-    out = new_output_dir()
-    report = ingest(source, out, config)
-    rejects = pq.read_table(report.rejects_uri, filesystem=storage.filesystem(out)[0])
-    decks.publish(
-        "ingest",
-        decks.table_html(
-            {
-                "source": report.source,
-                "fingerprint": fingerprint[:16],
-                "files": report.files,
-                "bytes": report.bytes,
-                "events": report.events,
-                "rejects": report.rejects,
-                "reject fraction": report.reject_fraction,
-                "seconds": report.seconds,
-                "rejects file": report.rejects_uri,
-            },
-            "Ingest",
-        ),
-        decks.bar_chart_html(report.events_by_type, "Events by type", "events", log=True),
-        decks.table_html(report.rejects_by_reason, "Rejects by reason"),
-        decks.table_html(rejects.slice(0, 20).to_pylist(), "First rejected records"),
-    )
+    report = ingest(source, new_output_dir(), config)
+    first_rejects = storage.read_table(report.rejects_uri).slice(0, 20).to_pylist()
+    publish("ingest", *ingest_deck(report, fingerprint, first_rejects))
     return IngestOutputs(
         FlyteDirectory(report.events_uri, remote_directory=False),
         FlyteFile(report.rejects_uri, remote_path=False),
@@ -150,39 +102,14 @@ def ingest_clickstream(source: str, fingerprint: str, config: IngestConfig) -> I
     )
 
 
-@task(
-    container_image=images.recommender,
-    task_config=ray_job(),
-    cache=FEATURES_CACHE,
-    retries=1,
-    enable_deck=True,
-)
-@transient_retries
+@flyray_task(images.recommender, ray=True, cache="features-1", deck=True)
 def build_ratings(
     events: FlyteDirectory, report: IngestReport, config: FeatureConfig
 ) -> FeatureOutputs:
     """Implicit ratings, dense id maps and a per-user time split, one Ray task per bucket."""
-    setup_logging()
     out = new_output_dir()
     profile = build_features(dir_uri(events), out, config, report)
-    decks.publish(
-        "data profile",
-        decks.table_html(
-            {k: v for k, v in profile.__dict__.items() if not isinstance(v, dict)}, "Profile"
-        ),
-        decks.bar_chart_html(profile.ratings_by_split, "Ratings per split", "ratings"),
-        decks.bar_chart_html(profile.events_by_type, "Events by type", "events", log=True),
-        decks.table_html(profile.rejects_by_reason, "Rejects by reason"),
-        f"<pre>{json.dumps(config.event_weights)}</pre>",
-    )
-    split = {
-        name: StructuredDataset(uri=storage.join(out, name))
-        for name in ("train", "validation", "test")
-    }
-    return FeatureOutputs(
-        split["train"],
-        split["validation"],
-        split["test"],
-        FlyteDirectory(storage.join(out, "id_maps"), remote_directory=False),
-        profile,
-    )
+    publish("data profile", *profile_deck(profile, config.event_weights))
+    splits = (StructuredDataset(uri=storage.join(out, n)) for n in ("train", "validation", "test"))
+    id_maps = FlyteDirectory(storage.join(out, "id_maps"), remote_directory=False)
+    return FeatureOutputs(*splits, id_maps, profile)

@@ -4,44 +4,36 @@
 from __future__ import annotations
 
 import os
-import tempfile
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 from typing import NamedTuple
 
-import mlflow
-import numpy as np
-import pyarrow.parquet as pq
-from flytekit import Cache, StructuredDataset, current_context, task
+from flytekit import StructuredDataset
 from flytekit.types.directory import FlyteDirectory
 
 import images
 from flyray import registry, storage
-from flyray.clip.classifier import (
-    ClassifierParams,
-    TrainedClassifier,
-    TrainingConfig,
-    train_classifier,
-)
+from flyray.clip import report as clip
+from flyray.clip.classifier import ClassifierParams, TrainedClassifier, train_classifier
 from flyray.clip.embed import EmbeddingResult, cache_key, embed_folder, matrix, resolve_model
-from flyray.clip.evaluate import Evaluation, evaluate
+from flyray.clip.evaluate import EvaluationReport, champion_metrics, evaluate
 from flyray.clip.generate import generate_shapes
 from flyray.clip.images import list_images, split_embeddings
-from flyray.clip.pyfunc import log_pyfunc
-from flyray.registry import Registration, champion_gate
-from tasks import decks
-from tasks.runtime import (
+from flyray.clip.report import TrainingReport
+from flyray.raytrain import DistributedConfig
+from flyray.registry import Registration, RegistryConfig, register
+from tasks.platform import (
+    checkpoint_uri,
     dataset_uri,
     dir_uri,
-    export_s3_secrets,
+    execution_tags,
+    flyray_task,
     new_output_dir,
-    ray_job,
-    s3_secret_requests,
-    setup_logging,
-    transient_retries,
+    publish,
+    sized,
 )
 
 # GPUs per Ray worker pod for the embedding and training tasks, read when registering.
-GPU_JOB = ray_job(worker_gpus=int(os.environ.get("FLYRAY_CLIP_WORKER_GPUS", "0")))
+WORKER_GPUS = int(os.environ.get("FLYRAY_CLIP_WORKER_GPUS", "0"))
 
 
 @dataclass
@@ -60,13 +52,6 @@ class SplitConfig:
     min_per_class: int = 5
 
 
-@dataclass
-class ClipRegistryConfig:
-    model_name: str = "flyray-clip"
-    experiment: str = "flyray-clip"
-    metric: str = "f1_macro"  # the gate's metric (higher is better); the baseline is majority
-
-
 class ImageSource(NamedTuple):
     root: str
     fingerprint: str
@@ -81,44 +66,28 @@ class EmbedOutputs(NamedTuple):
     report: EmbeddingResult
 
 
-@dataclass
-class ClipTrainingReport:
-    workers: int
-    epochs: list[int]
-    train_loss: list[float]
-    validation_loss: list[float]
-    validation_accuracy: list[float]
-    tracking_uri: str
-    run_id: str  # the MLflow run rank 0 logged the curves to; registration continues it
-
-
-class ClipTrainOutputs(NamedTuple):
+class TrainOutputs(NamedTuple):
     model: FlyteDirectory
-    report: ClipTrainingReport
+    report: TrainingReport
 
 
 def _read(dataset: StructuredDataset):
-    fs, path = storage.filesystem(dataset_uri(dataset))
-    return pq.read_table(path, filesystem=fs)
+    return storage.read_table(dataset_uri(dataset))
 
 
 def _write(table, uri: str) -> StructuredDataset:
     fs, path = storage.filesystem(uri)
-    fs.create_dir(path, recursive=True)
-    pq.write_table(table, f"{path}/part-00000.parquet", filesystem=fs)
+    storage.write_table(fs, f"{path}/part-00000.parquet", table)
     return StructuredDataset(uri=uri)
 
 
-@task(container_image=images.clip, retries=2, secret_requests=s3_secret_requests())
-@transient_retries
+@flyray_task(images.clip)
 def resolve_images(source: str, model: str, demo_per_class: int, demo_seed: int) -> ImageSource:
     """The image folder and a fingerprint of its content and the model's (never cached, so
     edits of either are seen, and embed_images is cached on content, not names); an empty
     `source` generates the coloured-shapes demo set: locally always into the same folder of the
     data directory (same bytes, same fingerprint, so a re-run reuses its embeddings), on a
     cluster under the execution's output prefix."""
-    setup_logging()
-    export_s3_secrets()
     root = source
     if not root:
         out = new_output_dir()
@@ -128,229 +97,107 @@ def resolve_images(source: str, model: str, demo_per_class: int, demo_seed: int)
     return ImageSource(root, cache_key(resolve_model(model), list_images(root).fingerprint))
 
 
-@task(
-    container_image=images.clip,
-    task_config=GPU_JOB,
-    cache=Cache(version="clip-embed-1", serialize=True),
-    retries=2,
-    secret_requests=s3_secret_requests(),
-    enable_deck=True,
-)
-@transient_retries
+@flyray_task(images.clip, ray=True, worker_gpus=WORKER_GPUS, cache="clip-embed-1", deck=True)
 def embed_images(
     root: str, fingerprint: str, model: str, config: EmbedConfig, split: SplitConfig
 ) -> EmbedOutputs:
     """CLIP embeddings of every image (Ray Data actor pool, reused from the parquet cache when
     model and images are unchanged), stratified splits and the training split's label map."""
-    setup_logging()
-    export_s3_secrets()
     cache_uri = config.cache_uri or str(registry.data_dir() / "clip-embeddings")
     result = embed_folder(
         root, resolve_model(model), cache_uri, config.batch_size, config.max_actors,
         config.in_process,
     )  # fmt: skip
-    fs, path = storage.filesystem(result.embeddings_uri)
     splits = split_embeddings(
-        pq.read_table(path, filesystem=fs),
-        split.validation_fraction,
-        split.test_fraction,
-        split.seed,
-        split.min_per_class,
-    )
+        storage.read_table(result.embeddings_uri), split.validation_fraction,
+        split.test_fraction, split.seed, split.min_per_class,
+    )  # fmt: skip
+    publish("embeddings", *clip.embeddings_deck(result, splits))
     out = new_output_dir()
-    rejects_fs, rejects_path = storage.filesystem(result.rejects_uri)
-    counts = {
-        label: {
-            name: int((t["label_idx"].to_numpy() == i).sum())
-            for name, t in (
-                ("train", splits.train),
-                ("validation", splits.validation),
-                ("test", splits.test),
-            )
-        }
-        for i, label in enumerate(splits.labels)
-    }
-    decks.publish(
-        "embeddings",
-        decks.table_html(
-            {k: v for k, v in asdict(result).items() if k != "rejected_files"}, "Embedding step"
-        ),
-        decks.table_html([{"class": k, **v} for k, v in counts.items()], "Images per split"),
-        decks.table_html([{"file": f} for f in result.rejected_files], "Rejected files"),
-    )
-    return EmbedOutputs(
-        _write(splits.train, storage.join(out, "train")),
-        _write(splits.validation, storage.join(out, "validation")),
-        _write(splits.test, storage.join(out, "test")),
-        _write(pq.read_table(rejects_path, filesystem=rejects_fs), storage.join(out, "rejects")),
-        splits.labels,
-        result,
-    )
+    tables = (splits.train, splits.validation, splits.test, storage.read_table(result.rejects_uri))
+    names = ("train", "validation", "test", "rejects")
+    written = [_write(t, storage.join(out, n)) for t, n in zip(tables, names, strict=True)]
+    return EmbedOutputs(*written, splits.labels, result)
 
 
-@task(
-    container_image=images.clip,
-    task_config=GPU_JOB,
-    cache=Cache(version="clip-train-1", serialize=True),
-    retries=2,
-    secret_requests=s3_secret_requests(),
-    enable_deck=True,
-)
-@transient_retries
+@flyray_task(images.clip, ray=DistributedConfig(), worker_gpus=WORKER_GPUS, cache="clip-train-2",
+             deck=True)  # fmt: skip
+def fit_clip_classifier(
+    train: StructuredDataset,
+    validation: StructuredDataset,
+    labels: list[str],
+    embedding_model: str,
+    params: ClassifierParams,
+    config: DistributedConfig,
+    experiment: str,
+) -> TrainOutputs:
+    """TorchTrainer (DDP) on the embeddings; rank 0 logs per-epoch losses to a new MLflow run;
+    a Flyte retry resumes from the failed attempt's last epoch checkpoint."""
+    inputs = {"train": train, "params": params, "config": config}
+    config = replace(config, checkpoint_uri=checkpoint_uri(config, "clip", inputs))
+    tags = execution_tags("clip")
+    with clip.training_run(experiment, tags, params, config, embedding_model) as run:
+        model = train_classifier(
+            _read(train), _read(validation), labels, resolve_model(embedding_model), params,
+            config, registry.tracking_uri(), run.info.run_id,
+        )  # fmt: skip
+    out = storage.join(new_output_dir(), "classifier")
+    model.save(out)
+    report = TrainingReport.of(model, run.info.run_id)
+    publish("training", *clip.training_deck(report))
+    return TrainOutputs(FlyteDirectory(out, remote_directory=False), report)
+
+
+@flyray_task(images.clip, sizes=True)
 def train_clip_classifier(
     train: StructuredDataset,
     validation: StructuredDataset,
     labels: list[str],
     embedding_model: str,
     params: ClassifierParams,
-    config: TrainingConfig,
+    config: DistributedConfig,
     experiment: str,
-) -> ClipTrainOutputs:
-    """TorchTrainer (DDP) on the embeddings; rank 0 logs per-epoch losses to a new MLflow run."""
-    setup_logging()
-    export_s3_secrets()
-    registry.use_experiment(experiment)
-    execution = current_context().execution_id
-    if not config.storage_uri:
-        config = replace(config, storage_uri=storage.join(new_output_dir(), "ray-train"))
-    with mlflow.start_run(tags={"flyte.execution_id": execution.name, "workload": "clip"}) as run:
-        mlflow.log_params({f"classifier.{k}": v for k, v in asdict(params).items()})
-        mlflow.log_params(
-            {"training.workers": config.num_workers, "embedding_model": embedding_model}
-        )
-        model = train_classifier(
-            _read(train),
-            _read(validation),
-            labels,
-            resolve_model(embedding_model),
-            params,
-            config,
-            registry.tracking_uri(),
-            run.info.run_id,
-        )
-    out = storage.join(new_output_dir(), "classifier")
-    model.save(out)
-    h = model.history
-    report = ClipTrainingReport(
-        model.workers,
-        [e.epoch for e in h],
-        [e.train_loss for e in h],
-        [e.validation_loss for e in h],
-        [e.validation_accuracy for e in h],
-        registry.tracking_uri(),
-        run.info.run_id,
-    )
-    decks.publish(
-        "training",
-        decks.line_chart_html(
-            report.epochs,
-            {"train loss": report.train_loss, "validation loss": report.validation_loss},
-            "Classifier training curves",
-            "epoch",
-            "cross-entropy",
-        ),
-    )
-    return ClipTrainOutputs(FlyteDirectory(out, remote_directory=False), report)
+) -> TrainOutputs:
+    """fit_clip_classifier on a Ray cluster sized for this run's worker count."""
+    return sized(fit_clip_classifier, config, WORKER_GPUS)(
+        train=train, validation=validation, labels=labels, embedding_model=embedding_model,
+        params=params, config=config, experiment=experiment,
+    )  # fmt: skip
 
 
-@task(
-    container_image=images.clip,
-    task_config=ray_job(),
-    cache=Cache(version="clip-evaluate-1", serialize=True),
-    retries=1,
-    enable_deck=True,
-)
-@transient_retries
+@flyray_task(images.clip, ray=True, cache="clip-evaluate-1", deck=True)
 def evaluate_clip_classifier(
     model: FlyteDirectory, test: StructuredDataset, train: StructuredDataset
-) -> Evaluation:
+) -> EvaluationReport:
     """Batch inference on the held-out test split: accuracy, precision/recall/F1 (macro and
     micro) beside the majority-class baseline, and the confusion matrix."""
-    setup_logging()
     classifier = TrainedClassifier.load(dir_uri(model))
     train_idx = _read(train).column("label_idx").to_numpy()
     result = evaluate(classifier, _read(test), train_idx)
-    decks.publish(
-        "evaluation",
-        decks.table_html([asdict(result.model), asdict(result.baseline)], "Held-out test split"),
-        decks.figure_html(confusion_figure(result.confusion, result.labels)),
-        decks.bar_chart_html(
-            dict(zip(result.labels, result.per_class_f1, strict=True)), "F1 per class", "F1"
-        ),
-    )
+    publish("evaluation", *clip.evaluation_deck(result))
     return result
 
 
-def confusion_figure(confusion: list[list[int]], labels: list[str]):
-    """A matplotlib heat map of the confusion matrix (rows true, columns predicted)."""
-    import matplotlib.pyplot as plt
-    from sklearn.metrics import ConfusionMatrixDisplay
-
-    size = max(4.0, 0.5 * len(labels) + 2)
-    fig, ax = plt.subplots(figsize=(size, size))
-    ConfusionMatrixDisplay(np.asarray(confusion), display_labels=labels).plot(
-        ax=ax, xticks_rotation=45, colorbar=False
-    )
-    ax.set_title("Confusion matrix (test split)")
-    return fig
-
-
-@task(
-    container_image=images.clip,
-    retries=2,
-    secret_requests=s3_secret_requests(),
-    enable_deck=True,
-)
-@transient_retries
+@flyray_task(images.clip, deck=True)
 def register_clip_classifier(
     model: FlyteDirectory,
-    training: ClipTrainingReport,
-    evaluation: Evaluation,
+    training: TrainingReport,
+    evaluation: EvaluationReport,
     embeddings: EmbeddingResult,
     test: StructuredDataset,
-    config: ClipRegistryConfig,
+    config: RegistryConfig,
 ) -> Registration:
-    """Evaluation into the training run, the pyfunc registered, then the shared champion gate."""
-    setup_logging()
-    export_s3_secrets()
-    registry.use_experiment(config.experiment)
+    """Evaluation into the training run, the pyfunc registered, then the champion gate: the
+    champion is scored on this classifier's test split."""
     classifier = TrainedClassifier.load(dir_uri(model))
-    execution = current_context().execution_id
-    with tempfile.TemporaryDirectory() as tmp, mlflow.start_run(run_id=training.run_id) as run:
-        mlflow.set_tags(
-            {
-                "flyte.execution_id": execution.name,
-                "flyte.project": execution.project,
-                "flyte.domain": execution.domain,
-            }
-        )
-        mlflow.log_metrics(evaluation.model.as_mlflow())
-        mlflow.log_metrics({f"majority.{k}": v for k, v in evaluation.baseline.as_mlflow().items()})
-        mlflow.log_metrics(
-            {"data.embedded": embeddings.embedded, "data.rejected": embeddings.rejected}
-        )
-        mlflow.log_dict(asdict(embeddings), "embeddings.json")
-        mlflow.log_dict(
-            {"labels": evaluation.labels, "confusion": evaluation.confusion},
-            "confusion_matrix.json",
-        )
-        classifier.save(f"{tmp}/classifier")
-        info = log_pyfunc(
-            f"{tmp}/classifier", classifier, matrix(_read(test)), registered_name=config.model_name
-        )
-        version = str(info.registered_model_version)
-        decision = champion_gate(
-            config.model_name,
-            version,
-            config.metric,
-            evaluation.model.get(config.metric),
-            baseline_value=evaluation.baseline.get(config.metric),
-        )
-        mlflow.set_tags(
-            {
-                "promotion": "champion" if decision.promoted else "rejected",
-                "promotion_reason": decision.reason,
-            }
-        )
-    decks.publish("registry", decks.table_html(asdict(decision), "Champion gate"))
-    return Registration(registry.tracking_uri(), run.info.run_id, decision)
+    held_out = _read(test)
+    registration = register(
+        config, clip.identity(classifier.labels, classifier.embedding_model, config.metric),
+        clip.run_record(evaluation, embeddings),
+        lambda name: clip.log_model(classifier, matrix(held_out), name),
+        evaluation.model.get(config.metric), evaluation.baseline.get(config.metric),
+        lambda uri: champion_metrics(uri, held_out).get(config.metric),
+        execution_tags("clip"), run_id=training.run_id,
+    )  # fmt: skip
+    publish("registry", *registration.deck())
+    return registration

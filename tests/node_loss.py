@@ -97,8 +97,9 @@ class _Messages(logging.Handler):
 
 
 def funksvd(out: Path, tmp: Path) -> None:
+    from flyray.raytrain import DistributedConfig
     from flyray.recsys import FunkSVDParams
-    from flyray.recsys.distributed import DistributedConfig, Ratings, train
+    from flyray.recsys.distributed import Ratings, train
     from tests.test_funksvd import synthetic
 
     df = synthetic(n_users=3000, n_items=1000, n=300_000)
@@ -114,7 +115,7 @@ def funksvd(out: Path, tmp: Path) -> None:
     logging.getLogger("flyray").setLevel(logging.INFO)
 
     def fit(name: str):
-        config = DistributedConfig(checkpoint_uri=f"{tmp}/{name}", max_restarts=2)
+        config = DistributedConfig(checkpoint_uri=f"{tmp}/{name}", max_failures=2)
         return train(train_r, len(users), len(items), params, config, val_r, users, items)
 
     reference = disturber.reference(lambda: fit("reference"))
@@ -132,10 +133,11 @@ def funksvd(out: Path, tmp: Path) -> None:
 
 
 def xgboost(out: Path, tmp: Path) -> None:
+    from flyray.raytrain import DistributedConfig
     from flyray.tabular.data import prepare, read_split, split_uri
     from flyray.tabular.evaluate import evaluate
     from flyray.tabular.generate import generate_table
-    from flyray.tabular.train import TrainConfig, XGBParams, predict, train_distributed
+    from flyray.tabular.train import XGBParams, predict, train_distributed
 
     disturber = _Disturber()
     spec = prepare(generate_table(str(tmp / "table.parquet"), 200_000, 20), str(tmp / "prepared"))
@@ -143,7 +145,7 @@ def xgboost(out: Path, tmp: Path) -> None:
     params = XGBParams(num_boost_round=150, max_depth=8, early_stopping_rounds=0)
 
     def fit(name: str):
-        config = TrainConfig(checkpoint_every=15, storage_uri=str(tmp / name), run_name=name)
+        config = DistributedConfig(checkpoint_every=15, checkpoint_uri=str(tmp / name))
         booster, report = train_distributed(
             split_uri(str(tmp / "prepared"), "train"),
             split_uri(str(tmp / "prepared"), "validation"), spec, params, config,
@@ -166,7 +168,8 @@ def xgboost(out: Path, tmp: Path) -> None:
 def torch(out: Path, tmp: Path) -> None:
     import pyarrow as pa
 
-    from flyray.clip.classifier import ClassifierParams, TrainingConfig, train_classifier
+    from flyray.clip.classifier import ClassifierParams, train_classifier
+    from flyray.raytrain import DistributedConfig
 
     rng = np.random.default_rng(0)
     centres = rng.normal(0, 1, (6, 64)).astype(np.float32)
@@ -184,7 +187,7 @@ def torch(out: Path, tmp: Path) -> None:
     disturber = _Disturber()
 
     def fit(name: str):
-        config = TrainingConfig(num_workers=2, max_failures=2, storage_uri=str(tmp / name))
+        config = DistributedConfig(workers=2, max_failures=2, checkpoint_uri=str(tmp / name))
         return train_classifier(train, validation, labels, "synthetic", params, config)
 
     reference = disturber.reference(lambda: fit("reference"))

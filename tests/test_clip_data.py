@@ -29,7 +29,8 @@ from flyray.clip.embed import (
     plan_pool,
 )
 from flyray.clip.generate import generate_shapes
-from flyray.clip.images import decode, list_images, split_embeddings
+from flyray.clip.images import split_embeddings
+from flyray.images import decode, list_images
 
 
 def test_listing_takes_classes_from_folders_and_rejects_other_files(tmp_path):
@@ -87,6 +88,20 @@ def test_embed_folder_counts_rejects_and_reuses_its_cache(tmp_path, tiny_clip): 
     again = embed_folder(str(images), tiny_clip, cache, batch_size=8)
     assert again.reused and again.cache_dir == result.cache_dir
     assert marker.stat().st_mtime_ns == written  # not rewritten
+
+    # A damaged cache is never trusted: a cut-short or garbled marker, or a file that changed
+    # since the marker was written, and the embeddings are computed again.
+    folder = Path(result.cache_dir)
+    success = (folder / "_SUCCESS").read_bytes()
+    for damage in (
+        lambda: (folder / "_SUCCESS").write_bytes(success[: len(success) // 2]),
+        lambda: (folder / "_SUCCESS").write_bytes(success.replace(b"rejects", b"rejectz")),
+        lambda: (folder / "result.json").write_bytes(b"{"),
+    ):
+        damage()
+        rebuilt = embed_folder(str(images), tiny_clip, cache, batch_size=8, in_process=True)
+        assert not rebuilt.reused and rebuilt.embedded == result.embedded
+        assert embed_folder(str(images), tiny_clip, cache, batch_size=8).reused
 
     (images / "red_circle" / "00000.png").write_bytes(
         (images / "red_circle" / "00001.png").read_bytes()

@@ -18,10 +18,10 @@ from clip_helpers import CLASSES, shapes_with_bad_files, tiny_clip  # noqa: F401
 
 from flyray import registry
 from flyray.clip.classifier import ClassifierParams, ClipClassifier, TrainedClassifier
-from flyray.clip.classifier import TrainingConfig as ClipTraining
+from flyray.raytrain import DistributedConfig
 from flyray.clip.embed import ClipEmbedder
-from flyray.clip.images import decode
 from flyray.clip.pyfunc import log_pyfunc
+from flyray.images import decode
 from workflows.clip import clip_pipeline
 
 SMALL = ClassifierParams(hidden=32, epochs=10, lr=0.005, batch_size=16)
@@ -39,8 +39,8 @@ def test_pipeline_embeds_trains_evaluates_and_registers(
     expected_rejects = shapes_with_bad_files(images, per_class=20)
     checkpoints = tmp_path / "ray-train"
     kwargs = dict(
-        images=str(images), model=tiny_clip, params=SMALL,
-        training=ClipTraining(num_workers=2, max_failures=1, storage_uri=str(checkpoints)),
+        source=str(images), model=tiny_clip, params=SMALL,
+        training=DistributedConfig(workers=2, max_failures=1, checkpoint_uri=str(checkpoints)),
     )  # fmt: skip
     out = clip_pipeline(**kwargs)
 

@@ -1,15 +1,21 @@
-"""FunkSVD over Ray: DSGD equals one worker, is deterministic, resumes, survives a lost worker."""
+"""FunkSVD over Ray: DSGD equals one worker, is deterministic, resumes, survives a lost worker,
+and beats the original system's gradient averaging (bench/gradient_averaging.py)."""
 
 from __future__ import annotations
+
+import logging
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import ray
 from test_funksvd import synthetic
 
+from bench import gradient_averaging
+from flyray.raytrain import DistributedConfig
 from flyray.recsys import FunkSVDParams
 from flyray.recsys import distributed as dist
-from flyray.recsys.distributed import DistributedConfig, Ratings, balanced_blocks, train
+from flyray.recsys.distributed import Ratings, balanced_blocks, train
 
 PARAMS = FunkSVDParams(n_factors=16, n_epochs=30, lr=0.01, reg=0.05, seed=4)
 
@@ -32,8 +38,8 @@ def _fit(data, params=PARAMS, **cfg):
 
 
 def test_dsgd_with_two_workers_matches_one_worker(data):
-    one = _fit(data, n_workers=1)
-    two = _fit(data, n_workers=2)
+    one = _fit(data, workers=1)
+    two = _fit(data, workers=2)
     assert abs(one.history[-1].validation_rmse - two.history[-1].validation_rmse) < 0.002
     assert two.history[-1].validation_rmse < two.history[0].validation_rmse - 0.1
     assert {w["worker"] for w in two.history[0].workers} == {0, 1}
@@ -41,7 +47,7 @@ def test_dsgd_with_two_workers_matches_one_worker(data):
 
 
 def test_dsgd_is_deterministic_for_a_seed(data):
-    a, b = _fit(data, n_workers=2), _fit(data, n_workers=2)
+    a, b = _fit(data, workers=2), _fit(data, workers=2)
     np.testing.assert_array_equal(a.P, b.P)
     np.testing.assert_array_equal(a.Q, b.Q)
 
@@ -49,15 +55,15 @@ def test_dsgd_is_deterministic_for_a_seed(data):
 def test_resume_continues_from_the_last_checkpoint(data, tmp_path):
     uri = str(tmp_path / "ckpt")
     short = FunkSVDParams(**{**PARAMS.__dict__, "n_epochs": 3})
-    first = _fit(data, short, n_workers=2, checkpoint_uri=uri)
+    first = _fit(data, short, workers=2, checkpoint_uri=uri)
     assert sorted(p.name for p in (tmp_path / "ckpt").iterdir())[:3] == [
         "epoch-0001",
         "epoch-0002",
         "epoch-0003",
     ]
     # Run again to 30 epochs on the same checkpoints: only epochs 4..30 are trained.
-    cont = _fit(data, PARAMS, n_workers=2, checkpoint_uri=uri)
-    uninterrupted = _fit(data, PARAMS, n_workers=2)
+    cont = _fit(data, PARAMS, workers=2, checkpoint_uri=uri)
+    uninterrupted = _fit(data, PARAMS, workers=2)
     assert [h.seconds for h in cont.history[:3]] == [h.seconds for h in first.history]
     assert [h.epoch for h in cont.history] == list(range(1, PARAMS.n_epochs + 1))
     np.testing.assert_array_equal(cont.P, uninterrupted.P)  # same as never stopping
@@ -65,21 +71,22 @@ def test_resume_continues_from_the_last_checkpoint(data, tmp_path):
 
 def test_checkpoint_from_other_settings_is_refused(data, tmp_path):
     uri = str(tmp_path / "ckpt")
-    _fit(data, FunkSVDParams(n_factors=4, n_epochs=1), n_workers=1, checkpoint_uri=uri)
+    _fit(data, FunkSVDParams(n_factors=4, n_epochs=1), workers=1, checkpoint_uri=uri)
     with pytest.raises(ValueError, match="different training"):
-        _fit(data, FunkSVDParams(n_factors=8, n_epochs=2), n_workers=1, checkpoint_uri=uri)
+        _fit(data, FunkSVDParams(n_factors=8, n_epochs=2), workers=1, checkpoint_uri=uri)
 
 
-def test_lost_worker_resumes_from_checkpoint(data, tmp_path, monkeypatch):
+def test_lost_worker_resumes_from_checkpoint(data, monkeypatch, caplog):
     handles = []
     original = dist._DSGDWorker
 
-    class Recording:
-        @staticmethod
+    def options(**resources):
         def remote(*args, **kwargs):
-            handle = original.remote(*args, **kwargs)
+            handle = original.options(**resources).remote(*args, **kwargs)
             handles.append(handle)
             return handle
+
+        return SimpleNamespace(remote=remote)
 
     end_epoch = dist._end_epoch
     killed = []
@@ -90,18 +97,21 @@ def test_lost_worker_resumes_from_checkpoint(data, tmp_path, monkeypatch):
             killed.append(epoch)
             ray.kill(handles[-1])  # a worker dies between epochs
 
-    monkeypatch.setattr(dist, "_DSGDWorker", Recording)
+    monkeypatch.setattr(dist, "_DSGDWorker", SimpleNamespace(options=options))
     monkeypatch.setattr(dist, "_end_epoch", kill_after_epoch_five)
-    model = _fit(data, n_workers=2, checkpoint_uri=str(tmp_path / "ckpt"))
+    caplog.set_level(logging.INFO, logger=dist.__name__)
+    model = _fit(data, workers=2)  # no checkpoint_uri: checkpoints in a temporary folder
     assert killed == [5] and len(handles) == 4  # two workers, started twice
-    reference = _fit(data, n_workers=2)
+    assert any(m.endswith("at epoch 5") for m in caplog.messages if "resuming" in m)
+    reference = _fit(data, workers=2)
     np.testing.assert_array_equal(model.P, reference.P)
     assert [h.epoch for h in model.history] == list(range(1, PARAMS.n_epochs + 1))
 
 
 def test_gradient_averaging_learns_slowly(data):
-    ga = _fit(data, n_workers=2, strategy="gradient_averaging")
-    dsgd = _fit(data, n_workers=2)
+    train_r, val_r, users, items = data
+    ga = gradient_averaging.train(train_r, len(users), len(items), PARAMS, 2, val_r)
+    dsgd = _fit(data, workers=2)
     curve = [h.validation_rmse for h in ga.history]
     assert curve[-1] < curve[0]
     assert dsgd.history[-1].validation_rmse < curve[-1] - 0.1
@@ -112,5 +122,12 @@ def test_blocks_are_balanced():
     blocks = balanced_blocks(counts, 4)
     loads = np.bincount(blocks, weights=counts)
     assert loads.max() / loads.min() < 1.05
-    with pytest.raises(ValueError, match="strategy"):
-        DistributedConfig(strategy="allreduce")
+
+
+def test_elastic_runs_take_the_workers_the_cluster_can_place():
+    free = int(ray.available_resources()["CPU"])
+    assert 1 <= free < 4  # the test session's cluster has 2 CPUs
+    assert dist._worker_count(DistributedConfig(workers=4)) == free  # elastic, 1..4
+    assert dist._worker_count(DistributedConfig(workers=4, min_workers=3)) == 3  # at least
+    assert dist._worker_count(DistributedConfig(workers=4, min_workers=0)) == 4  # fixed
+    assert dist._worker_count(DistributedConfig(workers=4, cpus_per_worker=2)) == max(1, free // 2)

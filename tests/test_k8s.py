@@ -232,7 +232,7 @@ def test_render_refuses_a_missing_secret_and_prints_no_value(tmp_path):
 
 def test_standalone_cluster_matches_the_flyte_ray_settings(manifests):
     import images
-    from tasks.runtime import RAY_DEFAULTS
+    from tasks.platform import RAY_DEFAULTS
 
     [cluster] = [d for d in manifests if d["kind"] == "RayCluster"]
     [group] = cluster["spec"]["workerGroupSpecs"]

@@ -8,6 +8,7 @@ import sys
 
 import mlflow
 import pandas as pd
+import pytest
 
 from flyray.recsys import FunkSVDParams
 from workflows.recommendation import recommendation_pipeline
@@ -41,6 +42,10 @@ def test_pipeline_registers_evaluates_and_recommends(tmp_path, monkeypatch, flyt
     again = recommendation_pipeline(demo_events=40_000, params=SMALL, n_recommendations=5)
     second = again.registration.decision
     assert second.version == "2" and not (second.promoted and decision.promoted)
+    # The champion is scored on the challenger's own split: the same model on the same split
+    # (both runs came from the same data and seed) scores exactly the challenger's figure.
+    assert second.champion_version == "1"
+    assert second.champion_value == pytest.approx(again.evaluation.model.ndcg, rel=1e-6)
 
 
 def test_pyflyte_run_subprocess(tmp_path):

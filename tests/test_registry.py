@@ -125,3 +125,67 @@ def test_concurrent_registrations_end_with_the_better_champion(tracking, small_m
         assert decisions[0.40].promoted and not decisions[0.30].promoted
         tags = client.get_model_version(name, decisions[0.30].version).tags
         assert tags["promotion"] == "rejected"
+
+
+def _identity(target: str) -> registry.TaskIdentity:
+    return registry.TaskIdentity("recommendation", target, "clickstream events", "ndcg@10")
+
+
+def _through_register(name, identity, value, small_model, champion_on_my_split=None):
+    """One registration through the shared path; returns (registration, champion URIs scored)."""
+    model, folder = small_model
+    scored: list[str] = []
+
+    def score(uri: str) -> float:
+        scored.append(uri)
+        return champion_on_my_split
+
+    config = registry.RegistryConfig(name, "registry-tests", "ndcg@10")
+    record = registry.RunRecord(params={"k": 10}, metrics={"ndcg_at_10": value},
+                                curves={1: {"loss": 0.5}, 2: {"loss": 0.4}})  # fmt: skip
+    registration = registry.register(
+        config, identity, record,
+        lambda registered: log_pyfunc(model, folder, registered_name=registered),
+        value, 0.05, score, {"workload": "test"},
+    )  # fmt: skip
+    return registration, scored
+
+
+def test_the_gate_compares_the_champion_on_the_challengers_split(tracking, small_model):
+    """The champion's own recorded figure (0.30, on its data) is not what the challenger meets:
+    the champion scored on the challenger's split (0.20) is."""
+    name, task = "same-split", _identity("top-k items of shop A")
+    first, scored = _through_register(name, task, 0.30, small_model)
+    assert first.decision.promoted and scored == []  # no champion yet: nothing to score
+    second, scored = _through_register(name, task, 0.25, small_model, champion_on_my_split=0.20)
+    assert scored == [f"models:/{name}/{first.decision.version}"]
+    gate = second.decision
+    assert gate.promoted and gate.champion_value == 0.20 and gate.champion_version == "1"
+    assert "on the same data" in gate.reason
+    client = mlflow.MlflowClient(tracking)
+    assert client.get_model_version_by_alias(name, "champion").version == gate.version
+    tags = client.get_model_version(name, gate.version).tags
+    assert tags["task.key"] == task.key() and tags["gate.champion_value"] == "0.2"
+    third, _ = _through_register(name, task, 0.22, small_model, champion_on_my_split=0.24)
+    assert not third.decision.promoted and "does not beat champion v2's 0.2400" in (
+        third.decision.reason
+    )
+    run = client.get_run(second.run_id)
+    assert run.data.params["k"] == "10" and run.data.metrics["ndcg_at_10"] == 0.25
+    assert [m.value for m in client.get_metric_history(second.run_id, "loss")] == [0.5, 0.4]
+
+
+def test_another_task_never_displaces_the_champion(tracking, small_model):
+    name = "one-task"
+    first, _ = _through_register(name, _identity("top-k items of shop A"), 0.10, small_model)
+    other = _identity("top-k items of shop B")
+    refused, scored = _through_register(name, other, 0.90, small_model, 0.01)
+    gate = refused.decision
+    assert not gate.promoted and gate.version == "" and scored == []
+    assert "shop A" in gate.reason and "shop B" in gate.reason
+    assert f'"model_name": "{name}-' in gate.reason  # how to register it under its own name
+    client = mlflow.MlflowClient(tracking)
+    assert client.get_model_version_by_alias(name, "champion").version == first.decision.version
+    assert len(client.search_model_versions(f"name='{name}'")) == 1
+    assert client.list_artifacts(refused.run_id, "model")  # logged in its run, not lost
+    assert client.get_run(refused.run_id).data.tags["promotion"] == "rejected"

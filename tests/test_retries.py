@@ -22,7 +22,7 @@ from flytekit.tools.translator import get_serializable
 
 import tasks.clickstream as clickstream
 from flyray.clickstream.ingest import IngestError
-from tasks.runtime import is_transient
+from tasks.platform import is_transient
 from tests.conftest import REPO, _free_port, event, jsonl, serve
 from tests.test_serialization import SETTINGS
 

@@ -65,10 +65,10 @@ def test_no_secret_reaches_logs_decks_outputs_or_mlflow(
         "RAY_DATA_DISABLE_PROGRESS_BARS": "1",
         "FLYRAY_S3_ENDPOINT_URL": s3_server,
         "AWS_REGION": "us-east-1",
-        # S3 keys only as Flyte secrets (flytekit's local secrets: _FSEC_<GROUP>_<KEY>).
+        # S3 keys as the Flyte secrets mount them (tasks request them with env_var=...).
         "FLYRAY_S3_SECRET_GROUP": "s3creds",
-        "_FSEC_S3CREDS_AWS_ACCESS_KEY_ID": SECRETS["s3_key_id"],
-        "_FSEC_S3CREDS_AWS_SECRET_ACCESS_KEY": SECRETS["s3_secret"],
+        "AWS_ACCESS_KEY_ID": SECRETS["s3_key_id"],
+        "AWS_SECRET_ACCESS_KEY": SECRETS["s3_secret"],
         "MLFLOW_TRACKING_URI": mlflow_server,
         "MLFLOW_TRACKING_USERNAME": "flyray",
         "MLFLOW_TRACKING_PASSWORD": SECRETS["mlflow_password"],
@@ -80,7 +80,8 @@ def test_no_secret_reaches_logs_decks_outputs_or_mlflow(
             [sys.executable, "-m", "flytekit.clis.sdk_in_container.pyflyte", "run",
              "workflows/recommendation.py", "recommendation_pipeline",
              "--source", "s3://secret-test/clicks/", "--params", params,
-             "--registry_config", '{"model_name": "secret-check", "experiment": "secret-check"}'],
+             "--registration",
+             '{"model_name": "secret-check", "experiment": "secret-check", "metric": "ndcg@10"}'],
             capture_output=True, text=True, timeout=900, env=env, cwd=REPO,
         )  # fmt: skip
         assert proc.returncode == 0, proc.stderr[-3000:]

@@ -24,6 +24,7 @@ from flytekit.tools.translator import get_serializable
 import images
 import workflows.tabular as wf
 from flyray import storage
+from flyray.raytrain import DistributedConfig
 from flyray.tabular.data import (
     TableConfig,
     prepare,
@@ -33,8 +34,9 @@ from flyray.tabular.data import (
     write_breast_cancer,
 )
 from flyray.tabular.evaluate import evaluate
-from flyray.tabular.train import TrainConfig, XGBParams, load_model, predict, train_distributed
-from tasks.runtime import dataset_uri, dir_uri
+from flyray.tabular.generate import generate_table
+from flyray.tabular.train import XGBParams, load_model, predict, train_distributed
+from tasks.platform import dataset_uri, dir_uri
 
 
 def test_pipeline_trains_evaluates_and_registers(tmp_path, monkeypatch, flyte_cache):
@@ -84,6 +86,27 @@ def test_pipeline_trains_evaluates_and_registers(tmp_path, monkeypatch, flyte_ca
     got = json.loads(proc.stdout.strip().splitlines()[-1])
     np.testing.assert_allclose(got, want[:20], rtol=1e-5)
 
+    # Another table, another label, all defaults: a different task never takes the champion.
+    other = generate_table(str(tmp_path / "other.parquet"), rows=3_000, features=6, label="type")
+    second = wf.xgboost_pipeline(source=other, table=TableConfig(label="type"))
+    refused = second.registration.decision
+    assert not refused.promoted and refused.version == ""
+    assert "label = 1" in refused.reason and "type = 1" in refused.reason  # both tasks named
+    assert "model_name" in refused.reason  # and how to register it elsewhere
+    assert client.get_model_version_by_alias("flyray-xgboost", "champion").version == "1"
+    assert len(client.search_model_versions("name='flyray-xgboost'")) == 1
+    assert client.list_artifacts(second.registration.run_id, "model")  # the model is kept
+
+    # The same task on another split: the champion is scored on the challenger's test rows.
+    third = wf.xgboost_pipeline(table=TableConfig(seed=7))
+    gate = third.registration.decision
+    x3, y3 = read_split(dataset_uri(third.test), spec2)
+    champion_auc = evaluate(predict(booster, spec2, x3), y3, "champion").auc
+    assert gate.version == "2" and gate.champion_version == "1"
+    assert gate.champion_value == pytest.approx(champion_auc)
+    assert gate.value == third.evaluation.model.auc
+    assert gate.promoted == (gate.value > champion_auc)
+
 
 @pytest.fixture
 def bucket(s3_env):
@@ -115,7 +138,7 @@ def test_lost_worker_resumes_from_the_s3_checkpoint(bucket, tmp_path):
             return False
 
     params = XGBParams(num_boost_round=40, early_stopping_rounds=0)
-    config = TrainConfig(checkpoint_every=10, storage_uri=f"{bucket}/ckpt", max_failures=1)
+    config = DistributedConfig(checkpoint_every=10, checkpoint_uri=f"{bucket}/ckpt", max_failures=1)
     booster, report = train_distributed(
         split_uri(f"{bucket}/prepared", "train"), split_uri(f"{bucket}/prepared", "validation"),
         spec, params, config, callbacks=(FailOnce(),),
@@ -232,16 +255,15 @@ def test_cluster_serialization():
     assert image.startswith("localhost:30000/flyray-tabular:")
     assert all(t.container.image == image for t in tasks.values())
     ray_tasks = {n for n, t in tasks.items() if t.type == "ray"}
-    assert ray_tasks == {"prepare_table", "train_xgboost"}
-    for name in ray_tasks:
-        job = tasks[name].custom
-        assert job["shutdownAfterJobFinishes"] is True
-        assert job["rayCluster"]["headGroupSpec"]["rayStartParams"] == {"num-cpus": "0"}
-        [group] = job["rayCluster"]["workerGroupSpec"]
-        assert group["replicas"] == 2
+    assert ray_tasks == {"prepare_table"}  # train_xgboost sizes fit_xgboost's cluster per run
+    job = tasks["prepare_table"].custom
+    assert job["shutdownAfterJobFinishes"] is True
+    assert job["rayCluster"]["headGroupSpec"]["rayStartParams"] == {"num-cpus": "0"}
+    [group] = job["rayCluster"]["workerGroupSpec"]
+    assert group["replicas"] == 2
     versions = {n: t.metadata.discovery_version for n, t in tasks.items()
                 if t.metadata.discoverable}  # fmt: skip
-    assert versions == {"prepare_table": "tabular-prepare-1", "train_xgboost": "xgboost-train-1",
+    assert versions == {"prepare_table": "tabular-prepare-1",
                         "evaluate_xgboost": "xgboost-evaluate-1"}  # fmt: skip
     assert tasks["train_xgboost"].metadata.retries.retries == 2
     assert tasks["register_xgboost"].metadata.retries.retries == 2

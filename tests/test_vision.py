@@ -20,10 +20,11 @@ from flytekit.tools.translator import get_serializable
 
 import images
 from flyray import storage
+from flyray.raytrain import DistributedConfig
 from flyray.vision import data as vd
 from flyray.vision.model import CNNParams
 from flyray.vision.report import build_report, compare
-from flyray.vision.train import DistributedConfig, RunReport, available_cpus
+from flyray.vision.train import RunReport, available_cpus
 from workflows import image_classification as wf
 
 ResourceName = Resources.ResourceName
@@ -134,7 +135,8 @@ def test_image_folder_keeps_rejects_and_fails_above_the_threshold(tmp_path):
     dark = loaded.train.images[loaded.train.labels == 0]
     assert dark.max() < 30  # resized, colours kept
     assert [r["path"] for r in loaded.rejects] == [str(root / "light" / "broken.png")]
-    assert "does not decode" in loaded.rejects[0]["reason"]
+    assert loaded.rejects[0]["reason"] == "undecodable" and loaded.rejects[0]["label"] == "light"
+    assert np.bincount(loaded.test.labels).tolist() == [1, 1]  # stratified
 
     out = tmp_path / "prepared"
     with pytest.raises(vd.ImageDataError, match=r"1 of 11 files rejected"):
@@ -147,6 +149,23 @@ def test_image_folder_keeps_rejects_and_fails_above_the_threshold(tmp_path):
     back = vd.read_parquet(str(out / "train"))
     assert back.images.shape == (summary.train_examples, 16, 16, 3)
     assert back.class_names == ["dark", "light"]
+
+
+def test_presplit_image_folder_keeps_its_split(tmp_path):
+    root = tmp_path / "presplit"
+    for split, n in (("train", 4), ("test", 2)):
+        for label, value in (("dark", 20), ("light", 230)):
+            (root / split / label).mkdir(parents=True)
+            for i in range(n):
+                (root / split / label / f"{i}.png").write_bytes(_png(value + i))
+    (root / "train" / "loose.png").write_bytes(_png(100))  # in no class folder
+    (root / "train" / "dark" / "notes.txt").write_text("not an image")
+
+    loaded = vd.load_images(str(root), image_size=12)
+    assert (len(loaded.train), len(loaded.test)) == (8, 4)
+    assert loaded.train.class_names == ["dark", "light"]
+    assert np.bincount(loaded.test.labels).tolist() == [2, 2]
+    assert {r["reason"] for r in loaded.rejects} == {"no_class_folder", "not_an_image_file"}
 
 
 def _run(mode, seconds, epochs, workers=1, host="node-a", nodes=1, accuracy=0.9) -> RunReport:
@@ -228,8 +247,8 @@ def test_cnn_benchmark_end_to_end_through_a_worker_failure(tmp_path, monkeypatch
     storage_dir, marker = tmp_path / "ray-train", tmp_path / "worker-exited"
     _exit_rank_1_after_two_checkpoints(monkeypatch, storage_dir, marker)
     params = CNNParams(epochs=3, global_batch_size=64)
-    distributed = DistributedConfig(storage_uri=str(storage_dir), max_failures=1)
-    out = wf.cnn_benchmark(params=params, distributed=distributed)
+    distributed = DistributedConfig(checkpoint_uri=str(storage_dir), max_failures=1)
+    out = wf.cnn_benchmark(params=params, training=distributed)
     with open(out.report.download()) as fh:
         report = json.load(fh)
     base, ray_run, c = report["baseline"], report["ray_distributed"], report["comparison"]
@@ -256,7 +275,7 @@ def test_cnn_benchmark_end_to_end_through_a_worker_failure(tmp_path, monkeypatch
     assert c["same_machine"] and "one machine" in c["note"]
     assert report["setup"]["params"]["learning_rate"] == params.learning_rate
 
-    decision = out.decision
+    decision = out.registration.decision
     assert decision.version == "1" and decision.promoted and decision.baseline_value == 0.1
     client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'data' / 'mlflow' / 'mlflow.db'}")
     version = client.get_model_version_by_alias("flyray-cnn", "champion")
@@ -290,11 +309,8 @@ def test_cluster_serialization(entities):
     assert images.image.env["TF_USE_LEGACY_KERAS"] == "1"
     for name, template in tasks.items():
         assert template.container.image == images.image.image_name(), name
-    assert {n for n, t in tasks.items() if t.type == "ray"} == {"train_distributed"}
-    job = tasks["train_distributed"].custom
-    assert job["shutdownAfterJobFinishes"] is True
-    [group] = job["rayCluster"]["workerGroupSpec"]
-    assert group["replicas"] == 2 and group["groupName"] == "workers"
+    # train_distributed starts fit_cnn on a Ray cluster sized per run (tests/test_platform.py)
+    assert {n for n, t in tasks.items() if t.type == "ray"} == set()
     versions = {
         n: t.metadata.discovery_version for n, t in tasks.items() if t.metadata.discoverable
     }

@@ -1,7 +1,7 @@
 """CLIP image classification: class folders -> CLIP embeddings (Ray Data actors) -> classifier
 (Ray Train, DDP) -> batch-inference evaluation -> MLflow registry behind the champion gate.
 
-pyflyte run workflows/clip.py clip_pipeline --images s3://bucket/dogs/          # real CLIP
+pyflyte run workflows/clip.py clip_pipeline --source s3://bucket/dogs/          # real CLIP
 pyflyte run workflows/clip.py clip_pipeline --model .data/clip/tiny             # offline demo
 """
 
@@ -12,13 +12,13 @@ from typing import NamedTuple
 from flytekit import LaunchPlan, StructuredDataset, workflow
 from flytekit.types.directory import FlyteDirectory
 
-from flyray.clip.classifier import ClassifierParams, TrainingConfig
+from flyray.clip.classifier import ClassifierParams
 from flyray.clip.embed import DEFAULT_MODEL, EmbeddingResult
-from flyray.clip.evaluate import Evaluation
-from flyray.registry import Registration
+from flyray.clip.evaluate import EvaluationReport
+from flyray.clip.report import TrainingReport
+from flyray.raytrain import DistributedConfig
+from flyray.registry import Registration, RegistryConfig
 from tasks.clip import (
-    ClipRegistryConfig,
-    ClipTrainingReport,
     EmbedConfig,
     SplitConfig,
     embed_images,
@@ -28,67 +28,50 @@ from tasks.clip import (
     train_clip_classifier,
 )
 
+DEFAULT_REGISTRATION = RegistryConfig("flyray-clip", "flyray-clip", "f1_macro")
+
 
 class ClipOutputs(NamedTuple):
     model: FlyteDirectory
     embeddings: EmbeddingResult
     rejects: StructuredDataset
-    training: ClipTrainingReport
-    evaluation: Evaluation
+    training: TrainingReport
+    evaluation: EvaluationReport
     registration: Registration
-
-
-DEFAULT_EMBED = EmbedConfig()
-DEFAULT_SPLIT = SplitConfig()
-DEFAULT_PARAMS = ClassifierParams()
-DEFAULT_TRAINING = TrainingConfig()
-DEFAULT_REGISTRY = ClipRegistryConfig()
 
 
 @workflow
 def clip_pipeline(
-    images: str = "",
+    source: str = "",
     model: str = DEFAULT_MODEL,
     demo_per_class: int = 60,
     demo_seed: int = 0,
-    embed_config: EmbedConfig = DEFAULT_EMBED,
-    split_config: SplitConfig = DEFAULT_SPLIT,
-    params: ClassifierParams = DEFAULT_PARAMS,
-    training: TrainingConfig = DEFAULT_TRAINING,
-    registry_config: ClipRegistryConfig = DEFAULT_REGISTRY,
+    embed_config: EmbedConfig = EmbedConfig(),
+    split_config: SplitConfig = SplitConfig(),
+    params: ClassifierParams = ClassifierParams(),
+    training: DistributedConfig = DistributedConfig(),
+    registration: RegistryConfig = DEFAULT_REGISTRATION,
 ) -> ClipOutputs:
-    """`images`: a folder of class folders (local or s3://; empty = generated coloured shapes);
+    """`source`: a folder of class folders (local or s3://; empty = generated coloured shapes);
     `model`: a CLIP hub id or a saved model directory (local or s3://)."""
-    source = resolve_images(
-        source=images, model=model, demo_per_class=demo_per_class, demo_seed=demo_seed
+    images = resolve_images(
+        source=source, model=model, demo_per_class=demo_per_class, demo_seed=demo_seed
     )
     data = embed_images(
-        root=source.root,
-        fingerprint=source.fingerprint,
-        model=model,
-        config=embed_config,
+        root=images.root, fingerprint=images.fingerprint, model=model, config=embed_config,
         split=split_config,
-    )
+    )  # fmt: skip
     trained = train_clip_classifier(
-        train=data.train,
-        validation=data.validation,
-        labels=data.labels,
-        embedding_model=model,
-        params=params,
-        config=training,
-        experiment=registry_config.experiment,
-    )
+        train=data.train, validation=data.validation, labels=data.labels, embedding_model=model,
+        params=params, config=training, experiment=registration.experiment,
+    )  # fmt: skip
     evaluation = evaluate_clip_classifier(model=trained.model, test=data.test, train=data.train)
-    registration = register_clip_classifier(
-        model=trained.model,
-        training=trained.report,
-        evaluation=evaluation,
-        embeddings=data.report,
-        test=data.test,
-        config=registry_config,
-    )
+    registered = register_clip_classifier(
+        model=trained.model, training=trained.report, evaluation=evaluation,
+        embeddings=data.report, test=data.test, config=registration,
+    )  # fmt: skip
     return ClipOutputs(
-        trained.model, data.report, data.rejects, trained.report, evaluation, registration
+        trained.model, data.report, data.rejects, trained.report, evaluation, registered
     )
 
 

@@ -14,9 +14,10 @@ from flytekit import CronSchedule, LaunchPlan, StructuredDataset, workflow
 from flytekit.types.directory import FlyteDirectory
 
 from flyray.clickstream.config import FeatureConfig, IngestConfig
+from flyray.raytrain import DistributedConfig
 from flyray.recsys import FunkSVDParams
-from flyray.recsys.distributed import DistributedConfig
-from flyray.registry import Registration
+from flyray.recsys.report import EvaluationReport, TrainingReport
+from flyray.registry import Registration, RegistryConfig
 from tasks.clickstream import (
     FeatureOutputs,
     build_ratings,
@@ -25,24 +26,18 @@ from tasks.clickstream import (
     resolve_source,
 )
 from tasks.recommender import (
-    EvaluationReport,
-    RegistryConfig,
-    TrainingReport,
     evaluate_model,
     recommend_users,
     register_model,
     train_funksvd,
 )
 
-DEFAULT_INGEST = IngestConfig()
-DEFAULT_FEATURES = FeatureConfig()
-DEFAULT_TRAINING = DistributedConfig()
 # The pipeline's model: implicit feedback (3 sampled negatives per rating at 0) ranks held-out
 # items far better than explicit-rating FunkSVD, which loses to item popularity on clicks.
 PIPELINE_PARAMS = FunkSVDParams(
     n_factors=64, n_epochs=30, lr=0.01, reg=0.05, negatives=3, negative_rating=0.0, rating_min=0.0
 )
-DEFAULT_REGISTRY = RegistryConfig()
+DEFAULT_REGISTRATION = RegistryConfig("flyray-funksvd", "flyray-recommender", "ndcg@10")
 
 
 @workflow
@@ -50,8 +45,8 @@ def prepare_data(
     source: str = "",
     demo_events: int = 300_000,
     demo_seed: int = 0,
-    ingest_config: IngestConfig = DEFAULT_INGEST,
-    feature_config: FeatureConfig = DEFAULT_FEATURES,
+    ingest_config: IngestConfig = IngestConfig(),
+    feature_config: FeatureConfig = FeatureConfig(),
     run_date: datetime | None = None,
     window_days: int = 0,
 ) -> FeatureOutputs:
@@ -80,14 +75,14 @@ def recommendation_pipeline(
     source: str = "",
     demo_events: int = 1_000_000,
     demo_seed: int = 0,
-    ingest_config: IngestConfig = DEFAULT_INGEST,
-    feature_config: FeatureConfig = DEFAULT_FEATURES,
+    ingest_config: IngestConfig = IngestConfig(),
+    feature_config: FeatureConfig = FeatureConfig(),
     params: FunkSVDParams = PIPELINE_PARAMS,
-    training: DistributedConfig = DEFAULT_TRAINING,
+    training: DistributedConfig = DistributedConfig(),
     k: int = 10,
     ranking_users: int = 20_000,
     n_recommendations: int = 10,
-    registry_config: RegistryConfig = DEFAULT_REGISTRY,
+    registration: RegistryConfig = DEFAULT_REGISTRATION,
     run_date: datetime | None = None,
     window_days: int = 0,
 ) -> PipelineOutputs:
@@ -117,16 +112,21 @@ def recommendation_pipeline(
         k=k,
         ranking_users=ranking_users,
     )
-    registration = register_model(
+    registered = register_model(
         model_dir=trained.model,
+        train_ratings=data.train,
+        test_ratings=data.test,
         training=trained.report,
         evaluation=evaluation,
         profile=data.profile,
         params=params,
-        config=registry_config,
+        source=source,
+        features=feature_config,
+        ranking_users=ranking_users,
+        config=registration,
     )
     recommendations = recommend_users(model_dir=trained.model, n=n_recommendations)
-    return PipelineOutputs(trained.model, trained.report, evaluation, registration, recommendations)
+    return PipelineOutputs(trained.model, trained.report, evaluation, registered, recommendations)
 
 
 default_plan = LaunchPlan.get_or_create(recommendation_pipeline, name="recommendation_default")

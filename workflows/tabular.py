@@ -13,12 +13,12 @@ from typing import NamedTuple
 from flytekit import LaunchPlan, StructuredDataset, workflow
 from flytekit.types.directory import FlyteDirectory
 
-from flyray.registry import Registration
+from flyray.raytrain import DistributedConfig
+from flyray.registry import Registration, RegistryConfig
 from flyray.tabular.data import TableConfig, TableSpec
-from flyray.tabular.train import TrainConfig, TrainReport, XGBParams
+from flyray.tabular.report import EvaluationReport
+from flyray.tabular.train import TrainReport, XGBParams
 from tasks.tabular import (
-    EvaluationReport,
-    TabularRegistryConfig,
     evaluate_xgboost,
     prepare_table,
     register_xgboost,
@@ -26,10 +26,8 @@ from tasks.tabular import (
     train_xgboost,
 )
 
-DEFAULT_TABLE = TableConfig()
-DEFAULT_PARAMS = XGBParams()
-DEFAULT_TRAINING = TrainConfig()
-DEFAULT_REGISTRY = TabularRegistryConfig()
+DEFAULT_TRAINING = DistributedConfig(checkpoint_every=25)
+DEFAULT_REGISTRATION = RegistryConfig("flyray-xgboost", "flyray-tabular", "auc")
 
 
 class XGBoostOutputs(NamedTuple):
@@ -44,10 +42,10 @@ class XGBoostOutputs(NamedTuple):
 @workflow
 def xgboost_pipeline(
     source: str = "",
-    table: TableConfig = DEFAULT_TABLE,
-    params: XGBParams = DEFAULT_PARAMS,
-    training: TrainConfig = DEFAULT_TRAINING,
-    registry_config: TabularRegistryConfig = DEFAULT_REGISTRY,
+    table: TableConfig = TableConfig(),
+    params: XGBParams = XGBParams(),
+    training: DistributedConfig = DEFAULT_TRAINING,
+    registration: RegistryConfig = DEFAULT_REGISTRATION,
 ) -> XGBoostOutputs:
     """Binary XGBoost classifier from parquet (a file, directory or glob, local or s3://; empty:
     scikit-learn's breast-cancer table), evaluated on a held-out split and registered."""
@@ -58,12 +56,12 @@ def xgboost_pipeline(
         config=training,
     )  # fmt: skip
     evaluation = evaluate_xgboost(model=trained.model, test=data.test)
-    registration = register_xgboost(
+    registered = register_xgboost(
         model=trained.model, test=data.test, training=trained.report, evaluation=evaluation,
-        params=params, config=registry_config,
+        params=params, config=registration,
     )  # fmt: skip
     return XGBoostOutputs(
-        trained.model, data.spec, data.test, trained.report, evaluation, registration
+        trained.model, data.spec, data.test, trained.report, evaluation, registered
     )
 
 

@@ -26,7 +26,6 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import pyarrow as pa
 import pyarrow.fs as pafs
-import pyarrow.parquet as pq
 import ray
 
 from flyray import storage
@@ -72,9 +71,8 @@ def _read_bucket(fs: pafs.FileSystem, path: str, window: tuple | None) -> pa.Tab
     if fs.get_file_info(path).type == pafs.FileType.NotFound:
         return pa.table({"user_id": pa.array([], pa.int64())})
     filters = [("ts", ">=", window[0]), ("ts", "<", window[1])] if window else None
-    return pq.read_table(
-        path, filesystem=fs, columns=["user_id", "item_id", "event_code", "ts"], filters=filters
-    )
+    columns = ["user_id", "item_id", "event_code", "ts"]
+    return storage.read_table(storage.to_uri(fs, path), columns, filters, fs=fs)
 
 
 def sort_events(table: pa.Table) -> tuple[dict, _Sorted]:
@@ -247,12 +245,8 @@ def write_splits(
     for code, name in enumerate(SPLITS):
         part = full.filter(pa.array(split == code))
         # Dictionary-encoding float and id columns costs a third of the write and saves little.
-        pq.write_table(
-            part,
-            f"{out_path}/{name}/part-{bucket:05d}.parquet",
-            filesystem=fs,
-            use_dictionary=False,
-        )
+        path = f"{out_path}/{name}/part-{bucket:05d}.parquet"
+        storage.write_table(fs, path, part, use_dictionary=False)
         sizes.append(part.num_rows)
     return sizes
 
@@ -285,10 +279,10 @@ def build_features(
     )
     if not buckets:
         raise FeatureError(f"no events under {events_uri}: run ingest first")
-    if fs.get_file_info(f"{events_path}/{storage.SUCCESS}").type != pafs.FileType.File:
+    if not storage.is_complete(events_uri):
         raise FeatureError(
-            f"{events_uri} has no {storage.SUCCESS} marker: the ingest that wrote it did not "
-            "finish (or rejected too much); run ingest again"
+            f"{events_uri} has no valid {storage.SUCCESS} marker: the ingest that wrote it did "
+            "not finish (or rejected too much), or its files changed since; run ingest again"
         )
     if not ray.is_initialized():
         ray.init()
@@ -359,15 +353,15 @@ def finalize(
 ) -> DataProfile:
     """Write the id maps and profile.json; return the profile."""
     users = np.concatenate([s["users"] for s in stats_b])
-    pq.write_table(
-        pa.table({"user_idx": np.arange(len(users), dtype=np.int32), "user_id": users}),
+    storage.write_table(
+        out_fs,
         f"{out_path}/id_maps/users.parquet",
-        filesystem=out_fs,
+        pa.table({"user_idx": np.arange(len(users), dtype=np.int32), "user_id": users}),
     )
-    pq.write_table(
-        pa.table({"item_idx": np.arange(len(items), dtype=np.int32), "item_id": items}),
+    storage.write_table(
+        out_fs,
         f"{out_path}/id_maps/items.parquet",
-        filesystem=out_fs,
+        pa.table({"item_idx": np.arange(len(items), dtype=np.int32), "item_id": items}),
     )
     by_split = dict(zip(SPLITS, np.sum(sizes, axis=0).tolist(), strict=True))
     n_ratings = sum(by_split.values())

@@ -12,6 +12,7 @@ events are produced and written chunk by chunk, in time order.
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import logging
 from dataclasses import asdict, dataclass
@@ -20,7 +21,9 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.fs as pafs
 
+from flyray import storage
 from flyray.clickstream.schema import EVENT_TYPES
 
 log = logging.getLogger(__name__)
@@ -208,22 +211,20 @@ def generate(path: str | Path, cfg: GeneratorConfig | None = None) -> dict:
     fmt = "csv" if path.suffix == ".csv" else "jsonl"
     rng = np.random.default_rng(cfg.seed)
     world = _World(cfg, rng)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".partial")
-    try:
-        written, by_type, sessions = _write(tmp, world, cfg, fmt, rng)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    tmp.replace(path)
+    fs = pafs.LocalFileSystem()
+    # Whole or absent: benchmarks reuse a file that exists, so a cut-short one must not.
+    with storage.atomic_output(fs, str(path.absolute())) as out:
+        written, by_type, sessions = _write(out, world, cfg, fmt, rng)
     truth = path.with_name(path.stem + ".truth.npz")
+    buf = io.BytesIO()
     np.savez_compressed(
-        truth,
+        buf,
         user_factors=world.user_factors,
         item_factors=world.item_factors,
         item_popularity=world.item_popularity,
         user_activity=world.user_activity,
     )
+    storage.write_atomic(fs, str(truth.absolute()), buf.getvalue())
     n_users, n_items = cfg.sizes()
     summary = {
         "path": str(path),
@@ -236,12 +237,13 @@ def generate(path: str | Path, cfg: GeneratorConfig | None = None) -> dict:
         "config": asdict(cfg),
         "note": "user_id = row + 1 and item_id = row + 1 in the truth arrays",
     }
-    path.with_name(path.stem + ".truth.json").write_text(json.dumps(summary, indent=2))
+    truth_json = str(path.absolute().with_name(path.stem + ".truth.json"))
+    storage.write_atomic(fs, truth_json, json.dumps(summary, indent=2).encode())
     return summary
 
 
 def _write(
-    tmp: Path, world: _World, cfg: GeneratorConfig, fmt: str, rng: np.random.Generator
+    out: pa.NativeFile, world: _World, cfg: GeneratorConfig, fmt: str, rng: np.random.Generator
 ) -> tuple[int, np.ndarray, int]:
     t_start = np.datetime64(cfg.start, "s").astype(np.int64).item()
     span = cfg.days * 86400.0
@@ -249,22 +251,21 @@ def _write(
     target = -(-cfg.n_events // n_chunks)
     written, sessions = 0, 0
     by_type = np.zeros(len(EVENT_TYPES), np.int64)
-    with open(tmp, "wb") as out:
-        if fmt == "csv":
-            out.write(CSV_HEADER.encode())
-        step = 0
-        while written < cfg.n_events:
-            lo = t_start + span * min(step, n_chunks - 1) / n_chunks
-            cols = _chunk(world, cfg, rng, target, lo, lo + span / n_chunks)
-            take = min(len(cols["ts"]), cfg.n_events - written)
-            cols = {k: v[:take] for k, v in cols.items()}
-            out.write(_lines(cols, world, fmt, sessions))
-            by_type += np.bincount(cols["event_code"], minlength=len(EVENT_TYPES))
-            sessions += int(cols["session"].max()) + 1 if take else 0
-            written += take
-            step += 1
-            if step % 20 == 0:
-                log.info("generated %d / %d events", written, cfg.n_events)
+    if fmt == "csv":
+        out.write(CSV_HEADER.encode())
+    step = 0
+    while written < cfg.n_events:
+        lo = t_start + span * min(step, n_chunks - 1) / n_chunks
+        cols = _chunk(world, cfg, rng, target, lo, lo + span / n_chunks)
+        take = min(len(cols["ts"]), cfg.n_events - written)
+        cols = {k: v[:take] for k, v in cols.items()}
+        out.write(_lines(cols, world, fmt, sessions))
+        by_type += np.bincount(cols["event_code"], minlength=len(EVENT_TYPES))
+        sessions += int(cols["session"].max()) + 1 if take else 0
+        written += take
+        step += 1
+        if step % 20 == 0:
+            log.info("generated %d / %d events", written, cfg.n_events)
     return written, by_type, sessions
 
 

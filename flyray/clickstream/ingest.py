@@ -22,7 +22,6 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import pyarrow as pa
 import pyarrow.fs as pafs
-import pyarrow.parquet as pq
 import ray
 
 from flyray import storage
@@ -115,9 +114,7 @@ def _write_buckets(
     for k in range(n_buckets):
         if bounds[k + 1] > bounds[k]:
             part = events.slice(bounds[k], bounds[k + 1] - bounds[k])
-            path = f"{events_dir}/bucket={k}"
-            fs.create_dir(path, recursive=True)
-            pq.write_table(part, f"{path}/part-{block_id:06d}.parquet", filesystem=fs)
+            storage.write_table(fs, f"{events_dir}/bucket={k}/part-{block_id:06d}.parquet", part)
 
 
 @ray.remote(max_retries=3)
@@ -258,7 +255,7 @@ def _write_rejects(
             line = pa.array(rejects["line"].to_numpy() + offset + 1)
             parts.append(rejects.set_column(rejects.schema.get_field_index("line"), "line", line))
     table = pa.concat_tables(parts) if parts else REJECTS_SCHEMA.empty_table()
-    pq.write_table(table, rejects_path, filesystem=out_fs)
+    storage.write_table(out_fs, rejects_path, table)
 
 
 def _block_bytes(config: IngestConfig) -> int:
@@ -318,7 +315,7 @@ def ingest(source: str, output_uri: str, config: IngestConfig | None = None) -> 
     )
     _check(report, config.max_reject_fraction)
     # Last: only a finished, accepted ingest is marked complete (features refuse any other).
-    storage.write_atomic(out_fs, f"{events_path}/{storage.SUCCESS}", b"")
+    storage.mark_complete(report.events_uri)
     log.info("ingest done: %d events, %d rejects in %.1fs", n_events, n_rejects, report.seconds)
     return report
 

@@ -1,8 +1,12 @@
-"""What the data-preparation steps report: typed task outputs, decks and JSON files."""
+"""What the data-preparation steps report: typed task outputs and their decks."""
 
 from __future__ import annotations
 
+import html
+import json
 from dataclasses import dataclass, field
+
+from flyray import decks
 
 
 @dataclass
@@ -46,3 +50,29 @@ class DataProfile:
     first_event: str
     last_event: str
     seconds: float
+
+
+def ingest_deck(report: IngestReport, fingerprint: str, first_rejects: list[dict]) -> list[str]:
+    facts = {
+        "source": report.source, "fingerprint": fingerprint[:16], "files": report.files,
+        "bytes": report.bytes, "events": report.events, "rejects": report.rejects,
+        "reject fraction": report.reject_fraction, "seconds": report.seconds,
+        "rejects file": report.rejects_uri,
+    }  # fmt: skip
+    return [
+        decks.table_html(facts, "Ingest"),
+        decks.bar_chart_html(report.events_by_type, "Events by type", "events", log=True),
+        decks.table_html(report.rejects_by_reason, "Rejects by reason"),
+        decks.table_html(first_rejects, "First rejected records"),
+    ]
+
+
+def profile_deck(profile: DataProfile, event_weights: dict[str, float]) -> list[str]:
+    scalars = {k: v for k, v in profile.__dict__.items() if not isinstance(v, dict)}
+    return [
+        decks.table_html(scalars, "Profile"),
+        decks.bar_chart_html(profile.ratings_by_split, "Ratings per split", "ratings"),
+        decks.bar_chart_html(profile.events_by_type, "Events by type", "events", log=True),
+        decks.table_html(profile.rejects_by_reason, "Rejects by reason"),
+        f"<pre>{html.escape(json.dumps(event_weights))}</pre>",
+    ]

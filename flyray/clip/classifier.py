@@ -3,8 +3,9 @@
 Linear -> BatchNorm -> ReLU -> Dropout -> Linear, as the original system. Each worker trains
 on its shard of the training set (Ray Data, equal splits), gradients are averaged by DDP
 (gloo on CPU, nccl on GPU), per-epoch train and validation loss are all-reduced, rank 0 logs
-them to MLflow and saves a checkpoint every epoch through ray.train.report; after a worker
-failure (FailureConfig) training resumes from the latest checkpoint.
+them to MLflow and saves a checkpoint every `checkpoint_every` epochs through ray.train.report.
+After a worker failure training resumes from the latest checkpoint (`max_failures`), and so does
+a run started again on the same `checkpoint_uri` (its Ray Train run name is always RUN_NAME).
 """
 
 from __future__ import annotations
@@ -22,7 +23,9 @@ import torch
 from torch import nn
 
 from flyray import storage
-from flyray.raytrain import run_config, worker_count
+from flyray.raytrain import DistributedConfig, run_config
+
+RUN_NAME = "clip-classifier"  # fixed, so that a run started again on its checkpoint_uri resumes
 
 
 @dataclass
@@ -34,16 +37,6 @@ class ClassifierParams:
     epochs: int = 20
     batch_size: int = 64
     seed: int = 0
-
-
-@dataclass
-class TrainingConfig:
-    num_workers: int = 2  # Ray Train workers, 1 CPU (or 1 GPU when the cluster has GPUs) each
-    max_failures: int = 2  # worker failures survived by resuming from the last checkpoint
-    storage_uri: str = ""  # where Ray Train keeps checkpoints (local or s3://); "" = a temp dir
-    # 1 <= min_workers < num_workers: elastic; after a lost node training resumes on the workers
-    # the cluster can still place instead of waiting for a replacement. 0: always num_workers.
-    min_workers: int = 1
 
 
 class ClipClassifier(nn.Module):
@@ -87,9 +80,9 @@ class TrainedClassifier:
             return torch.softmax(self.model(torch.tensor(np.asarray(x, np.float32))), -1).numpy()
 
     def save(self, uri: str) -> None:
-        """classifier.pt (state dict) and classifier.json (shape, labels, embedding model)."""
+        """classifier.pt (state dict) and classifier.json (shape, labels, embedding model), each
+        written whole or not at all."""
         fs, path = storage.filesystem(uri)
-        fs.create_dir(path, recursive=True)
         meta = {
             "in_dim": self.model.net[0].in_features,
             "labels": self.labels,
@@ -99,10 +92,9 @@ class TrainedClassifier:
             "workers": self.workers,
             "resumed_from_epoch": self.resumed_from_epoch,
         }
-        with fs.open_output_stream(f"{path}/classifier.pt") as out:
+        with storage.atomic_output(fs, f"{path}/classifier.pt") as out:
             torch.save(self.model.state_dict(), out)
-        with fs.open_output_stream(f"{path}/classifier.json") as out:
-            out.write(json.dumps(meta, indent=1).encode())
+        storage.write_atomic(fs, f"{path}/classifier.json", json.dumps(meta, indent=1).encode())
 
     @classmethod
     def load(cls, uri: str) -> TrainedClassifier:
@@ -203,12 +195,14 @@ def _train_loop(config: dict) -> None:
         )
         history.append(asdict(metrics))
         world = ray.train.get_context().get_world_size()
-        if rank != 0:
-            ray.train.report(asdict(metrics))
-            continue
         if client:
             for key in ("train_loss", "validation_loss", "validation_accuracy"):
                 client.log_metric(config["run_id"], key, getattr(metrics, key), step=epoch)
+        if epoch % config["checkpoint_every"] and epoch != params.epochs:
+            continue  # every rank alike: ray.train.report waits for all of them
+        if rank != 0:
+            ray.train.report(asdict(metrics))
+            continue
         with tempfile.TemporaryDirectory() as folder:
             state = {
                 "model": model.module.state_dict()
@@ -236,15 +230,16 @@ def train_classifier(
     labels: list[str],
     embedding_model: str,
     params: ClassifierParams | None = None,
-    config: TrainingConfig | None = None,
+    config: DistributedConfig | None = None,
     tracking_uri: str = "",
     run_id: str = "",
 ) -> TrainedClassifier:
-    """Train on (embedding, label_idx) rows with TorchTrainer; per-epoch losses go to the MLflow
-    run `run_id` when given."""
+    """Train on (embedding, label_idx) rows with TorchTrainer, `config.workers` workers of
+    `cpus_per_worker` CPUs (and a GPU each when the cluster has GPUs); per-epoch losses go to
+    the MLflow run `run_id` when given."""
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    params, config = params or ClassifierParams(), config or TrainingConfig()
+    params, config = params or ClassifierParams(), config or DistributedConfig()
     if not ray.is_initialized():
         ray.init()
     gpu = use_gpu(ray.cluster_resources())
@@ -256,12 +251,15 @@ def train_classifier(
             "n_classes": len(labels),
             "tracking_uri": tracking_uri,
             "run_id": run_id,
+            "checkpoint_every": config.checkpoint_every,
         },
         torch_config=TorchConfig(backend="nccl" if gpu else "gloo"),
         scaling_config=ray.train.ScalingConfig(
-            num_workers=worker_count(config.num_workers, config.min_workers), use_gpu=gpu
+            num_workers=config.worker_count(),
+            use_gpu=gpu,
+            resources_per_worker={"CPU": config.cpus_per_worker},  # and 1 GPU with use_gpu
         ),
-        run_config=run_config("clip-classifier", config.storage_uri, config.max_failures)[0],
+        run_config=run_config(RUN_NAME, config)[0],
         datasets={
             "train": training_dataset(train, params.seed),
             "validation": training_dataset(validation),

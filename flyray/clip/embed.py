@@ -3,7 +3,8 @@
 Each actor loads transformers' CLIPModel and CLIPProcessor once (a hub id, a local directory,
 or an s3:// directory copied to local disk) on cuda when the actor sees a GPU, on cpu
 otherwise; the pool asks Ray for GPUs only when the cluster has them. The output is keyed by
-the model's and the image set's fingerprints, so a re-run over the same images reuses it.
+the model's and the image set's fingerprints, so a re-run over the same images reuses it, once
+its verified _SUCCESS marker (storage.is_complete) says that the cache folder is whole.
 """
 
 from __future__ import annotations
@@ -20,11 +21,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.fs as pafs
-import pyarrow.parquet as pq
 import ray
 
 from flyray import storage
-from flyray.clip.images import REJECTS_SCHEMA, decode, list_images
+from flyray.images import REJECTS_SCHEMA, UNDECODABLE, list_images, read_image, reject
 
 log = logging.getLogger(__name__)
 DEFAULT_MODEL = "openai/clip-vit-base-patch32"
@@ -126,8 +126,7 @@ class ClipEmbedder:
         images, ok, errors = [], [], []
         for path in batch["path"]:
             try:
-                with self.fs.open_input_stream(path.removeprefix(storage.S3_PREFIX)) as fh:
-                    images.append(decode(fh.read()))
+                images.append(read_image(self.fs, path))
                 ok.append(True)
                 errors.append("")
             except (ValueError, OSError) as exc:
@@ -197,9 +196,8 @@ def embed_folder(
     listing = list_images(root)
     cache_dir = storage.join(cache_uri, cache_key(model, listing.fingerprint))
     fs, cache_path = storage.filesystem(cache_dir)
-    marker = f"{cache_path}/result.json"  # written last: its presence means the rest is whole
-    if fs.get_file_info(marker).type == pafs.FileType.File:
-        with fs.open_input_stream(marker) as fh:
+    if storage.is_complete(cache_dir):
+        with fs.open_input_stream(f"{cache_path}/result.json") as fh:
             result = EmbeddingResult(**json.loads(fh.read()))
         result.reused = True
         log.info("clip: reusing %d embeddings in %s", result.embedded, cache_dir)
@@ -213,16 +211,15 @@ def embed_folder(
     failed = pc.not_equal(table["error"], "")
     bad = table.filter(failed)
     rejects = listing.rejects + [
-        {"path": p, "label": lab, "reason": "undecodable", "detail": e}
+        reject(p, lab, UNDECODABLE, e)
         for p, lab, e in zip(
             bad["path"].to_pylist(), bad["label"].to_pylist(), bad["error"].to_pylist(), strict=True
         )
     ]
     good = fixed_width(table.filter(pc.invert(failed)).select(["path", "label", "embedding"]))
-    fs.create_dir(cache_path, recursive=True)
-    pq.write_table(good, f"{cache_path}/embeddings.parquet", filesystem=fs)
+    storage.write_table(fs, f"{cache_path}/embeddings.parquet", good)
     rejects_table = pa.Table.from_pylist(rejects, schema=REJECTS_SCHEMA)
-    pq.write_table(rejects_table, f"{cache_path}/rejects.parquet", filesystem=fs)
+    storage.write_table(fs, f"{cache_path}/rejects.parquet", rejects_table)
     by_reason: dict[str, int] = {}
     for r in rejects:
         by_reason[r["reason"]] = by_reason.get(r["reason"], 0) + 1
@@ -242,8 +239,8 @@ def embed_folder(
         ],
         seconds=time.perf_counter() - began,
     )
-    with fs.open_output_stream(marker) as out:
-        out.write(json.dumps(asdict(result)).encode())
+    storage.write_atomic(fs, f"{cache_path}/result.json", json.dumps(asdict(result)).encode())
+    storage.mark_complete(cache_dir)  # last: only a whole cache folder is ever reused
     log.info(
         "clip: embedded %d images (%d rejected) in %.1f s into %s",
         result.embedded,

@@ -2,15 +2,21 @@
 
 Precision, recall and F1 (macro and micro), accuracy and the confusion matrix come from
 scikit-learn; the same metrics for the majority-class baseline give the champion gate a floor.
+`champion_metrics` scores the registered champion on a challenger's test split, so that the gate
+compares two numbers measured on the same rows.
 """
 
 from __future__ import annotations
 
+import tempfile
 from dataclasses import asdict, dataclass
 
+import mlflow
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import ray
+from mlflow.models import Model
 
 from flyray.clip.classifier import TrainedClassifier
 from flyray.clip.embed import matrix
@@ -70,7 +76,7 @@ class ClassificationMetrics:
 
 
 @dataclass
-class Evaluation:
+class EvaluationReport:
     labels: list[str]
     model: ClassificationMetrics
     baseline: ClassificationMetrics  # always predicts the training split's most common class
@@ -97,7 +103,7 @@ def classification_metrics(
 
 def evaluate(
     model: TrainedClassifier, test: pa.Table, train_label_idx: np.ndarray, batch_size: int = 1024
-) -> Evaluation:
+) -> EvaluationReport:
     """Metrics of the model on the test rows beside the majority-class baseline."""
     from sklearn.metrics import confusion_matrix, f1_score
 
@@ -109,7 +115,7 @@ def evaluate(
     n = len(model.labels)
     majority = np.bincount(train_label_idx, minlength=n).argmax()
     classes = list(range(n))
-    return Evaluation(
+    return EvaluationReport(
         labels=list(model.labels),
         model=classification_metrics("classifier", y_true, y_pred, n),
         baseline=classification_metrics("majority", y_true, np.full_like(y_true, majority), n),
@@ -118,3 +124,25 @@ def evaluate(
             y_true, y_pred, labels=classes, average=None, zero_division=0
         ).tolist(),
     )
+
+
+def champion_metrics(model_uri: str, test: pa.Table) -> ClassificationMetrics:
+    """The registered classifier at `model_uri` (a pyfunc of `flyray.clip.pyfunc.log_pyfunc`) on
+    a challenger's test split, its rows' label_idx re-mapped from their label to the champion's
+    label map. Only the classifier is downloaded, not the CLIP model logged beside it."""
+    artifact = Model.load(model_uri).flavors["python_function"]["artifacts"]["classifier"]["path"]
+    with tempfile.TemporaryDirectory() as tmp:
+        local = mlflow.artifacts.download_artifacts(
+            artifact_uri=f"{model_uri}/{artifact}", dst_path=tmp
+        )
+        champion = TrainedClassifier.load(local)
+    labels = sorted(set(test["label"].to_pylist()))
+    if labels != sorted(champion.labels):
+        raise ValueError(
+            f"label sets differ: champion {model_uri} has {sorted(champion.labels)}, the test "
+            f"split {labels}"
+        )
+    idx = pc.index_in(test["label"], value_set=pa.array(champion.labels)).cast(pa.int64())
+    test = test.set_column(test.schema.get_field_index("label_idx"), "label_idx", idx)
+    # The baseline part of the evaluation (from the "training" labels passed) is not used.
+    return evaluate(champion, test, idx.to_numpy()).model

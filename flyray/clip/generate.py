@@ -64,12 +64,10 @@ def generate_shapes(
     fs, base = storage.filesystem(root)
     written = []
     for label in classes:
-        fs.create_dir(f"{base}/{label}", recursive=True)
         for n in range(per_class):
             buf = io.BytesIO()
             draw_shape(label, rng, size).save(buf, format="PNG")
-            with fs.open_output_stream(f"{base}/{label}/{n:05d}.png") as out:
-                out.write(buf.getvalue())
+            storage.write_atomic(fs, f"{base}/{label}/{n:05d}.png", buf.getvalue())
             written.append(storage.join(root, label, f"{n:05d}.png"))
     return written
 

@@ -25,7 +25,7 @@ import flyray
 from flyray import storage
 from flyray.clip.classifier import TrainedClassifier
 from flyray.clip.embed import ClipEmbedder, local_model
-from flyray.clip.images import decode
+from flyray.images import decode
 
 INPUTS = ("image", "path", "embedding")
 

@@ -1,21 +1,19 @@
-"""FunkSVD trained over Ray workers.
+"""FunkSVD trained over Ray workers by stratified SGD (DSGD, after Gemulla et al., KDD 2011).
 
-strategy "dsgd" (default): stratified SGD after Gemulla et al., KDD 2011. Users and items are
-cut into d blocks each, balanced by rating count, giving a d x d grid of rating shards. Worker w
-keeps user block w (its rows of P and b_u) and the shards (w, 0..d-1) resident. In sub-epoch s
-worker w updates item block (w + s) mod d: the d workers touch disjoint rows of P and Q, so they
-run in parallel with no locks and no averaging, and every update is an exact SGD step. Item
-blocks (rows of Q and b_i) then move to the next worker as Ray object references, never through
-the driver. The visiting order inside a shard depends only on (seed, epoch, shard), so a run is
-deterministic for a seed, whatever the timing.
+Users and items are cut into d blocks each, balanced by rating count, giving a d x d grid of
+rating shards. Worker w keeps user block w (its rows of P and b_u) and the shards (w, 0..d-1)
+resident. In sub-epoch s worker w updates item block (w + s) mod d: the d workers touch disjoint
+rows of P and Q, so they run in parallel with no locks and no averaging, and every update is an
+exact SGD step. Item blocks (rows of Q and b_i) then move to the next worker as Ray object
+references, never through the driver. The visiting order inside a shard depends only on (seed,
+epoch, shard), so a run is deterministic for a seed, whatever the timing. (The original
+system's gradient averaging lives on in bench/gradient_averaging.py, for comparison only.)
 
-strategy "gradient_averaging": the original system's mode, kept for comparison. Each worker
-computes the full-batch gradient of its chunk of ratings against the current model; the driver
-averages them per row and takes one step per epoch. That is gradient descent, not SGD: it ships
-the whole model through the driver every epoch and converges far more slowly.
-
-Both checkpoint every `checkpoint_every` epochs to `checkpoint_uri` (local or s3://) and resume
-from the latest checkpoint there; a lost worker restarts the run from that checkpoint.
+The run takes flyray.raytrain's DistributedConfig: `workers` actors of `cpus_per_worker` CPUs,
+a checkpoint every `checkpoint_every` epochs to `checkpoint_uri` (local or s3://; "": a
+temporary folder for this call), resumed from when started again on the same folder. A lost
+worker restarts the run from the latest checkpoint, up to `max_failures` times, on as many
+workers as the cluster can place then (at least `min_workers`).
 """
 
 from __future__ import annotations
@@ -23,15 +21,17 @@ from __future__ import annotations
 import io
 import json
 import logging
+import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 import ray
 from ray.exceptions import ObjectLostError, RayActorError
 
 from flyray import storage
+from flyray.raytrain import DistributedConfig
 from flyray.recsys import kernels
 from flyray.recsys.funksvd import (
     EpochMetrics,
@@ -43,22 +43,6 @@ from flyray.recsys.funksvd import (
 )
 
 log = logging.getLogger(__name__)
-STRATEGIES = ("dsgd", "gradient_averaging")
-
-
-@dataclass
-class DistributedConfig:
-    strategy: str = "dsgd"
-    n_workers: int = 0  # 0: one per CPU of the Ray cluster
-    checkpoint_uri: str = ""  # empty: no checkpoints
-    checkpoint_every: int = 1
-    max_restarts: int = 2  # worker losses tolerated, each resumed from the last checkpoint
-
-    def __post_init__(self) -> None:
-        if self.strategy not in STRATEGIES:
-            raise ValueError(f"strategy must be one of {STRATEGIES}, got {self.strategy!r}")
-        if self.n_workers < 0 or self.checkpoint_every < 1:
-            raise ValueError("n_workers must be >= 0 and checkpoint_every >= 1")
 
 
 @dataclass
@@ -140,34 +124,15 @@ class _DSGDWorker:
         return self.P, self.bu
 
 
-@ray.remote(num_cpus=1)
-class _GradientWorker:
-    """Holds a chunk of ratings; returns its full-batch gradient for a given model."""
-
-    def __init__(self, w: int, chunk: Ratings, params: FunkSVDParams, mean: float):
-        self.w, self.chunk, self.params, self.mean = w, chunk, params, mean
-
-    def gradient(self, model):
-        P, Q, bu, bi = model
-        c, p = self.chunk, self.params
-        gP, gQ, gbu, gbi, sse = kernels.gradient_sums(
-            c.users, c.items, c.values, P, Q, bu, bi, self.mean, p.reg, p.biased
-        )
-        return gP, gQ, gbu, gbi, {"worker": self.w, "node": _node(), "ratings": len(c), "sse": sse}
-
-
 class _Checkpoints:
     """epoch-NNNN/{model.npz, state.json} under a directory; latest.json names the newest."""
 
     def __init__(self, uri: str, after_save: Callable[[int], None] | None = None):
         self.uri, self.after_save = uri, after_save
-        self.fs, self.path = storage.filesystem(uri) if uri else (None, "")
+        self.fs, self.path = storage.filesystem(uri)
 
     def save(self, epoch: int, arrays: dict, state: dict) -> None:
-        if not self.uri:
-            return
         folder = f"{self.path}/epoch-{epoch:04d}"
-        self.fs.create_dir(folder, recursive=True)
         buf = io.BytesIO()
         np.savez(buf, **arrays)
         storage.write_atomic(self.fs, f"{folder}/model.npz", buf.getvalue())
@@ -180,8 +145,6 @@ class _Checkpoints:
             self.after_save(epoch)
 
     def latest(self) -> tuple[dict, dict] | None:
-        if not self.uri:
-            return None
         from pyarrow.fs import FileType
 
         if self.fs.get_file_info(f"{self.path}/latest.json").type != FileType.File:
@@ -196,11 +159,14 @@ class _Checkpoints:
         return arrays, state
 
 
-def _resolve_workers(config: DistributedConfig) -> int:
-    """The configured count, or one worker per CPU the cluster has free now."""
-    if config.n_workers:
-        return config.n_workers
-    return max(1, int(ray.available_resources().get("CPU", 1)))
+def _worker_count(config: DistributedConfig) -> int:
+    """`workers`, or when elastic as many as the free CPUs hold now, at least `min_workers`:
+    a run that lost a node goes on with what is left instead of waiting for a replacement."""
+    count = config.worker_count()
+    if isinstance(count, int):
+        return count
+    fit = int(ray.available_resources().get("CPU", 0) // config.cpus_per_worker)
+    return max(count[0], min(count[1], fit))
 
 
 def train(
@@ -224,6 +190,25 @@ def train(
         raise ValueError("no training ratings")
     if not ray.is_initialized():
         ray.init()
+    args = (train_ratings, n_users, n_items, params)
+    rest = (validation, user_ids, item_ids, after_checkpoint)
+    if config.checkpoint_uri:
+        return _train(*args, config, *rest)
+    with tempfile.TemporaryDirectory(prefix="funksvd-") as folder:  # restarts still resume
+        return _train(*args, replace(config, checkpoint_uri=folder), *rest)
+
+
+def _train(
+    train_ratings: Ratings,
+    n_users: int,
+    n_items: int,
+    params: FunkSVDParams,
+    config: DistributedConfig,
+    validation: Ratings | None,
+    user_ids: np.ndarray | None,
+    item_ids: np.ndarray | None,
+    after_checkpoint: Callable[[int], None] | None,
+) -> FunkSVD:
     model = FunkSVD(params)
     model.user_ids = np.arange(n_users) if user_ids is None else np.asarray(user_ids)
     model.item_ids = np.arange(n_items) if item_ids is None else np.asarray(item_ids)
@@ -233,19 +218,17 @@ def train(
     ))  # fmt: skip
     model.global_mean = float(train_ratings.values.mean(dtype=np.float64))
     checkpoints = _Checkpoints(config.checkpoint_uri, after_checkpoint)
-    run = _run_dsgd if config.strategy == "dsgd" else _run_gradient_averaging
-    for attempt in range(config.max_restarts + 1):
-        # Resolved again on a restart: with n_workers=0 a run that lost a node goes on with the
-        # CPUs left (or the replacement node's) instead of waiting for the old count.
+    for attempt in range(config.max_failures + 1):
         free = ray.available_resources().get("CPU", 0)
-        n_workers = _resolve_workers(config)
-        start = _start_state(model, checkpoints, params, config, n_users, n_items)
+        n_workers = _worker_count(config)  # again on a restart: the cluster may have shrunk
+        start = _start_state(model, checkpoints, params, n_users, n_items)
         workers: list = []
         try:
-            run(model, start, train_ratings, validation, n_workers, workers, config, checkpoints)
+            _run_dsgd(model, start, train_ratings, validation, n_workers, workers, config,
+                      checkpoints)  # fmt: skip
             return model
         except (RayActorError, ObjectLostError) as exc:  # a worker or its node is gone
-            if attempt == config.max_restarts:
+            if attempt == config.max_failures:
                 raise
             log.warning("a worker was lost (%s); resuming from the last checkpoint", exc)
         finally:
@@ -265,19 +248,19 @@ def _stop(workers: list, free_before: float, timeout: float = 10.0) -> None:
         time.sleep(0.05)
 
 
-def _started(workers: list, timeout: float = 120.0) -> None:
+def _started(workers: list, cpus_per_worker: int, timeout: float = 120.0) -> None:
     """Wait until every worker actor runs; a cluster short of CPUs is an error, not a hang."""
     try:
         ray.get([w.__ray_ready__.remote() for w in workers], timeout=timeout)
     except ray.exceptions.GetTimeoutError:
         raise RuntimeError(
-            f"{len(workers)} training workers need {len(workers)} free CPUs; the Ray cluster has "
-            f"{ray.available_resources().get('CPU', 0):g} free of "
-            f"{ray.cluster_resources().get('CPU', 0):g}. Set n_workers lower or add workers."
+            f"{len(workers)} training workers need {len(workers) * cpus_per_worker} free CPUs; "
+            f"the Ray cluster has {ray.available_resources().get('CPU', 0):g} free of "
+            f"{ray.cluster_resources().get('CPU', 0):g}. Set workers lower or add Ray nodes."
         ) from None
 
 
-def _start_state(model, checkpoints, params, config, n_users, n_items) -> int:
+def _start_state(model, checkpoints, params, n_users, n_items) -> int:
     """Set the model to epoch 0 or to the latest checkpoint; return the epoch reached."""
     model.P, model.Q, model.bu, model.bi = init_factors(params, n_users, n_items)
     model.history = []
@@ -286,8 +269,8 @@ def _start_state(model, checkpoints, params, config, n_users, n_items) -> int:
         return 0
     arrays, state = saved
     # Training longer than the checkpointed run is a resume; any other change is a new run.
-    expected = {"params": {**asdict(params), "n_epochs": None}, "strategy": config.strategy}
-    found = {"params": {**state["params"], "n_epochs": None}, "strategy": state["strategy"]}
+    expected = {**asdict(params), "n_epochs": None}
+    found = {**state["params"], "n_epochs": None}
     shapes_match = arrays["P"].shape == model.P.shape and arrays["Q"].shape == model.Q.shape
     if found != expected or not shapes_match:
         raise ValueError(
@@ -323,7 +306,6 @@ def _end_epoch(model, epoch, train_sse, n_train, val, began, workers, checkpoint
             {
                 "epoch": epoch,
                 "params": asdict(p),
-                "strategy": config.strategy,
                 "history": [asdict(m) for m in model.history],
             },
         )
@@ -354,8 +336,9 @@ def _run_dsgd(model, start, ratings, validation, d, workers, config, checkpoints
     shards = _shards(ratings, ub, ib, ulocal, ilocal, d)
     val = _shards(validation, ub, ib, ulocal, ilocal, d) if validation is not None else None
     empty = [(np.zeros(0, np.int32),) * 2 + (np.zeros(0, np.float32),)] * d
+    worker = _DSGDWorker.options(num_cpus=config.cpus_per_worker)
     workers += [
-        _DSGDWorker.remote(
+        worker.remote(
             w,
             shards[w],
             model.P[umembers[w]],
@@ -366,7 +349,7 @@ def _run_dsgd(model, start, ratings, validation, d, workers, config, checkpoints
         )  # fmt: skip
         for w in range(d)
     ]
-    _started(workers)
+    _started(workers, config.cpus_per_worker)
     blocks = [ray.put((model.Q[imembers[j]], model.bi[imembers[j]])) for j in range(d)]
     log.info("dsgd: %d workers, %d x %d blocks, %d ratings", d, d, d, len(ratings))
     for epoch in range(start + 1, p.n_epochs + 1):
@@ -398,36 +381,3 @@ def _gather(model, workers, blocks, umembers, imembers) -> None:
         model.P[umembers[w]], model.bu[umembers[w]] = P, bu
     for j, (Q, bi) in enumerate(ray.get(blocks)):
         model.Q[imembers[j]], model.bi[imembers[j]] = Q, bi
-
-
-def _run_gradient_averaging(model, start, ratings, validation, d, workers, config, checkpoints):
-    p = model.params
-    perm = np.random.default_rng(p.seed).permutation(len(ratings))
-    chunks = np.array_split(perm, d)
-    workers += [
-        _GradientWorker.remote(
-            w, Ratings(ratings.users[c], ratings.items[c], ratings.values[c]), p, model.global_mean
-        )
-        for w, c in enumerate(chunks)
-    ]
-    _started(workers)
-    # Average each row's gradient over that row's ratings, then one step of size lr.
-    n_u = np.maximum(np.bincount(ratings.users, minlength=len(model.P)), 1).astype(np.float32)
-    n_i = np.maximum(np.bincount(ratings.items, minlength=len(model.Q)), 1).astype(np.float32)
-    log.info("gradient_averaging: %d workers, %d ratings", d, len(ratings))
-    for epoch in range(start + 1, p.n_epochs + 1):
-        began = time.perf_counter()
-        ref = ray.put((model.P, model.Q, model.bu, model.bi))
-        grads = ray.get([w.gradient.remote(ref) for w in workers])
-        model.P += p.lr * sum(g[0] for g in grads) / n_u[:, None]
-        model.Q += p.lr * sum(g[1] for g in grads) / n_i[:, None]
-        if p.biased:
-            model.bu += p.lr * sum(g[2] for g in grads) / n_u
-            model.bi += p.lr * sum(g[3] for g in grads) / n_i
-        val_rmse = (
-            model.rmse_indexed(validation.users, validation.items, validation.values)
-            if (validation is not None)
-            else None
-        )
-        _end_epoch(model, epoch, sum(g[4]["sse"] for g in grads), len(ratings), val_rmse, began,
-                   [g[4] for g in grads], checkpoints, config)  # fmt: skip

@@ -8,17 +8,25 @@ ranking metrics are computed on a seeded random sample of them (the same users f
 evaluated on the same split): 10M events give 250k users x 100k items, 2.5e10 scores per model,
 and a mean over 20k sampled users has a standard error of (per-user spread) / 141. RMSE and MAE
 always use every held-out rating.
+
+A registered champion is scored on the challenger's split by `champion_metrics`: re-indexed into
+the challenger's rows (`align`), it is ranked for the same sampled users with the same seen items
+excluded, so the champion gate compares two numbers measured on the same data.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import tempfile
 from dataclasses import dataclass
 
+import mlflow
 import numpy as np
+import pandas as pd
 import pyarrow as pa
 import ray
+from mlflow.models import Model
 
 from flyray.recsys.distributed import Ratings
 from flyray.recsys.funksvd import FunkSVD, FunkSVDParams, rmse
@@ -174,3 +182,44 @@ def evaluate(
     )
     log.info("evaluation of %s: %s", name, metrics)
     return metrics
+
+
+def _rows(values: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """values[rows], zeros where a row is -1 (an id the model never saw)."""
+    out = np.zeros((len(rows), *values.shape[1:]), values.dtype)
+    known = rows >= 0
+    out[known] = values[rows[known]]
+    return out
+
+
+def align(model: FunkSVD, user_ids: np.ndarray, item_ids: np.ndarray) -> FunkSVD:
+    """`model` with rows for `user_ids` x `item_ids` (another model's id maps, any order), so it
+    scores and ranks the other model's dense rows. Ids it never saw get zero factors and biases,
+    i.e. what its own `predict` gives unknown ids. No seen items: the caller sets the ones of the
+    data it is scored on (set_seen)."""
+    users = pd.Index(model.user_ids).get_indexer(user_ids)
+    items = pd.Index(model.item_ids).get_indexer(item_ids)
+    out = FunkSVD(model.params)
+    out.user_ids, out.item_ids = np.asarray(user_ids), np.asarray(item_ids)
+    out.P, out.bu = _rows(model.P, users), _rows(model.bu, users)
+    out.Q, out.bi = _rows(model.Q, items), _rows(model.bi, items)
+    out.global_mean = model.global_mean
+    out.set_seen(np.zeros(0, np.int32), np.zeros(0, np.int32))
+    return out
+
+
+def champion_metrics(
+    model_uri: str, challenger: FunkSVD, train: Ratings, test: Ratings, k: int, max_users: int
+) -> Metrics:
+    """The registered model at `model_uri` (a pyfunc of `flyray.recsys.pyfunc.log_pyfunc`) scored
+    as the challenger is: on its test split (dense rows of its id maps), its training items
+    excluded from the rankings, the same sampled users; champion and challenger are trained on
+    different data windows, so their own metrics are not comparable."""
+    artifact = Model.load(model_uri).flavors["python_function"]["artifacts"]["model"]["path"]
+    with tempfile.TemporaryDirectory() as tmp:
+        local = mlflow.artifacts.download_artifacts(
+            artifact_uri=f"{model_uri}/{artifact}", dst_path=tmp
+        )
+        champion = align(FunkSVD.load(local), challenger.user_ids, challenger.item_ids)
+    champion.set_seen(train.users, train.items)
+    return evaluate(champion, test, k, "champion", max_users=max_users)

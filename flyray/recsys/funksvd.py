@@ -297,9 +297,9 @@ class FunkSVD:
     _ARRAYS = ("user_ids", "item_ids", "P", "Q", "bu", "bi", "seen_indptr", "seen_items")
 
     def save(self, uri: str) -> str:
-        """Write model.npz and meta.json under `uri` (a directory, local or s3://)."""
+        """Write model.npz and meta.json under `uri` (a directory, local or s3://), each whole
+        or not at all."""
         fs, path = storage.filesystem(uri)
-        fs.create_dir(path, recursive=True)
         buf = io.BytesIO()
         np.savez(buf, **{name: getattr(self, name) for name in self._ARRAYS})
         storage.write_atomic(fs, f"{path}/model.npz", buf.getvalue())

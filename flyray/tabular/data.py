@@ -280,9 +280,7 @@ def encode_batch(batch: pa.Table, spec: TableSpec, positive: object, config: Tab
 
 def read_split(uri: str, spec: TableSpec) -> tuple[np.ndarray, np.ndarray]:
     """(X float32 [rows, features], y int8) of a written split, read in place with pyarrow."""
-    fs, path = storage.filesystem(uri)
-    table = pq.read_table(path, filesystem=fs, columns=[*spec.features, spec.label])
-    return table_to_xy(table, spec)
+    return table_to_xy(storage.read_table(uri, [*spec.features, spec.label]), spec)
 
 
 def split_files(uri: str) -> tuple[pa.fs.FileSystem, list[str]]:
@@ -406,9 +404,7 @@ def prepare(source: str, out: str, config: TableConfig | None = None) -> TableSp
             f"splits {empty} are empty ({labelled} labelled rows): use more data or larger "
             "validation_fraction/test_fraction"
         )
-    fh = out_fs.open_output_stream(storage.filesystem(storage.join(out, "spec.json"))[1])
-    with fh:
-        fh.write(spec.to_json().encode())
+    storage.write_atomic(out_fs, f"{out_path}/spec.json", spec.to_json().encode())
     log.info("tabular: %s rows %d (%s), %d features (%d categorical), positive rate %.3f",
              source, spec.rows, spec.rows_by_split, len(features), len(categorical),
              spec.positive_rate)  # fmt: skip
@@ -425,7 +421,5 @@ def write_breast_cancer(out: str, label: str = "label") -> str:
 
     frame = load_breast_cancer(as_frame=True).frame.rename(columns={"target": label})
     uri = storage.join(out, "breast_cancer.parquet")
-    fs, path = storage.filesystem(uri)
-    fs.create_dir(storage.filesystem(out)[1], recursive=True)
-    pq.write_table(pa.Table.from_pandas(frame, preserve_index=False), path, filesystem=fs)
+    storage.write_table(*storage.filesystem(uri), pa.Table.from_pandas(frame, preserve_index=False))
     return uri

@@ -35,28 +35,29 @@ def generate_table(
     names = [f"f{j:03d}" for j in range(features)]
     cat_names = [f"c{j:02d}" for j in range(categorical)]
     levels = np.array([f"level_{k}" for k in range(_LEVELS)])
-    fs, path = storage.filesystem(out)
     writer = None
-    try:
-        for start in range(0, rows, _CHUNK):
-            n = min(_CHUNK, rows - start)
-            x = rng.standard_normal((n, features), dtype=np.float32)
-            logit = x @ weights / np.sqrt(max(1.0, (weights != 0).sum() / 4))
-            logit += 1.5 * x[:, 0] * x[:, 1] - 2.0 * (x[:, -1] > 1.0)
-            codes = rng.integers(0, _LEVELS, (n, categorical))
-            for j in range(categorical):
-                logit += cat_effects[j, codes[:, j]]
-            y = (rng.random(n) < 1 / (1 + np.exp(-logit))).astype(np.int8)
-            cols = {name: x[:, j] for j, name in enumerate(names)}
-            cols.update({name: levels[codes[:, j]] for j, name in enumerate(cat_names)})
-            cols[label] = y
-            table = pa.table(cols)
-            if writer is None:
-                writer = pq.ParquetWriter(path, table.schema, filesystem=fs)
-            writer.write_table(table, row_group_size=_CHUNK)
-    finally:
-        if writer is not None:
-            writer.close()
+    # Whole or absent: benchmarks reuse a table that exists, so a cut-short one must not.
+    with storage.atomic_output(*storage.filesystem(out)) as sink:
+        try:
+            for start in range(0, rows, _CHUNK):
+                n = min(_CHUNK, rows - start)
+                x = rng.standard_normal((n, features), dtype=np.float32)
+                logit = x @ weights / np.sqrt(max(1.0, (weights != 0).sum() / 4))
+                logit += 1.5 * x[:, 0] * x[:, 1] - 2.0 * (x[:, -1] > 1.0)
+                codes = rng.integers(0, _LEVELS, (n, categorical))
+                for j in range(categorical):
+                    logit += cat_effects[j, codes[:, j]]
+                y = (rng.random(n) < 1 / (1 + np.exp(-logit))).astype(np.int8)
+                cols = {name: x[:, j] for j, name in enumerate(names)}
+                cols.update({name: levels[codes[:, j]] for j, name in enumerate(cat_names)})
+                cols[label] = y
+                table = pa.table(cols)
+                if writer is None:
+                    writer = pq.ParquetWriter(sink, table.schema)
+                writer.write_table(table, row_group_size=_CHUNK)
+        finally:
+            if writer is not None:
+                writer.close()
     log.info("generate: %d rows x %d features (+%d categorical) -> %s", rows, features,
              categorical, out)  # fmt: skip
     return out

@@ -10,10 +10,12 @@ Ray Data, tuned for small clusters after measuring it (bench/xgboost.py):
   QuantileDMatrix (hist's input). Feeding the workers Ray Data shards instead (read_parquet,
   materialized first, or Ray Data gets no CPU beside 2 workers on 2 CPUs) measured no faster
   here and adds Ray Data's actors to every run; the splits are already Ray Data's output.
-- Checkpoints go to `storage_uri` (local or s3://); a lost worker restarts the group, which
+- The run is sized and made fault tolerant by flyray.raytrain's DistributedConfig: checkpoints
+  every `checkpoint_every` rounds (each one is a Ray Train report: about 25 rounds apart keeps
+  their cost small) to `checkpoint_uri` (local or s3://); a lost worker restarts the group, which
   resumes from the latest checkpoint (`max_failures`), with fewer workers when the cluster has
-  lost a node (`min_workers`, elastic), and a run started again with the same storage_uri and
-  run_name resumes too.
+  lost a node (`min_workers`, elastic), and a run started again on the same checkpoint_uri
+  resumes too (its Ray Train run name is always RUN_NAME).
 The workers time-stamp start, data and boosting, so the report splits the wall time.
 """
 
@@ -27,10 +29,11 @@ import numpy as np
 import xgboost as xgb
 
 from flyray import storage
-from flyray.raytrain import run_config, worker_count
+from flyray.raytrain import DistributedConfig, run_config
 from flyray.tabular.data import TableSpec, read_share, read_split, split_files
 
 log = logging.getLogger(__name__)
+RUN_NAME = "xgboost"  # fixed, so that a run started again on its checkpoint_uri resumes
 
 
 @dataclass
@@ -63,22 +66,6 @@ class XGBParams:
             "seed": self.seed,
             "nthread": nthread,
         }
-
-
-@dataclass
-class TrainConfig:
-    """Where and how wide the Ray Train run is."""
-
-    n_workers: int = 2
-    # 1 <= min_workers < n_workers: elastic (Ray Train V2); after a lost node the group restarts
-    # from the last checkpoint with the workers the cluster can place (at least min_workers),
-    # instead of waiting for a replacement, and grows back when one joins. 0: always n_workers.
-    min_workers: int = 1
-    cpus_per_worker: int = 1  # also xgboost's nthread in each worker
-    checkpoint_every: int = 25  # rounds; every checkpoint is one Ray Train report
-    storage_uri: str = ""  # checkpoints, local or s3://; "" = a fresh temporary directory
-    run_name: str = "xgboost"
-    max_failures: int = 2  # worker-group restarts from the latest checkpoint
 
 
 @dataclass
@@ -215,16 +202,16 @@ def train_distributed(
     validation_uri: str,
     spec: TableSpec,
     params: XGBParams,
-    config: TrainConfig,
+    config: DistributedConfig,
     callbacks: tuple = (),
 ) -> tuple[xgb.Booster, TrainReport]:
-    """XGBoostTrainer over `config.n_workers` workers; extra xgboost `callbacks` run in every
-    worker (after the checkpoint reporter)."""
+    """XGBoostTrainer over `config.workers` workers of `cpus_per_worker` CPUs (xgboost's
+    nthread); extra xgboost `callbacks` run in every worker (after the checkpoint reporter)."""
     import ray.train
     from ray.train.xgboost import XGBoostTrainer
 
     began = time.time()
-    run, ckpt_uri = run_config(config.run_name, config.storage_uri, config.max_failures)
+    run, ckpt_uri = run_config(RUN_NAME, config)
     trainer = XGBoostTrainer(
         _train_loop,
         train_loop_config={
@@ -236,7 +223,7 @@ def train_distributed(
             "files": {"train": split_files(train_uri), "validation": split_files(validation_uri)},
         },  # fmt: skip
         scaling_config=ray.train.ScalingConfig(
-            num_workers=worker_count(config.n_workers, config.min_workers),
+            num_workers=config.worker_count(),
             resources_per_worker={"CPU": config.cpus_per_worker},
         ),
         run_config=run,
@@ -255,7 +242,7 @@ def train_distributed(
         data_seconds=m["data_done_at"] - m["started_at"],
         boosting_seconds=m["boosting_done_at"] - m["data_done_at"],
         total_seconds=done - began,
-        checkpoint_uri=storage.join(ckpt_uri, config.run_name),
+        checkpoint_uri=storage.join(ckpt_uri, RUN_NAME),
     )
     log.info("xgboost: %d workers, %d rounds in %.1f s (start-up %.1f, data %.1f, boosting "
              "%.1f)", report.workers, report.rounds, report.total_seconds,
@@ -267,13 +254,11 @@ def train_distributed(
 
 
 def save_model(booster: xgb.Booster, spec: TableSpec, uri: str) -> str:
-    """`uri`/model.json (xgboost's JSON) and `uri`/spec.json (the encoding), local or s3://."""
+    """`uri`/model.json (xgboost's JSON) and `uri`/spec.json (the encoding), local or s3://,
+    each written whole or not at all."""
     fs, path = storage.filesystem(uri)
-    fs.create_dir(path, recursive=True)
-    for name, data in (("model.json", bytes(booster.save_raw("json"))),
-                       ("spec.json", spec.to_json().encode())):  # fmt: skip
-        with fs.open_output_stream(storage.filesystem(storage.join(uri, name))[1]) as fh:
-            fh.write(data)
+    storage.write_atomic(fs, f"{path}/model.json", bytes(booster.save_raw("json")))
+    storage.write_atomic(fs, f"{path}/spec.json", spec.to_json().encode())
     return uri
 
 

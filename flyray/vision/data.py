@@ -7,7 +7,8 @@ for the single-process run and Ray Data shards across the distributed run's work
 Sources (`load_images`):
   ""                          scikit-learn's bundled 8x8 digits (offline demo), upscaled
   <dir or s3://> with data_batch_1..5 and test_batch   CIFAR-10, python version
-  <dir or s3://> of <class>/<image> files (optionally under train/ and test/)   image folder
+  <dir or s3://> of <class>/<image> files (optionally under train/ and test/)   image folder,
+                              listed, decoded and split as flyray.images does for CLIP too
 """
 
 from __future__ import annotations
@@ -22,9 +23,18 @@ from dataclasses import dataclass, field
 import numpy as np
 import pyarrow as pa
 import pyarrow.fs as pafs
-import pyarrow.parquet as pq
 
 from flyray import storage
+from flyray.images import IMAGE_SUFFIXES as IMAGE_SUFFIXES  # what an image folder holds
+from flyray.images import (
+    NO_CLASS_FOLDER,
+    REJECTS_SCHEMA,
+    UNDECODABLE,
+    list_images,
+    read_image,
+    reject,
+    stratified_split,
+)
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +43,6 @@ CIFAR_TEST_BATCH = "test_batch"
 CIFAR_META = "batches.meta"
 CIFAR_CLASSES = ["airplane", "automobile", "bird", "cat", "deer",
                  "dog", "frog", "horse", "ship", "truck"]  # fmt: skip
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif")
 METADATA_KEY = b"flyray.vision"
 
 
@@ -56,7 +65,7 @@ class LoadedImages:
     train: ImageSet
     test: ImageSet
     kind: str  # "digits", "cifar10" or "image_folder"
-    rejects: list[dict] = field(default_factory=list)  # {"path", "reason"} per unusable file
+    rejects: list[dict] = field(default_factory=list)  # path, label, reason, detail per file
 
 
 def load_images(
@@ -181,41 +190,38 @@ def load_cifar10(uri: str) -> tuple[ImageSet, ImageSet]:
 def load_image_folder(
     uri: str, image_size: int = 32, test_fraction: float = 0.2, seed: int = 0
 ) -> tuple[ImageSet, ImageSet, list[dict]]:
-    """<class>/<image> folders (or train/<class>/.. and test/<class>/..), local or s3://.
+    """<class>/<image> folders, local or s3://, split into train and test stratified by class;
+    or train/<class>/.. and test/<class>/.. folders, whose split is kept.
 
-    Files that do not decode as images are rejected (kept with the reason), not fatal.
+    Files that are not images, lie outside a class folder or do not decode are rejected (kept
+    with the reason, as flyray.images has it), not fatal.
     """
-    fs, root = storage.filesystem(uri)
-    files = storage.list_input_files(uri, IMAGE_SUFFIXES)
-    rel = [posixpath.relpath(storage.filesystem(f.path)[1], root).split("/") for f in files]
-    presplit = {r[0] for r in rel if len(r) == 3} >= {"train", "test"}
-    depth = 3 if presplit else 2
-    rejects = [{"path": f.path, "reason": f"not in a <class>/ folder of {uri}"}
-               for f, r in zip(files, rel, strict=True) if len(r) != depth]  # fmt: skip
-    kept = [(f, r) for f, r in zip(files, rel, strict=True) if len(r) == depth]
-    names = sorted({r[-2] for _, r in kept})
-    if not names:
-        raise ImageDataError(f"{uri}: no <class>/<image> files ({', '.join(IMAGE_SUFFIXES)})")
-    images, labels, split = [], [], []
-    for f, r in kept:
-        try:
-            images.append(decode_image(_read_bytes(f.path), image_size))
-        except ValueError as err:
-            rejects.append({"path": f.path, "reason": str(err)})
+    listing = list_images(uri)
+    rel = [listing.relative(p) for p in listing.paths]
+    presplit = {r[0] for r in rel if len(r) >= 3} >= {"train", "test"}
+    fs = storage.filesystem(uri)[0]
+    rejects, images, labels, split = list(listing.rejects), [], [], []
+    for path, label, parts in zip(listing.paths, listing.labels, rel, strict=True):
+        if presplit and (len(parts) < 3 or parts[0] not in ("train", "test")):
+            detail = f"{uri} is split: images belong in train/<class>/ or test/<class>/"
+            rejects.append(reject(path, label, NO_CLASS_FOLDER, detail))
             continue
-        labels.append(names.index(r[-2]))
-        split.append(r[0] if presplit else "")
+        try:
+            images.append(_pixels(read_image(fs, path), image_size))
+        except (ValueError, OSError) as err:
+            rejects.append(reject(path, label, UNDECODABLE, str(err)))
+            continue
+        labels.append(label)
+        split.append(parts[0] if presplit else "")
     if not images:
-        raise ImageDataError(f"{uri}: none of {len(files)} files decoded as an image")
-    x, y = np.stack(images), np.asarray(labels, np.int64)
+        raise ImageDataError(f"{uri}: none of {len(listing.paths)} image files decoded")
+    names = sorted(set(labels))
+    x, y = np.stack(images), np.searchsorted(names, labels).astype(np.int64)
     if presplit:
         is_test = np.asarray(split) == "test"
     else:
-        from sklearn.model_selection import train_test_split
-
-        idx = np.arange(len(y))
-        _, test_idx = train_test_split(idx, test_size=test_fraction, random_state=seed)
-        is_test = np.isin(idx, test_idx)
+        _, test = stratified_split(labels, [test_fraction], seed)
+        is_test = np.isin(np.arange(len(y)), test)
     if rejects:
         log.warning("image folder %s: %d files rejected", uri, len(rejects))
     return (
@@ -223,17 +229,13 @@ def load_image_folder(
     )  # fmt: skip
 
 
-def decode_image(data: bytes, size: int) -> np.ndarray:
-    """PNG/JPEG/BMP/GIF bytes -> uint8 (size, size, 3); ValueError when it does not decode."""
-    import tensorflow as tf
+def _pixels(image, size: int) -> np.ndarray:
+    """A PIL image as uint8 (size, size, 3), resized (bilinear, antialiased) when it differs."""
+    from PIL import Image
 
-    try:
-        image = tf.io.decode_image(data, channels=3, expand_animations=False)
-    except tf.errors.InvalidArgumentError as err:
-        raise ValueError(f"does not decode as an image ({err.message.splitlines()[0]})") from err
-    if image.shape[:2] != (size, size):
-        image = tf.image.resize(image, (size, size), antialias=True)
-    return np.clip(np.round(image.numpy()), 0, 255).astype(np.uint8)
+    if image.size != (size, size):
+        image = image.resize((size, size), Image.Resampling.BILINEAR)
+    return np.asarray(image, np.uint8)
 
 
 def to_table(data: ImageSet) -> pa.Table:
@@ -257,16 +259,14 @@ def from_table(table: pa.Table, shape: tuple[int, int, int] | None = None) -> Im
 
 
 def write_parquet(data: ImageSet, uri: str) -> str:
-    """One parquet file per split (row groups of 1,024 images, so Ray Data can shard it)."""
-    fs, path = storage.filesystem(uri)
-    fs.create_dir(posixpath.dirname(path), recursive=True)
-    pq.write_table(to_table(data), path, filesystem=fs, row_group_size=1024)
+    """One parquet file per split (row groups of 1,024 images, so Ray Data can shard it),
+    written whole or not at all."""
+    storage.write_table(*storage.filesystem(uri), to_table(data), row_group_size=1024)
     return uri
 
 
 def read_parquet(uri: str) -> ImageSet:
-    fs, path = storage.filesystem(uri)
-    return from_table(pq.read_table(path, filesystem=fs))
+    return from_table(storage.read_table(uri))
 
 
 @dataclass
@@ -300,8 +300,7 @@ def prepare(
     loaded = load_images(source, image_size, test_fraction, seed)
     if loaded.rejects:
         fs, path = storage.filesystem(storage.join(out_uri, "rejects.parquet"))
-        fs.create_dir(posixpath.dirname(path), recursive=True)
-        pq.write_table(pa.Table.from_pylist(loaded.rejects), path, filesystem=fs)
+        storage.write_table(fs, path, pa.Table.from_pylist(loaded.rejects, schema=REJECTS_SCHEMA))
         seen = len(loaded.rejects) + len(loaded.train) + len(loaded.test)
         if len(loaded.rejects) > max_reject_fraction * seen:
             raise ImageDataError(

@@ -6,10 +6,16 @@
 
 from __future__ import annotations
 
+import html
 import json
 from dataclasses import asdict, dataclass
 
-from flyray import storage
+import numpy as np
+
+from flyray import decks, storage
+from flyray.registry import RunRecord, TaskIdentity
+from flyray.vision.data import DataSummary, ImageSet
+from flyray.vision.model import CNNParams
 from flyray.vision.train import RunReport
 
 
@@ -106,7 +112,106 @@ def build_report(baseline: RunReport, distributed: RunReport, setup: dict) -> di
 
 
 def write_report(report: dict, uri: str) -> str:
+    """comparison.json, written atomically."""
     fs, path = storage.filesystem(uri)
-    with fs.open_output_stream(path) as fh:
-        fh.write(json.dumps(report, indent=2).encode())
+    storage.write_atomic(fs, path, json.dumps(report, indent=2).encode())
     return uri
+
+
+def data_deck(summary: DataSummary, sample: ImageSet) -> list[str]:
+    counts = dict(zip(summary.class_names, map(float, summary.train_class_counts), strict=True))
+    facts = {k: v for k, v in asdict(summary).items() if k != "train_class_counts"}
+    return [
+        decks.table_html(facts, "Data"),
+        decks.bar_chart_html(counts, "Training images per class", "images"),
+        _sample_grid(sample.images[:16], [summary.class_names[i] for i in sample.labels[:16]]),
+    ]
+
+
+def _sample_grid(pictures: np.ndarray, titles: list[str]) -> str:
+    fig, axes = decks.plt.subplots(2, 8, figsize=(8, 2.4))
+    for ax, picture, title in zip(axes.flat, pictures, titles, strict=False):
+        ax.imshow(picture)
+        ax.set_title(title, fontsize=8)
+    for ax in axes.flat:
+        ax.axis("off")
+    return decks.figure_html(fig)
+
+
+def comparison_deck(comparison: Comparison, baseline: RunReport, distributed: RunReport):
+    label = f"ray ({distributed.workers} workers)"
+    epochs = list(range(1, len(baseline.epoch_seconds) + 1))
+
+    def side_by_side(field: str) -> dict[str, list[float]]:
+        return {"baseline": getattr(baseline, field), label: getattr(distributed, field)}
+
+    times = {
+        name: {"training s": run.training_time_seconds, "epochs s": sum(run.epoch_seconds)}
+        for name, run in (("baseline", baseline), (label, distributed))
+    }
+    accuracy = {"baseline": baseline.test_accuracy, label: distributed.test_accuracy}
+    return [
+        f"<p>{html.escape(comparison.note)}</p>",
+        decks.table_html(asdict(comparison), "Baseline vs Ray Train"),
+        decks.grouped_bar_html(times, "Training time", "seconds"),
+        decks.line_chart_html(epochs, side_by_side("epoch_seconds"), "Seconds per epoch",
+                              "epoch", "seconds"),
+        decks.line_chart_html(epochs, side_by_side("train_accuracy"), "Training accuracy",
+                              "epoch", "accuracy"),
+        decks.bar_chart_html(accuracy, "Test accuracy", "accuracy"),
+    ]  # fmt: skip
+
+
+def identity(summary: DataSummary, metric: str) -> TaskIdentity:
+    """The classes and the image shape."""
+    return TaskIdentity(
+        workload="image_classification",
+        target=f"{len(summary.class_names)} classes {summary.class_names}",
+        inputs=f"images {summary.image_shape}",
+        metric=metric,
+    )
+
+
+def run_record(
+    comparison: Comparison, distributed: RunReport, summary: DataSummary, params: CNNParams,
+    metric_key: str, report_file: str,
+) -> RunRecord:  # fmt: skip
+    curves = {
+        epoch: {"train_loss": loss, "train_accuracy": acc, "epoch_seconds": secs}
+        for epoch, (loss, acc, secs) in enumerate(
+            zip(distributed.train_loss, distributed.train_accuracy, distributed.epoch_seconds,
+                strict=True), start=1,
+        )
+    }  # fmt: skip
+    return RunRecord(
+        params={
+            **{f"model.{k}": v for k, v in asdict(params).items()},
+            "data.kind": summary.kind,
+            "data.source": summary.source or "digits",
+            "ray.workers": distributed.workers,
+        },  # fmt: skip
+        metrics={
+            metric_key: comparison.distributed_test_accuracy,
+            "baseline.test_accuracy": comparison.baseline_test_accuracy,
+            "majority_class.accuracy": summary.majority_test_accuracy,
+            "speedup": comparison.speedup,
+            "efficiency": comparison.efficiency,
+            "epoch_speedup": comparison.epoch_speedup,
+            "baseline.training_time_seconds": comparison.baseline_seconds,
+            "ray.training_time_seconds": comparison.distributed_seconds,
+        },  # fmt: skip
+        curves=curves,
+        files=[report_file],
+    )
+
+
+def log_model(model_file: str, image_shape: list[int], registered_name: str | None):
+    """The Keras model with MLflow's tensorflow flavor and an input example."""
+    import mlflow
+    import tf_keras as keras
+
+    example = np.zeros((2, *image_shape), np.float32)
+    return mlflow.tensorflow.log_model(
+        keras.models.load_model(model_file), name="model", input_example=example,
+        registered_model_name=registered_name,
+    )  # fmt: skip

@@ -7,8 +7,10 @@ accuracy is measured afterwards, outside the timed part, by the same `evaluate` 
 
 Distributed: Ray Data shards the training parquet (one equal shard per worker); every worker
 keeps its shard in memory as a tf.data pipeline and MultiWorkerMirroredStrategy averages the
-gradients. Each epoch's metrics and model go to Ray Train as a checkpoint, so a failed worker
-restarts the run from the last epoch (RunConfig failure_config.max_failures).
+gradients. Every `checkpoint_every` epochs the model and the metrics of the epochs since go to
+Ray Train as a checkpoint, so a failed worker restarts the run from the last one
+(`max_failures`), and a run started again on the same `checkpoint_uri` resumes from it too (its
+Ray Train run name is always RUN_NAME).
 """
 
 from __future__ import annotations
@@ -24,23 +26,17 @@ import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 
+import pandas as pd
+
 from flyray import storage
-from flyray.raytrain import run_config
+from flyray.raytrain import DistributedConfig, run_config
 from flyray.vision import LEGACY_KERAS_ENV
 from flyray.vision.data import ImageSet, from_table, read_parquet
 from flyray.vision.model import CNNParams, build_cnn
 
 log = logging.getLogger(__name__)
 MODEL_FILE = "model.keras"
-
-
-@dataclass
-class DistributedConfig:
-    workers: int = 2
-    cpus_per_worker: float = 1.0  # Ray CPU resources each worker reserves
-    threads_per_worker: int = 0  # TF intra/inter-op threads; 0: cpus_per_worker (at least 1)
-    max_failures: int = 1  # restarts of the whole worker group from the last checkpoint
-    storage_uri: str = ""  # Ray Train run folder (local or s3://); "": a temporary folder
+RUN_NAME = "cnn"  # fixed, so that a run started again on its checkpoint_uri resumes
 
 
 @dataclass
@@ -85,9 +81,10 @@ def set_threads(threads: int) -> tuple[int, int]:
     )
 
 
-def epoch_callbacks(report_to_ray: bool = False) -> list:
-    """Keras callbacks: epoch number and seconds into each epoch's logs; with report_to_ray,
-    the logs and the model go to Ray Train as that epoch's metrics and checkpoint."""
+def epoch_callbacks(checkpoint_every: int = 0) -> list:
+    """Keras callbacks: epoch number and seconds into each epoch's logs; with checkpoint_every,
+    every that many epochs (and after the last) the model goes to Ray Train as a checkpoint,
+    with the logs of the epochs since as its metrics ("epochs")."""
     import tf_keras as keras
 
     class EpochTimer(keras.callbacks.Callback):
@@ -108,18 +105,26 @@ def epoch_callbacks(report_to_ray: bool = False) -> list:
     class RayReport(keras.callbacks.Callback):
         seconds = 0.0  # spent checkpointing, outside the epochs
 
+        def __init__(self) -> None:
+            super().__init__()
+            self.pending: list[dict] = []  # logs of the epochs since the last checkpoint
+
         def on_epoch_end(self, epoch, logs=None):
             import ray.train
 
+            self.pending.append(dict(logs))
+            if (epoch + 1) % checkpoint_every and epoch + 1 != self.params["epochs"]:
+                return
             began = time.perf_counter()
             with tempfile.TemporaryDirectory() as tmp:
                 self.model.save(os.path.join(tmp, MODEL_FILE))  # on every worker, as MWMS wants
                 chief = ray.train.get_context().get_world_rank() == 0
                 checkpoint = ray.train.Checkpoint.from_directory(tmp) if chief else None
-                ray.train.report(dict(logs), checkpoint=checkpoint)
+                ray.train.report({"epochs": self.pending}, checkpoint=checkpoint)
+            self.pending = []
             self.seconds += time.perf_counter() - began
 
-    return [EpochTimer()] + ([RayReport()] if report_to_ray else [])
+    return [EpochTimer()] + ([RayReport()] if checkpoint_every else [])
 
 
 def load_checkpoint(checkpoint):
@@ -273,13 +278,14 @@ def _worker_loop(config: dict) -> dict:
             params.seed + ictx.input_pipeline_id,
         )
     )
-    callbacks = epoch_callbacks(report_to_ray=True)
+    callbacks = epoch_callbacks(config["checkpoint_every"])
     model.fit(
         dataset, epochs=params.epochs, initial_epoch=done, steps_per_epoch=steps,
         callbacks=callbacks, verbose=0,
     )  # fmt: skip
     workers = json.loads(os.environ["TF_CONFIG"])["cluster"]["worker"]  # "ip:port" each
     return {
+        "workers": world,
         "host": socket.gethostname(),
         "host_cpus": os.cpu_count() or 1,
         "worker_nodes": sorted({w.rsplit(":", 1)[0] for w in workers}),
@@ -301,7 +307,8 @@ def train_distributed(
     config: DistributedConfig,
     model_dir: str = "",
 ) -> RunReport:
-    """TensorflowTrainer on config.workers workers, the training parquet sharded by Ray Data.
+    """TensorflowTrainer on config.workers workers (fewer after a lost node when elastic), each
+    reserving and running TF on `cpus_per_worker` CPUs, the training parquet sharded by Ray Data.
 
     The timed part is trainer.fit(): starting the workers, TF's cluster, the data shards and
     training, which is what a user waits for; epoch_seconds are the epochs alone.
@@ -311,7 +318,6 @@ def train_distributed(
     from ray.train.tensorflow import TensorflowTrainer
 
     test = read_parquet(test_uri)
-    threads = config.threads_per_worker or max(1, int(config.cpus_per_worker))
     fs, path = storage.filesystem(train_uri)
     # Read before the workers start: once they hold every CPU of a small cluster, Ray Data's
     # read tasks could not be scheduled (it hung on this 2-CPU machine).
@@ -320,17 +326,19 @@ def train_distributed(
         _worker_loop,
         train_loop_config={
             "params": params,
-            "threads": threads,
+            "threads": config.cpus_per_worker,
+            "checkpoint_every": config.checkpoint_every,
             "shape": list(test.images.shape[1:]),
             "num_classes": len(test.class_names),
         },
         scaling_config=ScalingConfig(
-            num_workers=config.workers, resources_per_worker={"CPU": config.cpus_per_worker}
+            num_workers=config.worker_count(),
+            resources_per_worker={"CPU": config.cpus_per_worker},
         ),
         datasets={"train": dataset},
         run_config=run_config(
-            None, config.storage_uri, config.max_failures,
-            keep=None,  # metrics of every epoch
+            RUN_NAME, config,
+            keep=None,  # every checkpoint carries the metrics of its epochs
             worker_runtime_env={"env_vars": LEGACY_KERAS_ENV},  # before TF loads in workers
         )[0],
     )  # fmt: skip
@@ -338,24 +346,27 @@ def train_distributed(
     result = trainer.fit()
     elapsed, ended_wall = time.perf_counter() - began, time.time()
     info = result.return_value
-    reported = result.metrics_dataframe  # every epoch of every attempt, in order
+    # Epochs of every attempt (and of earlier runs on the same checkpoint_uri), in report order:
+    # an epoch trained again after a restart counts once, as its last run.
+    reported = pd.DataFrame([e for _, m in result.best_checkpoints for e in m["epochs"]])
     history = reported.drop_duplicates("epoch", keep="last").sort_values("epoch")
+    this_run = history["epoch_began"][history["epoch_began"] >= began_wall]
     model = load_checkpoint(result.checkpoint)
     accuracy, loss = evaluate(model, test)
-    log.info("ray train: %.1f s on %d workers, test accuracy %.4f%s", elapsed, config.workers,
+    log.info("ray train: %.1f s on %d workers, test accuracy %.4f%s", elapsed, info["workers"],
              accuracy, f", resumed from epoch {info['resumed_from_epoch']}"
              if info["resumed_from_epoch"] else "")  # fmt: skip
     if model_dir:
-        model.save(os.path.join(model_dir, MODEL_FILE))
+        save_model(model, model_dir)
     return RunReport(
         mode="ray_distributed", training_time_seconds=elapsed,
-        startup_seconds=reported["epoch_began"].iloc[0] - began_wall,
+        startup_seconds=(this_run.min() if len(this_run) else ended_wall) - began_wall,
         shutdown_seconds=ended_wall - info["train_ended"],
         checkpoint_seconds=info["checkpoint_seconds"],
         resumed_from_epoch=info["resumed_from_epoch"],
         epoch_seconds=history["epoch_seconds"].tolist(), train_loss=history["loss"].tolist(),
         train_accuracy=history["accuracy"].tolist(), test_accuracy=accuracy, test_loss=loss,
-        workers=config.workers, cpus=config.workers * config.cpus_per_worker,
+        workers=info["workers"], cpus=info["workers"] * config.cpus_per_worker,
         intra_op_threads=info["intra"], inter_op_threads=info["inter"],
         hosts=[info["host"]], nodes=len(info["worker_nodes"]), host_cpus=info["host_cpus"],
         steps_per_epoch=info["steps"],
@@ -363,3 +374,14 @@ def train_distributed(
         test_examples=len(test), tensorflow_version=info["tensorflow_version"],
         keras_version=info["keras_version"],
     )  # fmt: skip
+
+
+def save_model(model, uri: str) -> str:
+    """`uri`/model.keras (local or s3://), written whole or not at all."""
+    with tempfile.TemporaryDirectory() as tmp:
+        model.save(os.path.join(tmp, MODEL_FILE))
+        with open(os.path.join(tmp, MODEL_FILE), "rb") as fh:
+            data = fh.read()
+    fs, path = storage.filesystem(uri)
+    storage.write_atomic(fs, f"{path}/{MODEL_FILE}", data)
+    return uri

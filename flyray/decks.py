@@ -1,4 +1,5 @@
-"""Small helpers to put tables and matplotlib figures into Flyte decks."""
+"""Tables and matplotlib figures as HTML fragments: what every workload's reports are made of
+(the tasks layer publishes them as Flyte decks; nothing here imports flytekit)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,6 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
-from flytekit import Deck  # noqa: E402
 
 
 def table_html(rows: dict[str, object] | list[dict], title: str = "") -> str:
@@ -80,7 +80,3 @@ def figure_html(fig) -> str:
     fig.savefig(buf, format="png", dpi=100)
     plt.close(fig)
     return f'<img src="data:image/png;base64,{base64.b64encode(buf.getvalue()).decode()}"/>'
-
-
-def publish(name: str, *parts: str) -> None:
-    Deck(name, "\n".join(parts))

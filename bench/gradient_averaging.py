@@ -1,0 +1,130 @@
+"""FunkSVD by gradient averaging over Ray workers: the original system's training, kept only so
+that bench/funksvd.py can compare flyray's DSGD (flyray.recsys.distributed) with it.
+
+Each worker holds a chunk of the ratings and computes its full-batch gradient against the
+current model; the driver averages them per row and takes one step of size lr per epoch. That is
+gradient descent, not SGD: the whole model goes through the driver every epoch, and it converges
+far more slowly than DSGD. No checkpoints and no restarts: a benchmark run, not a product.
+"""
+
+from __future__ import annotations
+
+import time
+
+import numba
+import numpy as np
+import ray
+
+from flyray.recsys.distributed import Ratings
+from flyray.recsys.funksvd import (
+    EpochMetrics,
+    FunkSVD,
+    FunkSVDParams,
+    init_factors,
+    with_negatives,
+)
+
+
+@numba.njit(nogil=True, fastmath=True, cache=True)
+def gradient_sums(
+    users: np.ndarray,
+    items: np.ndarray,
+    ratings: np.ndarray,
+    P: np.ndarray,
+    Q: np.ndarray,
+    bu: np.ndarray,
+    bi: np.ndarray,
+    global_mean: float,
+    reg: float,
+    biased: bool,
+):
+    """Full-batch gradient of the regularised squared error over these ratings, summed per row
+    (the original per-chunk computation), and the summed squared error."""
+    k = P.shape[1]
+    gP = np.zeros_like(P)
+    gQ = np.zeros_like(Q)
+    gbu = np.zeros_like(bu)
+    gbi = np.zeros_like(bi)
+    sse = 0.0
+    for n in range(users.shape[0]):
+        u = users[n]
+        i = items[n]
+        dot = np.float32(0.0)
+        for f in range(k):
+            dot += P[u, f] * Q[i, f]
+        pred = dot + (global_mean + bu[u] + bi[i] if biased else 0.0)
+        err = ratings[n] - pred
+        sse += err * err
+        if biased:
+            gbu[u] += err - reg * bu[u]
+            gbi[i] += err - reg * bi[i]
+        for f in range(k):
+            gP[u, f] += err * Q[i, f] - reg * P[u, f]
+            gQ[i, f] += err * P[u, f] - reg * Q[i, f]
+    return gP, gQ, gbu, gbi, sse
+
+
+@ray.remote(num_cpus=1)
+class GradientWorker:
+    """Holds a chunk of ratings; returns its full-batch gradient for a given model."""
+
+    def __init__(self, w: int, chunk: Ratings, params: FunkSVDParams, mean: float):
+        self.w, self.chunk, self.params, self.mean = w, chunk, params, mean
+
+    def gradient(self, model):
+        P, Q, bu, bi = model
+        c, p = self.chunk, self.params
+        gP, gQ, gbu, gbi, sse = gradient_sums(
+            c.users, c.items, c.values, P, Q, bu, bi, self.mean, p.reg, p.biased
+        )
+        return gP, gQ, gbu, gbi, {"worker": self.w, "ratings": len(c), "sse": sse}
+
+
+def train(
+    ratings: Ratings,
+    n_users: int,
+    n_items: int,
+    params: FunkSVDParams,
+    workers: int = 2,
+    validation: Ratings | None = None,
+) -> FunkSVD:
+    """FunkSVD fitted by `params.n_epochs` averaged gradient steps over `workers` actors."""
+    p = params
+    model = FunkSVD(p)
+    model.user_ids, model.item_ids = np.arange(n_users), np.arange(n_items)
+    model.set_seen(ratings.users, ratings.items)
+    ratings = Ratings(*with_negatives(ratings.users, ratings.items, ratings.values, n_items, p))
+    model.global_mean = float(ratings.values.mean(dtype=np.float64))
+    model.P, model.Q, model.bu, model.bi = init_factors(p, n_users, n_items)
+    chunks = np.array_split(np.random.default_rng(p.seed).permutation(len(ratings)), workers)
+    actors = [
+        GradientWorker.remote(
+            w, Ratings(ratings.users[c], ratings.items[c], ratings.values[c]), p, model.global_mean
+        )
+        for w, c in enumerate(chunks)
+    ]
+    # Each row's gradient is averaged over that row's ratings, then one step of size lr.
+    n_u = np.maximum(np.bincount(ratings.users, minlength=n_users), 1).astype(np.float32)
+    n_i = np.maximum(np.bincount(ratings.items, minlength=n_items), 1).astype(np.float32)
+    try:
+        for epoch in range(1, p.n_epochs + 1):
+            began = time.perf_counter()
+            ref = ray.put((model.P, model.Q, model.bu, model.bi))
+            grads = ray.get([a.gradient.remote(ref) for a in actors])
+            model.P += p.lr * sum(g[0] for g in grads) / n_u[:, None]
+            model.Q += p.lr * sum(g[1] for g in grads) / n_i[:, None]
+            if p.biased:
+                model.bu += p.lr * sum(g[2] for g in grads) / n_u
+                model.bi += p.lr * sum(g[3] for g in grads) / n_i
+            val = None
+            if validation is not None:
+                val = model.rmse_indexed(validation.users, validation.items, validation.values)
+            sse = sum(g[4]["sse"] for g in grads)
+            model.history.append(EpochMetrics(
+                epoch, float(np.sqrt(sse / len(ratings))), val, time.perf_counter() - began,
+                [{k: v for k, v in g[4].items() if k != "sse"} for g in grads],
+            ))  # fmt: skip
+    finally:
+        for a in actors:
+            ray.kill(a)
+    return model

@@ -1,0 +1,131 @@
+"""What the recommender shows and records: the training and evaluation reports, their decks,
+what the MLflow run holds and the model's task identity."""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from dataclasses import asdict, dataclass
+
+from flyray import decks
+from flyray.clickstream.config import FeatureConfig
+from flyray.clickstream.reports import DataProfile
+from flyray.recsys.evaluate import Metrics
+from flyray.recsys.funksvd import FunkSVD, FunkSVDParams
+from flyray.recsys.pyfunc import log_pyfunc
+from flyray.registry import RunRecord, TaskIdentity
+
+
+@dataclass
+class TrainingReport:
+    """Per-epoch curves and where the work ran: the training task's typed metrics output."""
+
+    workers: int
+    train_ratings: int
+    epochs: list[int]
+    train_rmse: list[float]
+    validation_rmse: list[float]
+    epoch_seconds: list[float]
+    ratings_per_worker: list[int]
+    resumed_from_epoch: int = 0  # > 0: this attempt went on from a checkpoint
+
+    @classmethod
+    def of(cls, model: FunkSVD, resumed_from_epoch: int = 0) -> TrainingReport:
+        history = model.history
+        last = history[-1].workers if history else []
+        return cls(
+            workers=len(last),
+            train_ratings=int(model.seen_indptr[-1]),
+            epochs=[h.epoch for h in history],
+            train_rmse=[h.train_rmse for h in history],
+            validation_rmse=[
+                float("nan") if h.validation_rmse is None else h.validation_rmse for h in history
+            ],
+            epoch_seconds=[h.seconds for h in history],
+            ratings_per_worker=[w["ratings"] for w in last],
+            resumed_from_epoch=resumed_from_epoch,
+        )
+
+
+@dataclass
+class EvaluationReport:
+    """The model and its baselines on the same held-out split."""
+
+    k: int
+    model: Metrics
+    biases: Metrics
+    popularity: Metrics
+
+
+def training_deck(report: TrainingReport, workers: list[dict], params: FunkSVDParams) -> list[str]:
+    curves = {"train RMSE": report.train_rmse, "validation RMSE": report.validation_rmse}
+    return [
+        decks.line_chart_html(report.epochs, curves, "FunkSVD training curves", "epoch", "RMSE"),
+        decks.table_html(workers, "Ratings per worker"),
+        decks.table_html(asdict(params), "Hyperparameters"),
+    ]
+
+
+def evaluation_deck(report: EvaluationReport) -> list[str]:
+    k = report.k
+    rows = [asdict(m) for m in (report.model, report.biases, report.popularity)]
+    ranking = {
+        m["model"]: {f"{n}@{k}": m[n] for n in ("precision", "recall", "ndcg", "map")} for m in rows
+    }
+    title = (
+        f"Held-out evaluation at k={k}, ranking metrics on {report.model.users:,} of "
+        f"{report.model.test_users:,} test users"
+    )
+    return [
+        decks.table_html(rows, title),
+        decks.grouped_bar_html(ranking, "Ranking metrics", "value"),
+    ]
+
+
+def identity(source: str, features: FeatureConfig, metric: str) -> TaskIdentity:
+    """The source as configured (a template before it is filled) and how events become ratings;
+    the data window's end is left out, so each nightly window competes with its champion."""
+    settings = {k: v for k, v in asdict(features).items() if k != "window_end"}
+    return TaskIdentity(
+        workload="recommendation",
+        target="top-k unseen items per user",
+        inputs="clickstream events",
+        metric=metric,
+        source=source or "generated demo clickstream",
+        settings=json.dumps(settings, sort_keys=True),
+    )
+
+
+def run_record(
+    training: TrainingReport,
+    evaluation: EvaluationReport,
+    profile: DataProfile,
+    params: FunkSVDParams,
+) -> RunRecord:
+    metrics = dict(evaluation.model.as_mlflow())
+    for baseline in (evaluation.biases, evaluation.popularity):
+        metrics.update({f"{baseline.model}.{k}": v for k, v in baseline.as_mlflow().items()})
+    metrics.update({"data.users": profile.users, "data.items": profile.items,
+                    "data.events": profile.events, "data.sparsity": profile.sparsity})  # fmt: skip
+    curves = {
+        epoch: {"train_rmse": tr, "validation_rmse": va}
+        for epoch, tr, va in zip(
+            training.epochs, training.train_rmse, training.validation_rmse, strict=True
+        )
+    }
+    return RunRecord(
+        params={
+            **{f"model.{k}": v for k, v in asdict(params).items()},
+            "training.workers": training.workers,
+        },  # fmt: skip
+        metrics=metrics,
+        curves=curves,
+        documents={"data_profile.json": asdict(profile)},
+    )
+
+
+def log_model(model: FunkSVD, registered_name: str | None):
+    """The model as an MLflow pyfunc (saved files as its artifact)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        model.save(f"{tmp}/funksvd")
+        return log_pyfunc(model, f"{tmp}/funksvd", registered_name=registered_name)

@@ -1,0 +1,337 @@
+"""The one task preamble of flyray: every Flyte task is declared with `flyray_task`, which applies
+image, cache, retries, transient-error classification, secret requests, resources, a timeout and
+logging in one place; plus the Ray cluster a task asks for, where its outputs and checkpoints go,
+and how decks are published.
+
+Deployment facts come from the environment when the workflows are registered (docs: the
+configuration table); what changes per run is a workflow input:
+  FLYRAY_RAY_WORKER_CPU (2)  FLYRAY_RAY_WORKER_MEM (8Gi)   one Ray worker pod
+  FLYRAY_RAY_HEAD_CPU (2)    FLYRAY_RAY_HEAD_MEM (8Gi)     the Ray head pod
+  FLYRAY_RAY_WORKERS (2)     worker pods of Ray tasks that are not sized by a run's
+                             DistributedConfig (ingest, features, evaluation, embedding)
+  FLYRAY_S3_SECRET_GROUP     Flyte secret group holding aws_access_key_id and
+                             aws_secret_access_key, mounted as AWS_ACCESS_KEY_ID/_SECRET_ACCESS_KEY
+                             (unset: credentials come from the pod's environment)
+  FLYRAY_K8S_CONFIGMAP (flyray-env)  FLYRAY_K8S_SECRET (flyray-s3)   what every Ray pod takes its
+                             environment from (endpoints, S3 keys; see k8s/)
+  FLYRAY_CHECKPOINT_ROOT     where retried tasks find their checkpoints (default: beside the
+                             execution's raw outputs)
+"""
+
+from __future__ import annotations
+
+import datetime
+import functools
+import hashlib
+import json
+import logging
+import math
+import os
+import posixpath
+import re
+from collections.abc import Callable
+from dataclasses import asdict, is_dataclass
+
+from flytekit import Cache, Deck, PodTemplate, Resources, Secret, StructuredDataset, dynamic, task
+from flytekit import current_context as _current_context
+from flytekit.core.context_manager import FlyteContextManager
+from flytekit.core.resources import pod_spec_from_resources
+from flytekit.exceptions.user import FlyteRecoverableException
+from flytekit.types.directory import FlyteDirectory
+from flytekit.types.file import FlyteFile
+from flytekitplugins.ray import HeadNodeConfig, RayJobConfig, WorkerNodeConfig
+
+from flyray.raytrain import DistributedConfig
+
+_S3_SECRET_KEYS = ("aws_access_key_id", "aws_secret_access_key")
+# The `flytekit` user of ImageSpec images; numeric so that runAsNonRoot can be verified.
+RUN_AS_USER = 1000
+DEFAULT_TIMEOUT = datetime.timedelta(hours=2)
+
+# Ray cluster shape; k8s/render.py fills the standalone RayCluster from the same settings.
+RAY_DEFAULTS = {
+    "FLYRAY_RAY_WORKERS": "2",
+    "FLYRAY_RAY_WORKER_CPU": "2",
+    "FLYRAY_RAY_WORKER_MEM": "8Gi",
+    "FLYRAY_RAY_HEAD_CPU": "2",
+    "FLYRAY_RAY_HEAD_MEM": "8Gi",
+}
+
+
+def ray_setting(name: str) -> str:
+    return os.environ.get(name, RAY_DEFAULTS[name])
+
+
+def worker_pods(config: DistributedConfig) -> tuple[int, int]:
+    """(min, max) Ray worker pods that place `config`'s training workers: each pod has
+    FLYRAY_RAY_WORKER_CPU CPUs, each worker reserves `cpus_per_worker`."""
+    per_pod = max(1, int(float(ray_setting("FLYRAY_RAY_WORKER_CPU")) // config.cpus_per_worker))
+    most = math.ceil(config.workers / per_pod)
+    least = (
+        math.ceil(config.min_workers / per_pod) if 0 < config.min_workers < config.workers else most
+    )
+    return least, most
+
+
+def ray_job(config: DistributedConfig | None = None, worker_gpus: int = 0) -> RayJobConfig:
+    """One Ray cluster per task execution: a head (schedules only) and one worker group, torn down
+    afterwards. Sized by a run's DistributedConfig when given (autoscaling between its min and
+    max), else by FLYRAY_RAY_WORKERS. `worker_gpus` > 0 gives each worker pod that many GPUs."""
+    if config is None:
+        least = most = int(ray_setting("FLYRAY_RAY_WORKERS"))
+    else:
+        least, most = worker_pods(config)
+    worker_res = Resources(
+        cpu=ray_setting("FLYRAY_RAY_WORKER_CPU"),
+        mem=ray_setting("FLYRAY_RAY_WORKER_MEM"),
+        gpu=worker_gpus or None,
+    )
+    head_res = Resources(
+        cpu=ray_setting("FLYRAY_RAY_HEAD_CPU"), mem=ray_setting("FLYRAY_RAY_HEAD_MEM")
+    )
+    return RayJobConfig(
+        head_node_config=HeadNodeConfig(
+            ray_start_params={"num-cpus": "0"} if most else None,
+            pod_template=_ray_pod("ray-head", head_res),
+        ),
+        worker_node_config=[
+            WorkerNodeConfig(
+                group_name="workers",
+                replicas=most,
+                min_replicas=least,
+                max_replicas=most,
+                pod_template=_ray_pod("ray-worker", worker_res),
+            )
+        ],
+        enable_autoscaling=least < most,
+        shutdown_after_job_finishes=True,
+        ttl_seconds_after_finished=600,
+    )
+
+
+def _ray_pod(container: str, resources: Resources) -> PodTemplate:
+    """A Ray head or worker pod: fixed resources, non-root, environment from the ConfigMap and
+    Secret of k8s/ (both optional, so a cluster without them still starts)."""
+    from kubernetes.client import (
+        V1Capabilities,
+        V1ConfigMapEnvSource,
+        V1EnvFromSource,
+        V1PodSecurityContext,
+        V1SeccompProfile,
+        V1SecretEnvSource,
+        V1SecurityContext,
+    )
+
+    spec = pod_spec_from_resources(container, requests=resources, limits=resources)
+    spec.security_context = V1PodSecurityContext(
+        run_as_non_root=True, run_as_user=RUN_AS_USER, fs_group=RUN_AS_USER,
+        seccomp_profile=V1SeccompProfile(type="RuntimeDefault"),
+    )  # fmt: skip
+    [primary] = spec.containers
+    primary.security_context = V1SecurityContext(
+        allow_privilege_escalation=False, capabilities=V1Capabilities(drop=["ALL"])
+    )
+    primary.env_from = [
+        V1EnvFromSource(config_map_ref=V1ConfigMapEnvSource(
+            name=os.environ.get("FLYRAY_K8S_CONFIGMAP", "flyray-env"), optional=True)),
+        V1EnvFromSource(secret_ref=V1SecretEnvSource(
+            name=os.environ.get("FLYRAY_K8S_SECRET", "flyray-s3"), optional=True)),
+    ]  # fmt: skip
+    return PodTemplate(pod_spec=spec, primary_container_name=container)
+
+
+def storage_secrets() -> list[Secret]:
+    """The S3 credentials as Flyte secrets, mounted by Flyte straight into the variables that
+    flyray.storage reads (values never pass through flyray's code or logs)."""
+    group = os.environ.get("FLYRAY_S3_SECRET_GROUP")
+    if not group:
+        return []
+    return [
+        Secret(
+            group=group, key=key, env_var=key.upper(), mount_requirement=Secret.MountType.ENV_VAR
+        )
+        for key in _S3_SECRET_KEYS
+    ]
+
+
+# What a flaky store, network or lost node looks like; bad input never matches these.
+_TRANSIENT_TYPES = (ConnectionError, TimeoutError)
+_TRANSIENT_NAMES = {
+    "EndpointConnectionError", "ConnectTimeoutError", "ReadTimeoutError", "ConnectionClosedError",
+    "RayActorError", "ActorDiedError", "ActorUnavailableError", "ObjectLostError",
+    "OwnerDiedError", "NodeDiedError", "ObjectReconstructionFailedError",
+}  # fmt: skip
+_TRANSIENT_TEXT = (
+    "NETWORK_CONNECTION", "curlCode", "SLOW_DOWN", "SERVICE_UNAVAILABLE", "INTERNAL_FAILURE",
+    "Connection refused", "Connection reset", "timed out", "Max retries exceeded",
+    "503 Server Error", "502 Server Error", "504 Server Error",
+)  # fmt: skip
+
+
+def is_transient(exc: BaseException) -> bool:
+    """True when the error, or one it was raised from (Ray task errors included), is a network,
+    storage-service or node failure that a retry can outlive."""
+    seen: set[int] = set()
+    stack = [exc]
+    while stack:
+        e = stack.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        names = {t.__name__ for t in type(e).__mro__}
+        if isinstance(e, _TRANSIENT_TYPES) or names & _TRANSIENT_NAMES:
+            return True
+        if isinstance(e, OSError) and any(t in str(e) for t in _TRANSIENT_TEXT):
+            return True
+        stack += [e.__cause__, e.__context__, getattr(e, "cause", None)]
+    return False
+
+
+def _preamble(fn: Callable) -> Callable:
+    """Logging, and transient failures made recoverable: flytekit reports every user exception
+    as non-recoverable (never retried); a flaky store or a lost node is re-raised as
+    FlyteRecoverableException so `retries=` covers it, while bad input fails at once."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+        logging.getLogger("flyray").setLevel(logging.INFO)
+        try:
+            return fn(*args, **kwargs)
+        except Exception as exc:
+            if is_transient(exc):
+                raise FlyteRecoverableException(f"transient failure, retrying: {exc}") from exc
+            raise
+
+    return wrapper
+
+
+def flyray_task(
+    image,
+    *,
+    ray: DistributedConfig | bool = False,
+    worker_gpus: int = 0,
+    cache: str = "",
+    cache_ignore: tuple[str, ...] = (),
+    retries: int = 2,
+    timeout: datetime.timedelta = DEFAULT_TIMEOUT,
+    storage: bool = True,
+    deck: bool = False,
+    resources: Resources | None = None,
+    sizes: bool = False,
+) -> Callable:
+    """Declare a flyray task. `ray`: run on a per-execution Ray cluster (a DistributedConfig
+    sizes it; training tasks are resized per run by `sized`); `cache`: a cache version (bump it
+    when the code changes what the task writes; serialized, so concurrent runs compute once);
+    `storage`: the task reads or writes object storage, so it requests the S3 secrets;
+    `resources`: requests = limits of a plain (non-Ray) pod; `sizes`: a @dynamic that starts a
+    Ray task on a cluster sized for the run (see `sized`)."""
+    if ray:
+        config = ray if isinstance(ray, DistributedConfig) else None
+        task_config = ray_job(config, worker_gpus)
+    else:
+        task_config = None
+    options = {
+        "container_image": image,
+        "task_config": task_config,
+        "retries": retries,
+        "timeout": timeout,
+        "secret_requests": storage_secrets() if storage and not sizes else [],
+        "enable_deck": deck,
+    }
+    if cache:
+        options["cache"] = Cache(version=cache, serialize=True, ignored_inputs=cache_ignore)
+    if resources is not None:
+        options.update(requests=resources, limits=resources)
+
+    def declare(fn: Callable):
+        return (dynamic if sizes else task)(**options)(_preamble(fn))
+
+    return declare
+
+
+def sized(ray_task, config: DistributedConfig, worker_gpus: int = 0) -> Callable:
+    """`ray_task`, called inside a @dynamic, on a Ray cluster sized for this run's `config`."""
+
+    def call(**inputs):
+        return ray_task(**inputs).with_overrides(task_config=ray_job(config, worker_gpus))
+
+    return call
+
+
+def new_output_dir() -> str:
+    """A fresh directory under the execution's raw-output prefix (s3:// on a cluster)."""
+    return FlyteContextManager.current_context().file_access.get_random_remote_directory()
+
+
+_ATTEMPT_OUTPUTS = re.compile(r"/([^/]+)/data/\d+/?$")  # <node-id>/data/<attempt>
+
+
+def checkpoint_uri(config: DistributedConfig, name: str, inputs: dict | None = None) -> str:
+    """Where this task's checkpoints go: `config.checkpoint_uri` when set, else a folder that
+    every Flyte retry of the same node of the same execution derives alike, so a retry resumes
+    from the failed attempt's last checkpoint:
+      <root>/<project>/<domain>/<execution>/<node id>/<name>
+    root: FLYRAY_CHECKPOINT_ROOT, else `flyray-checkpoints` beside the raw-output prefix (its
+    bucket on a cluster). The node id comes from the attempt's output prefix
+    (.../<node>/data/<attempt>); where that has no node id (local runs), a digest of the
+    task's inputs stands in for it."""
+    if config.checkpoint_uri:
+        return config.checkpoint_uri
+    params = _current_context()
+    root = os.environ.get("FLYRAY_CHECKPOINT_ROOT") or _beside(params.raw_output_prefix)
+    execution = params.execution_id
+    match = _ATTEMPT_OUTPUTS.search(params.output_metadata_prefix or "")
+    node = match.group(1) if match else "in-" + _digest(inputs or {})
+    parts = (execution.project, execution.domain, execution.name, node, name)
+    return posixpath.join(root, *parts) if "://" in root else os.path.join(root, *parts)
+
+
+def _beside(raw_output_prefix: str) -> str:
+    """The bucket of an object-store prefix; locally the folder above Flyte's per-attempt
+    <shard>/<attempt id> folders."""
+    if "://" in raw_output_prefix:
+        scheme, rest = raw_output_prefix.split("://", 1)
+        return f"{scheme}://{rest.split('/', 1)[0]}/flyray-checkpoints"
+    base = os.path.dirname(os.path.dirname(raw_output_prefix.rstrip("/")))
+    return os.path.join(base, "flyray-checkpoints")
+
+
+def _digest(inputs: dict) -> str:
+    def plain(value):
+        if isinstance(value, StructuredDataset):
+            return dataset_uri(value)
+        if isinstance(value, FlyteDirectory):
+            return dir_uri(value)
+        if isinstance(value, FlyteFile):
+            return value.remote_source or value.path
+        return asdict(value) if is_dataclass(value) else value
+
+    text = json.dumps({k: plain(v) for k, v in inputs.items()}, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def dataset_uri(dataset: StructuredDataset) -> str:
+    """Where a dataset input lives, without downloading it (its literal carries the location)."""
+    return dataset.uri or dataset.literal.uri
+
+
+def dir_uri(directory: FlyteDirectory) -> str:
+    """Where a directory input lives, without downloading it (Ray workers read it in place)."""
+    return directory.remote_source or directory.path
+
+
+def publish(name: str, *parts: str) -> None:
+    """One Flyte deck tab from HTML fragments (flyray's reports build them)."""
+    Deck(name, "\n".join(parts))
+
+
+def execution_tags(workload: str) -> dict[str, str]:
+    """Lineage of an MLflow run: the Flyte execution that made it."""
+    execution = _current_context().execution_id
+    return {
+        "flyte.execution_id": execution.name,
+        "flyte.project": execution.project,
+        "flyte.domain": execution.domain,
+        "workload": workload,
+    }
