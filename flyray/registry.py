@@ -291,44 +291,54 @@ def _settle(client: MlflowClient, model_name: str, key: str, base: str, beats) -
 TASK_KEY, TASK_TEXT = "task.key", "task"
 
 
+@dataclass
+class Candidate:
+    """A trained model ready for the registry, as its workload describes it: what task it is,
+    what its run records, how it is logged (`log_model(name)`: registered under `name`, or only
+    logged when None), its gate value and baseline, and how to score the champion (a models:/
+    URI) on this model's own held-out split."""
+
+    identity: TaskIdentity
+    record: RunRecord
+    log_model: Callable[[str | None], object]
+    value: float
+    baseline_value: float | None
+    score_champion: Callable[[str], float]
+
+
 def register(
     config: RegistryConfig,
-    identity: TaskIdentity,
-    record: RunRecord,
-    log_model: Callable[[str | None], object],
-    value: float,
-    baseline_value: float | None,
-    score_champion: Callable[[str], float],
+    candidate: Candidate,
     tags: dict[str, str] | None = None,
     run_id: str | None = None,
 ) -> Registration:
-    """The one registration path: log `record` to a run (a new one, or `run_id` continued),
-    `log_model(name)` (the workload's flavor; it registers under `name`, or only logs when
-    None), then the gate on `value`, with the champion scored by `score_champion(model_uri)`
-    on this version's own held-out split."""
+    """The one registration path: the candidate's record into a run (a new one, or `run_id`
+    continued), its model logged, then the gate on its value, with the champion scored on the
+    candidate's own held-out split. A model of another task is logged but not registered."""
     use_experiment(config.experiment)
     client = MlflowClient(tracking_uri())
+    identity, value = candidate.identity, candidate.value
     task_tags = {TASK_KEY: identity.key(), TASK_TEXT: identity.describe()}
     with mlflow.start_run(run_id=run_id, tags={**(tags or {}), **task_tags}) as run:
-        record.log()
+        candidate.record.log()
         conflict = _other_task(client, config, identity)
         if conflict:
-            log_model(None)  # kept in the run, so nothing trained is lost
+            candidate.log_model(None)  # kept in the run, so nothing trained is lost
             decision = GateDecision(config.model_name, "", config.metric, value, False, conflict)
             log.warning("registry: %s", conflict)
         else:
-            info = log_model(config.model_name)
+            info = candidate.log_model(config.model_name)
             version = str(info.registered_model_version)
             for tag, text in task_tags.items():
                 client.set_model_version_tag(config.model_name, version, tag, text)
             champion = _alias_holder(client, config.model_name)
             champion_value = (
-                score_champion(f"models:/{config.model_name}/{champion.version}")
+                candidate.score_champion(f"models:/{config.model_name}/{champion.version}")
                 if champion is not None
                 else None
             )
             decision = champion_gate(
-                config.model_name, version, config.metric, value, baseline_value,
+                config.model_name, version, config.metric, value, candidate.baseline_value,
                 client=client, champion_value=champion_value,
             )  # fmt: skip
         mlflow.set_tags({"promotion": "champion" if decision.promoted else "rejected",

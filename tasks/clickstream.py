@@ -21,7 +21,7 @@ from flyray.clickstream.generate import GeneratorConfig, generate
 from flyray.clickstream.ingest import ingest
 from flyray.clickstream.reports import DataProfile, IngestReport, ingest_deck, profile_deck
 from flyray.clickstream.schema import INPUT_SUFFIXES
-from tasks.platform import dir_uri, flyray_task, new_output_dir, publish
+from tasks.platform import flyray_task, new_output_dir, publish, uri
 
 Ratings = Annotated[
     StructuredDataset,
@@ -108,7 +108,7 @@ def build_ratings(
 ) -> FeatureOutputs:
     """Implicit ratings, dense id maps and a per-user time split, one Ray task per bucket."""
     out = new_output_dir()
-    profile = build_features(dir_uri(events), out, config, report)
+    profile = build_features(uri(events), out, config, report)
     publish("data profile", *profile_deck(profile, config.event_weights))
     splits = (StructuredDataset(uri=storage.join(out, n)) for n in ("train", "validation", "test"))
     id_maps = FlyteDirectory(storage.join(out, "id_maps"), remote_directory=False)

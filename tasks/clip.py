@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, replace
 from typing import NamedTuple
 
 from flytekit import StructuredDataset
@@ -14,42 +13,26 @@ import images
 from flyray import registry, storage
 from flyray.clip import report as clip
 from flyray.clip.classifier import ClassifierParams, TrainedClassifier, train_classifier
-from flyray.clip.embed import EmbeddingResult, cache_key, embed_folder, matrix, resolve_model
-from flyray.clip.evaluate import EvaluationReport, champion_metrics, evaluate
+from flyray.clip.config import EmbedConfig, SplitConfig
+from flyray.clip.embed import EmbeddingResult, cache_key, embed_folder, resolve_model
+from flyray.clip.evaluate import EvaluationReport, evaluate
 from flyray.clip.generate import generate_shapes
 from flyray.clip.images import list_images, split_embeddings
 from flyray.clip.report import TrainingReport
 from flyray.raytrain import DistributedConfig
-from flyray.registry import Registration, RegistryConfig, register
+from flyray.registry import Registration, RegistryConfig
 from tasks.platform import (
-    checkpoint_uri,
-    dataset_uri,
-    dir_uri,
     execution_tags,
     flyray_task,
     new_output_dir,
     publish,
-    sized,
+    register,
+    sized_by_run,
+    uri,
 )
 
 # GPUs per Ray worker pod for the embedding and training tasks, read when registering.
 WORKER_GPUS = int(os.environ.get("FLYRAY_CLIP_WORKER_GPUS", "0"))
-
-
-@dataclass
-class EmbedConfig:
-    batch_size: int = 64  # images per forward pass
-    max_actors: int = 0  # embedding actors; 0 = one per GPU, or per CPU without GPUs
-    in_process: bool = False  # no actors: embed in the task's process (one small machine)
-    cache_uri: str = ""  # embeddings cache (local or s3://); "" = <FLYRAY_DATA_DIR>/clip-embeddings
-
-
-@dataclass
-class SplitConfig:
-    validation_fraction: float = 0.15
-    test_fraction: float = 0.15
-    seed: int = 0
-    min_per_class: int = 5
 
 
 class ImageSource(NamedTuple):
@@ -72,7 +55,7 @@ class TrainOutputs(NamedTuple):
 
 
 def _read(dataset: StructuredDataset):
-    return storage.read_table(dataset_uri(dataset))
+    return storage.read_table(uri(dataset))
 
 
 def _write(table, uri: str) -> StructuredDataset:
@@ -121,7 +104,7 @@ def embed_images(
 
 
 @flyray_task(images.clip, ray=DistributedConfig(), worker_gpus=WORKER_GPUS, cache="clip-train-2",
-             deck=True)  # fmt: skip
+             deck=True, checkpoints="clip")  # fmt: skip
 def fit_clip_classifier(
     train: StructuredDataset,
     validation: StructuredDataset,
@@ -133,8 +116,6 @@ def fit_clip_classifier(
 ) -> TrainOutputs:
     """TorchTrainer (DDP) on the embeddings; rank 0 logs per-epoch losses to a new MLflow run;
     a Flyte retry resumes from the failed attempt's last epoch checkpoint."""
-    inputs = {"train": train, "params": params, "config": config}
-    config = replace(config, checkpoint_uri=checkpoint_uri(config, "clip", inputs))
     tags = execution_tags("clip")
     with clip.training_run(experiment, tags, params, config, embedding_model) as run:
         model = train_classifier(
@@ -148,21 +129,7 @@ def fit_clip_classifier(
     return TrainOutputs(FlyteDirectory(out, remote_directory=False), report)
 
 
-@flyray_task(images.clip, sizes=True)
-def train_clip_classifier(
-    train: StructuredDataset,
-    validation: StructuredDataset,
-    labels: list[str],
-    embedding_model: str,
-    params: ClassifierParams,
-    config: DistributedConfig,
-    experiment: str,
-) -> TrainOutputs:
-    """fit_clip_classifier on a Ray cluster sized for this run's worker count."""
-    return sized(fit_clip_classifier, config, WORKER_GPUS)(
-        train=train, validation=validation, labels=labels, embedding_model=embedding_model,
-        params=params, config=config, experiment=experiment,
-    )  # fmt: skip
+train_clip_classifier = sized_by_run(fit_clip_classifier, "train_clip_classifier", WORKER_GPUS)
 
 
 @flyray_task(images.clip, ray=True, cache="clip-evaluate-1", deck=True)
@@ -171,7 +138,7 @@ def evaluate_clip_classifier(
 ) -> EvaluationReport:
     """Batch inference on the held-out test split: accuracy, precision/recall/F1 (macro and
     micro) beside the majority-class baseline, and the confusion matrix."""
-    classifier = TrainedClassifier.load(dir_uri(model))
+    classifier = TrainedClassifier.load(uri(model))
     train_idx = _read(train).column("label_idx").to_numpy()
     result = evaluate(classifier, _read(test), train_idx)
     publish("evaluation", *clip.evaluation_deck(result))
@@ -180,24 +147,11 @@ def evaluate_clip_classifier(
 
 @flyray_task(images.clip, deck=True)
 def register_clip_classifier(
-    model: FlyteDirectory,
-    training: TrainingReport,
-    evaluation: EvaluationReport,
-    embeddings: EmbeddingResult,
-    test: StructuredDataset,
-    config: RegistryConfig,
-) -> Registration:
+    model: FlyteDirectory, training: TrainingReport, evaluation: EvaluationReport,
+    embeddings: EmbeddingResult, test: StructuredDataset, config: RegistryConfig,
+) -> Registration:  # fmt: skip
     """Evaluation into the training run, the pyfunc registered, then the champion gate: the
     champion is scored on this classifier's test split."""
-    classifier = TrainedClassifier.load(dir_uri(model))
-    held_out = _read(test)
-    registration = register(
-        config, clip.identity(classifier.labels, classifier.embedding_model, config.metric),
-        clip.run_record(evaluation, embeddings),
-        lambda name: clip.log_model(classifier, matrix(held_out), name),
-        evaluation.model.get(config.metric), evaluation.baseline.get(config.metric),
-        lambda uri: champion_metrics(uri, held_out).get(config.metric),
-        execution_tags("clip"), run_id=training.run_id,
-    )  # fmt: skip
-    publish("registry", *registration.deck())
-    return registration
+    classifier = TrainedClassifier.load(uri(model))
+    evidence = clip.candidate(classifier, _read(test), evaluation, embeddings, config.metric)
+    return register(config, evidence, run_id=training.run_id)

@@ -30,7 +30,7 @@ import os
 import posixpath
 import re
 from collections.abc import Callable
-from dataclasses import asdict, is_dataclass
+from dataclasses import asdict, is_dataclass, replace
 
 from flytekit import Cache, Deck, PodTemplate, Resources, Secret, StructuredDataset, dynamic, task
 from flytekit import current_context as _current_context
@@ -41,7 +41,9 @@ from flytekit.types.directory import FlyteDirectory
 from flytekit.types.file import FlyteFile
 from flytekitplugins.ray import HeadNodeConfig, RayJobConfig, WorkerNodeConfig
 
+from flyray import registry
 from flyray.raytrain import DistributedConfig
+from flyray.registry import Candidate, RegistryConfig
 
 _S3_SECRET_KEYS = ("aws_access_key_id", "aws_secret_access_key")
 # The `flytekit` user of ImageSpec images; numeric so that runAsNonRoot can be verified.
@@ -219,13 +221,16 @@ def flyray_task(
     deck: bool = False,
     resources: Resources | None = None,
     sizes: bool = False,
+    checkpoints: str = "",
 ) -> Callable:
     """Declare a flyray task. `ray`: run on a per-execution Ray cluster (a DistributedConfig
     sizes it; training tasks are resized per run by `sized`); `cache`: a cache version (bump it
     when the code changes what the task writes; serialized, so concurrent runs compute once);
     `storage`: the task reads or writes object storage, so it requests the S3 secrets;
     `resources`: requests = limits of a plain (non-Ray) pod; `sizes`: a @dynamic that starts a
-    Ray task on a cluster sized for the run (see `sized`)."""
+    Ray task on a cluster sized for the run (see `sized_by_run`); `checkpoints`: a trainer's name:
+    its `config: DistributedConfig` input gets the checkpoint folder that a Flyte retry of the
+    same node finds again (see `checkpoint_uri`), so a retry resumes where the attempt stopped."""
     if ray:
         config = ray if isinstance(ray, DistributedConfig) else None
         task_config = ray_job(config, worker_gpus)
@@ -245,18 +250,43 @@ def flyray_task(
         options.update(requests=resources, limits=resources)
 
     def declare(fn: Callable):
-        return (dynamic if sizes else task)(**options)(_preamble(fn))
+        body = _with_checkpoints(fn, checkpoints) if checkpoints else fn
+        return (dynamic if sizes else task)(**options)(_preamble(body))
 
     return declare
 
 
-def sized(ray_task, config: DistributedConfig, worker_gpus: int = 0) -> Callable:
-    """`ray_task`, called inside a @dynamic, on a Ray cluster sized for this run's `config`."""
+def _with_checkpoints(fn: Callable, name: str) -> Callable:
+    @functools.wraps(fn)
+    def wrapper(**inputs):
+        config = inputs["config"]
+        folder = checkpoint_uri(config, name, inputs)
+        return fn(**{**inputs, "config": replace(config, checkpoint_uri=folder)})
 
-    def call(**inputs):
-        return ray_task(**inputs).with_overrides(task_config=ray_job(config, worker_gpus))
+    return wrapper
 
-    return call
+
+def sized_by_run(ray_task, name: str, worker_gpus: int = 0):
+    """A @dynamic called `name`, with `ray_task`'s inputs and outputs, that runs `ray_task` on
+    a Ray cluster sized for the run's `config: DistributedConfig` input (`worker_pods`): the
+    one worker-count knob of a run sizes the trainer and the cluster it gets. (Flyte fixes a
+    task's cluster when it is registered; only a dynamic can choose one per run.)"""
+
+    def start(**inputs):
+        config = ray_job(inputs["config"], worker_gpus)
+        return ray_task(**inputs).with_overrides(task_config=config)
+
+    functools.update_wrapper(start, ray_task.task_function)  # its signature and type hints
+    start.__name__ = start.__qualname__ = name
+    return flyray_task(ray_task.container_image, sizes=True)(start)
+
+
+def register(config: RegistryConfig, candidate: Candidate, run_id: str | None = None):
+    """flyray.registry.register with the execution's lineage; the decision becomes a deck."""
+    tags = execution_tags(candidate.identity.workload)
+    registration = registry.register(config, candidate, tags, run_id)
+    publish("registry", *registration.deck())
+    return registration
 
 
 def new_output_dir() -> str:
@@ -299,26 +329,20 @@ def _beside(raw_output_prefix: str) -> str:
 
 def _digest(inputs: dict) -> str:
     def plain(value):
-        if isinstance(value, StructuredDataset):
-            return dataset_uri(value)
-        if isinstance(value, FlyteDirectory):
-            return dir_uri(value)
-        if isinstance(value, FlyteFile):
-            return value.remote_source or value.path
+        if isinstance(value, StructuredDataset | FlyteDirectory | FlyteFile):
+            return uri(value)
         return asdict(value) if is_dataclass(value) else value
 
     text = json.dumps({k: plain(v) for k, v in inputs.items()}, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def dataset_uri(dataset: StructuredDataset) -> str:
-    """Where a dataset input lives, without downloading it (its literal carries the location)."""
-    return dataset.uri or dataset.literal.uri
-
-
-def dir_uri(directory: FlyteDirectory) -> str:
-    """Where a directory input lives, without downloading it (Ray workers read it in place)."""
-    return directory.remote_source or directory.path
+def uri(value: StructuredDataset | FlyteDirectory | FlyteFile) -> str:
+    """Where a dataset, directory or file input lives, without downloading it (Ray workers read
+    it in place; its literal carries the location)."""
+    if isinstance(value, StructuredDataset):
+        return value.uri or value.literal.uri
+    return value.remote_source or value.path
 
 
 def publish(name: str, *parts: str) -> None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from dataclasses import replace
 from typing import NamedTuple
 
 from flytekit import StructuredDataset
@@ -17,20 +16,11 @@ from flyray.recsys import FunkSVD, FunkSVDParams
 from flyray.recsys import report as rec
 from flyray.recsys.batch import recommend_all
 from flyray.recsys.distributed import Ratings, train
-from flyray.recsys.evaluate import biases_model, champion_metrics, evaluate, popularity_model
+from flyray.recsys.evaluate import biases_model, evaluate, popularity_model
 from flyray.recsys.report import EvaluationReport, TrainingReport
-from flyray.registry import Registration, RegistryConfig, register
+from flyray.registry import Registration, RegistryConfig
 from tasks.clickstream import Ratings as RatingsDataset
-from tasks.platform import (
-    checkpoint_uri,
-    dataset_uri,
-    dir_uri,
-    execution_tags,
-    flyray_task,
-    new_output_dir,
-    publish,
-    sized,
-)
+from tasks.platform import flyray_task, new_output_dir, publish, register, sized_by_run, uri
 
 
 class TrainOutputs(NamedTuple):
@@ -39,16 +29,18 @@ class TrainOutputs(NamedTuple):
 
 
 def _ratings(dataset: StructuredDataset) -> Ratings:
-    table = storage.read_table(dataset_uri(dataset), ["user_idx", "item_idx", "rating"])
+    table = storage.read_table(uri(dataset), ["user_idx", "item_idx", "rating"])
     return Ratings(*(table[c].to_numpy() for c in ("user_idx", "item_idx", "rating")))
 
 
 def _ids(id_maps: FlyteDirectory, name: str, column: str):
-    table = storage.read_table(storage.join(dir_uri(id_maps), f"{name}.parquet"), [column])
+    table = storage.read_table(storage.join(uri(id_maps), f"{name}.parquet"), [column])
     return table[column].to_numpy()
 
 
-@flyray_task(images.recommender, ray=DistributedConfig(), cache="train-2", deck=True)
+@flyray_task(
+    images.recommender, ray=DistributedConfig(), cache="train-2", deck=True, checkpoints="funksvd"
+)
 def fit_funksvd(
     train_ratings: RatingsDataset,
     validation_ratings: RatingsDataset,
@@ -58,8 +50,6 @@ def fit_funksvd(
 ) -> TrainOutputs:
     """FunkSVD over Ray workers (dsgd); a Flyte retry resumes from the failed attempt's last
     checkpoint."""
-    inputs = {"train": train_ratings, "params": params, "config": config}
-    config = replace(config, checkpoint_uri=checkpoint_uri(config, "funksvd", inputs))
     users, items = _ids(id_maps, "users", "user_id"), _ids(id_maps, "items", "item_id")
     model = train(
         _ratings(train_ratings), len(users), len(items), params, config,
@@ -72,19 +62,7 @@ def fit_funksvd(
     return TrainOutputs(FlyteDirectory(out, remote_directory=False), report)
 
 
-@flyray_task(images.recommender, sizes=True)
-def train_funksvd(
-    train_ratings: RatingsDataset,
-    validation_ratings: RatingsDataset,
-    id_maps: FlyteDirectory,
-    params: FunkSVDParams,
-    config: DistributedConfig,
-) -> TrainOutputs:
-    """fit_funksvd on a Ray cluster sized for this run's worker count."""
-    return sized(fit_funksvd, config)(
-        train_ratings=train_ratings, validation_ratings=validation_ratings, id_maps=id_maps,
-        params=params, config=config,
-    )  # fmt: skip
+train_funksvd = sized_by_run(fit_funksvd, "train_funksvd")
 
 
 @flyray_task(images.recommender, ray=True, cache="evaluate-3", deck=True)
@@ -98,7 +76,7 @@ def evaluate_model(
 ) -> EvaluationReport:
     """Rating and ranking metrics of the model beside biases-only and popularity baselines;
     ranking metrics on at most `ranking_users` test users (0 = all; see flyray.recsys.evaluate)."""
-    model = FunkSVD.load(dir_uri(model_dir))
+    model = FunkSVD.load(uri(model_dir))
     train_r, test_r = _ratings(train_ratings), _ratings(test_ratings)
     n_users, n_items = len(model.user_ids), len(model.item_ids)
     baselines = {
@@ -120,7 +98,7 @@ def evaluate_model(
 def recommend_users(model_dir: FlyteDirectory, n: int) -> StructuredDataset:
     """Top-n unseen items for every user (Ray Data), as parquet."""
     out = storage.join(new_output_dir(), "recommendations")
-    recommend_all(FunkSVD.load(dir_uri(model_dir)), out, n)
+    recommend_all(FunkSVD.load(uri(model_dir)), out, n)
     return StructuredDataset(uri=out)
 
 
@@ -140,17 +118,8 @@ def register_model(
 ) -> Registration:
     """The pyfunc in MLflow, then the champion gate against popularity and the champion, which
     is scored on this model's own test split (same users)."""
-    model = FunkSVD.load(dir_uri(model_dir))
-    train_r, test_r, k = _ratings(train_ratings), _ratings(test_ratings), evaluation.k
-    registration = register(
-        config, rec.identity(source, features, config.metric),
-        rec.run_record(training, evaluation, profile, params),
-        lambda name: rec.log_model(model, name),
-        evaluation.model.get(config.metric), evaluation.popularity.get(config.metric),
-        lambda uri: champion_metrics(uri, model, train_r, test_r, k, ranking_users).get(
-            config.metric
-        ),
-        execution_tags("recommendation"),
+    evidence = rec.candidate(
+        FunkSVD.load(uri(model_dir)), _ratings(train_ratings), _ratings(test_ratings), training,
+        evaluation, profile, params, source, features, ranking_users, config.metric,
     )  # fmt: skip
-    publish("registry", *registration.deck())
-    return registration
+    return register(config, evidence)

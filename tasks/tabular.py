@@ -3,7 +3,6 @@ evaluate, register (MLflow xgboost flavor behind the shared champion gate)."""
 
 from __future__ import annotations
 
-from dataclasses import replace
 from typing import NamedTuple
 
 from flytekit import StructuredDataset
@@ -12,7 +11,7 @@ from flytekit.types.directory import FlyteDirectory
 import images
 from flyray import storage
 from flyray.raytrain import DistributedConfig
-from flyray.registry import Registration, RegistryConfig, register
+from flyray.registry import Registration, RegistryConfig
 from flyray.tabular import report
 from flyray.tabular.data import (
     PARQUET_SUFFIXES,
@@ -23,19 +22,9 @@ from flyray.tabular.data import (
     split_uri,
     write_breast_cancer,
 )
-from flyray.tabular.evaluate import champion_metrics
 from flyray.tabular.report import EvaluationReport
 from flyray.tabular.train import TrainReport, XGBParams, load_model, save_model, train_distributed
-from tasks.platform import (
-    checkpoint_uri,
-    dataset_uri,
-    dir_uri,
-    execution_tags,
-    flyray_task,
-    new_output_dir,
-    publish,
-    sized,
-)
+from tasks.platform import flyray_task, new_output_dir, publish, register, sized_by_run, uri
 
 SPLITS = ("train", "validation", "test")
 
@@ -78,7 +67,13 @@ def prepare_table(source: str, fingerprint: str, config: TableConfig) -> Prepare
     return PreparedTable(*(StructuredDataset(uri=split_uri(out, n)) for n in SPLITS), spec)
 
 
-@flyray_task(images.tabular, ray=DistributedConfig(), cache="xgboost-train-2", deck=True)
+@flyray_task(
+    images.tabular,
+    ray=DistributedConfig(),
+    cache="xgboost-train-2",
+    deck=True,
+    checkpoints="xgboost",
+)
 def fit_xgboost(
     train: StructuredDataset,
     validation: StructuredDataset,
@@ -88,36 +83,21 @@ def fit_xgboost(
 ) -> TrainOutputs:
     """XGBoost data-parallel over Ray Train workers, early stopping on the validation split;
     a Flyte retry resumes from the failed attempt's last checkpoint."""
-    inputs = {"train": train, "validation": validation, "params": params, "config": config}
-    config = replace(config, checkpoint_uri=checkpoint_uri(config, "xgboost", inputs))
-    booster, trained = train_distributed(
-        dataset_uri(train), dataset_uri(validation), spec, params, config
-    )
+    booster, trained = train_distributed(uri(train), uri(validation), spec, params, config)
     model_uri = save_model(booster, spec, storage.join(new_output_dir(), "model"))
     publish("training", *report.training_deck(trained, params))
     return TrainOutputs(FlyteDirectory(model_uri, remote_directory=False), trained)
 
 
-@flyray_task(images.tabular, sizes=True)
-def train_xgboost(
-    train: StructuredDataset,
-    validation: StructuredDataset,
-    spec: TableSpec,
-    params: XGBParams,
-    config: DistributedConfig,
-) -> TrainOutputs:
-    """fit_xgboost on a Ray cluster sized for this run's worker count."""
-    return sized(fit_xgboost, config)(
-        train=train, validation=validation, spec=spec, params=params, config=config
-    )
+train_xgboost = sized_by_run(fit_xgboost, "train_xgboost")
 
 
 @flyray_task(images.tabular, cache="xgboost-evaluate-1", deck=True)
 def evaluate_xgboost(model: FlyteDirectory, test: StructuredDataset) -> EvaluationReport:
     """Test-split metrics of the model and of the prior-rate baseline, ROC and importance.
     One process: predicting a held-out split is one multi-threaded xgboost call."""
-    booster, spec = load_model(dir_uri(model))
-    x, y = read_split(dataset_uri(test), spec)
+    booster, spec = load_model(uri(model))
+    x, y = read_split(uri(test), spec)
     evaluation, scores, baseline_scores = report.evaluate_booster(booster, spec, x, y)
     publish("evaluation", *report.evaluation_deck(evaluation, spec, y, scores, baseline_scores))
     return evaluation
@@ -134,15 +114,7 @@ def register_xgboost(
 ) -> Registration:
     """The booster in MLflow (xgboost flavor, signature, encoding), then the champion gate:
     the champion is scored on this model's test split."""
-    booster, spec = load_model(dir_uri(model))
-    x, y = read_split(dataset_uri(test), spec)
-    registration = register(
-        config, report.identity(spec, config.metric),
-        report.run_record(training, evaluation, params, spec),
-        lambda name: report.log_model(booster, spec, x, name),
-        getattr(evaluation.model, config.metric), getattr(evaluation.baseline, config.metric),
-        lambda uri: getattr(champion_metrics(uri, x, y, spec), config.metric),
-        execution_tags("tabular"),
-    )  # fmt: skip
-    publish("registry", *registration.deck())
-    return registration
+    booster, spec = load_model(uri(model))
+    x, y = read_split(uri(test), spec)
+    evidence = report.candidate(booster, spec, x, y, training, evaluation, params, config.metric)
+    return register(config, evidence)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import tempfile
-from dataclasses import asdict, replace
+from dataclasses import asdict
 from typing import NamedTuple
 
 from flytekit import Resources, StructuredDataset
@@ -14,7 +14,7 @@ from flytekit.types.file import FlyteFile
 import images
 from flyray import storage
 from flyray.raytrain import DistributedConfig
-from flyray.registry import Registration, RegistryConfig, metric_key, register
+from flyray.registry import Registration, RegistryConfig, metric_key
 from flyray.vision import report as cnn
 from flyray.vision.data import (
     CIFAR_META,
@@ -25,21 +25,19 @@ from flyray.vision.data import (
     prepare,
     read_parquet,
 )
-from flyray.vision.evaluate import champion_accuracy
 from flyray.vision.model import CNNParams
 from flyray.vision.report import Comparison, build_report, write_report
 from flyray.vision.train import MODEL_FILE, RunReport
 from flyray.vision.train import train_baseline as run_baseline
 from flyray.vision.train import train_distributed as run_distributed
 from tasks.platform import (
-    checkpoint_uri,
-    dataset_uri,
-    execution_tags,
     flyray_task,
     new_output_dir,
     publish,
     ray_setting,
-    sized,
+    register,
+    sized_by_run,
+    uri,
 )
 
 # The baseline pod gets one Ray worker's budget (same variables as the Ray pods).
@@ -93,28 +91,21 @@ def train_baseline(
     train: StructuredDataset, test: StructuredDataset, params: CNNParams, threads: int
 ) -> RunReport:
     """The CNN in one process (threads 0: every CPU of this pod)."""
-    return run_baseline(dataset_uri(train), dataset_uri(test), params, threads)
+    return run_baseline(uri(train), uri(test), params, threads)
 
 
-@flyray_task(images.image, ray=DistributedConfig())
+@flyray_task(images.image, ray=DistributedConfig(), checkpoints="cnn")
 def fit_cnn(
     train: StructuredDataset, test: StructuredDataset, params: CNNParams, config: DistributedConfig
 ) -> TrainOutputs:
     """The same CNN on Ray Train (TensorflowTrainer, MultiWorkerMirroredStrategy); a Flyte
     retry resumes from the failed attempt's last epoch checkpoint."""
-    inputs = {"train": train, "params": params, "config": config}
-    config = replace(config, checkpoint_uri=checkpoint_uri(config, "cnn", inputs))
     model_dir = tempfile.mkdtemp(prefix="cnn-model-")
-    report = run_distributed(dataset_uri(train), dataset_uri(test), params, config, model_dir)
+    report = run_distributed(uri(train), uri(test), params, config, model_dir)
     return TrainOutputs(FlyteDirectory(model_dir), report)
 
 
-@flyray_task(images.image, sizes=True)
-def train_distributed(
-    train: StructuredDataset, test: StructuredDataset, params: CNNParams, config: DistributedConfig
-) -> TrainOutputs:
-    """fit_cnn on a Ray cluster sized for this run's worker count."""
-    return sized(fit_cnn, config)(train=train, test=test, params=params, config=config)
+train_distributed = sized_by_run(fit_cnn, "train_distributed")
 
 
 @flyray_task(images.image, storage=False, deck=True)
@@ -152,16 +143,8 @@ def register_cnn(
 ) -> Registration:
     """The Ray-trained model in MLflow (tensorflow flavor), then the champion gate on test
     accuracy against the majority class and the champion scored on the same test images."""
-    model_file = os.path.join(model.download(), MODEL_FILE)
-    held_out = read_parquet(dataset_uri(test))
-    record = cnn.run_record(comparison, distributed, summary, params,
-                            metric_key(config.metric), report.download())  # fmt: skip
-    registration = register(
-        config, cnn.identity(summary, config.metric), record,
-        lambda name: cnn.log_model(model_file, summary.image_shape, name),
-        comparison.distributed_test_accuracy, summary.majority_test_accuracy,
-        lambda uri: champion_accuracy(uri, held_out),
-        execution_tags("image_classification"),
+    evidence = cnn.candidate(
+        os.path.join(model.download(), MODEL_FILE), read_parquet(uri(test)), comparison,
+        distributed, summary, params, metric_key(config.metric), report.download(),
     )  # fmt: skip
-    publish("registry", *registration.deck())
-    return registration
+    return register(config, evidence)

@@ -18,10 +18,10 @@ from clip_helpers import CLASSES, shapes_with_bad_files, tiny_clip  # noqa: F401
 
 from flyray import registry
 from flyray.clip.classifier import ClassifierParams, ClipClassifier, TrainedClassifier
-from flyray.raytrain import DistributedConfig
 from flyray.clip.embed import ClipEmbedder
 from flyray.clip.pyfunc import log_pyfunc
 from flyray.images import decode
+from flyray.raytrain import DistributedConfig
 from workflows.clip import clip_pipeline
 
 SMALL = ClassifierParams(hidden=32, epochs=10, lr=0.005, batch_size=16)

@@ -16,8 +16,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from flytekit.core.base_task import PythonTask
-from flytekit.core.python_function_task import PythonFunctionTask
 from flytekit.core.context_manager import ExecutionParameters, ExecutionState, FlyteContextManager
+from flytekit.core.python_function_task import PythonFunctionTask
 from flytekit.core.type_engine import TypeEngine
 from flytekit.models.core.identifier import WorkflowExecutionIdentifier
 from flytekit.tools.translator import get_serializable

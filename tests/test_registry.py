@@ -143,11 +143,11 @@ def _through_register(name, identity, value, small_model, champion_on_my_split=N
     config = registry.RegistryConfig(name, "registry-tests", "ndcg@10")
     record = registry.RunRecord(params={"k": 10}, metrics={"ndcg_at_10": value},
                                 curves={1: {"loss": 0.5}, 2: {"loss": 0.4}})  # fmt: skip
-    registration = registry.register(
-        config, identity, record,
-        lambda registered: log_pyfunc(model, folder, registered_name=registered),
-        value, 0.05, score, {"workload": "test"},
+    candidate = registry.Candidate(
+        identity, record, lambda registered: log_pyfunc(model, folder, registered_name=registered),
+        value, 0.05, score,
     )  # fmt: skip
+    registration = registry.register(config, candidate, {"workload": "test"})
     return registration, scored
 
 

@@ -3,8 +3,8 @@
 Each trainer task runs through `pyflyte-execute`, the entry point a cluster runs, with Flyte's
 own layout: attempt N of node n1 writes its outputs to `metadata/<execution>/n1/data/<N>` and its
 raw outputs to a shard of its own, `raw/<shard>/<execution>-n1-<N>`. Attempt 0 starts its own
-local Ray and is killed with its whole process group (task, Ray, every worker: a lost pod) once
-its checkpoint folder holds a checkpoint of round/epoch >= 1. Attempt 1, the same node of the
+local Ray and is killed with SIGKILL, all of it (task, Ray, every worker: a lost pod), once its
+checkpoint folder holds a checkpoint of round/epoch >= 1. Attempt 1, the same node of the
 same execution, derives the same folder (tasks/platform.py::checkpoint_uri), must start from
 that checkpoint and end as good as an undisturbed run of the same inputs in another execution.
 
@@ -152,10 +152,8 @@ class Execution:
             try:
                 yield proc, log
             finally:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(proc.pid, signal.SIGKILL)
+                _kill_session(proc.pid)
                 proc.wait(timeout=30)
-                _wait_until_gone(proc.pid)
         finally:
             shutil.rmtree(env["RAY_TMPDIR"], ignore_errors=True)
 
@@ -180,8 +178,8 @@ class Execution:
         )
 
     def kill_after_checkpoint(self, attempt: int, progress: Callable[[], int]) -> None:
-        """Start an attempt and SIGKILL it with its process group (a lost pod) as soon as
-        `progress()`, the round/epoch of its latest checkpoint, is >= 1."""
+        """Start an attempt and SIGKILL all of it (a lost pod) as soon as `progress()`, the
+        round/epoch of its latest checkpoint, is >= 1."""
         with self._attempt(attempt) as (proc, log):
             deadline = time.monotonic() + TIMEOUT
             while progress() < 1:
@@ -204,23 +202,30 @@ def _tail(log: Path, lines: int = 60) -> str:
     return "\n".join(log.read_text(errors="replace").splitlines()[-lines:])
 
 
-def _wait_until_gone(pgid: int, timeout: float = 30) -> None:
-    """Every process of the killed group is gone (zombies aside: the pod is dead)."""
+def _session(sid: int) -> list[int]:
+    """Live processes of session `sid` (Ray puts each worker in a process group of its own, so
+    the process group of pyflyte-execute is not the whole attempt; its session is)."""
+    pids = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            state, _, _, session = stat.read_text().rsplit(")", 1)[1].split()[:4]
+        except (OSError, ValueError):
+            continue
+        if int(session) == sid and state != "Z":
+            pids.append(int(stat.parent.name))
+    return pids
+
+
+def _kill_session(sid: int, timeout: float = 30) -> None:
+    """SIGKILL every process of the session until none is left, as when a pod is lost."""
     deadline = time.monotonic() + timeout
-    while True:
-        alive = []
-        for stat in Path("/proc").glob("[0-9]*/stat"):
-            try:
-                state, _, group = stat.read_text().rsplit(")", 1)[1].split()[:3]
-            except (OSError, ValueError):
-                continue
-            if int(group) == pgid and state != "Z":
-                alive.append(stat.parent.name)
-        if not alive:
-            return
+    while pids := _session(sid):
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
         if time.monotonic() > deadline:
-            pytest.fail(f"processes {alive} of the killed attempt are still running")
-        time.sleep(0.2)
+            pytest.fail(f"processes {pids} of the killed attempt are still running")
+        time.sleep(0.1)
 
 
 # ------------------------------------------------------------------------- checkpoint progress
@@ -326,7 +331,7 @@ def test_xgboost_retry_resumes_from_the_last_checkpoint(tmp_path):
 @pytest.mark.slow
 def test_funksvd_retry_resumes_from_the_last_checkpoint(tmp_path):
     rng = np.random.default_rng(0)
-    n_users, n_items, n = 300, 150, 20_000
+    n_users, n_items, n = 1000, 500, 100_000
     pt, qt = rng.normal(0, 0.6, (n_users, 5)), rng.normal(0, 0.6, (n_items, 5))
     u, i = rng.integers(0, n_users, n), rng.integers(0, n_items, n)
     r = np.clip(3.2 + (pt[u] * qt[i]).sum(1) + rng.normal(0, 0.3, n), 1, 5)
@@ -351,7 +356,7 @@ def test_funksvd_retry_resumes_from_the_last_checkpoint(tmp_path):
     )
     pq.write_table(pa.table({"item_idx": np.arange(n_items, dtype=np.int32),
                              "item_id": np.arange(n_items) + 1000}), maps / "items.parquet")  # fmt: skip
-    params = FunkSVDParams(n_factors=8, n_epochs=40, lr=0.01, seed=0)
+    params = FunkSVDParams(n_factors=16, n_epochs=100, lr=0.01, seed=0)
     inputs = {**ratings, "id_maps": FlyteDirectory(str(maps), remote_directory=False),
               "params": params, "config": config(workers=2)}  # fmt: skip
 
@@ -366,7 +371,7 @@ def test_funksvd_retry_resumes_from_the_last_checkpoint(tmp_path):
 def test_cnn_retry_resumes_from_the_last_checkpoint(tmp_path):
     out = str(tmp_path / "digits")
     vision_data.prepare("", out, image_size=16, test_fraction=0.2, seed=0)
-    params = CNNParams(epochs=8, global_batch_size=64, learning_rate=3e-3, filters=[8, 16],
+    params = CNNParams(epochs=20, global_batch_size=64, learning_rate=3e-3, filters=[8, 16],
                        dense_units=32, dropout=0.1)  # fmt: skip
     inputs = {"train": StructuredDataset(uri=f"{out}/train"),
               "test": StructuredDataset(uri=f"{out}/test"),
@@ -395,7 +400,7 @@ def test_clip_retry_resumes_from_the_last_checkpoint(tmp_path, tiny_clip):  # no
         (tmp_path / name).mkdir()
         pq.write_table(getattr(splits, name), tmp_path / name / "part-00000.parquet")
         data[name] = StructuredDataset(uri=str(tmp_path / name))
-    params = ClassifierParams(hidden=32, epochs=12, lr=0.005, batch_size=16, seed=0)
+    params = ClassifierParams(hidden=32, epochs=20, lr=0.005, batch_size=16, seed=0)
     inputs = {**data, "labels": splits.labels, "embedding_model": tiny_clip, "params": params,
               "config": config(workers=1), "experiment": "retry-resume"}  # fmt: skip
 

@@ -36,7 +36,7 @@ from flyray.tabular.data import (
 from flyray.tabular.evaluate import evaluate
 from flyray.tabular.generate import generate_table
 from flyray.tabular.train import XGBParams, load_model, predict, train_distributed
-from tasks.platform import dataset_uri, dir_uri
+from tasks.platform import uri
 
 
 def test_pipeline_trains_evaluates_and_registers(tmp_path, monkeypatch, flyte_cache):
@@ -68,8 +68,8 @@ def test_pipeline_trains_evaluates_and_registers(tmp_path, monkeypatch, flyte_ca
     assert run.data.tags["promotion"] == "champion"
 
     # The registered model answers in a fresh process exactly as the trained booster does.
-    booster, spec2 = load_model(dir_uri(out.model))
-    x, y = read_split(dataset_uri(out.test), spec2)
+    booster, spec2 = load_model(uri(out.model))
+    x, y = read_split(uri(out.test), spec2)
     want = predict(booster, spec2, x)
     assert evaluate(want, y, "check").auc == pytest.approx(m.auc)
     rows = pd.DataFrame(x[:20], columns=spec2.features).to_json(orient="split")
@@ -100,7 +100,7 @@ def test_pipeline_trains_evaluates_and_registers(tmp_path, monkeypatch, flyte_ca
     # The same task on another split: the champion is scored on the challenger's test rows.
     third = wf.xgboost_pipeline(table=TableConfig(seed=7))
     gate = third.registration.decision
-    x3, y3 = read_split(dataset_uri(third.test), spec2)
+    x3, y3 = read_split(uri(third.test), spec2)
     champion_auc = evaluate(predict(booster, spec2, x3), y3, "champion").auc
     assert gate.version == "2" and gate.champion_version == "1"
     assert gate.champion_value == pytest.approx(champion_auc)

@@ -13,14 +13,13 @@ from flytekit import LaunchPlan, StructuredDataset, workflow
 from flytekit.types.directory import FlyteDirectory
 
 from flyray.clip.classifier import ClassifierParams
+from flyray.clip.config import EmbedConfig, SplitConfig
 from flyray.clip.embed import DEFAULT_MODEL, EmbeddingResult
 from flyray.clip.evaluate import EvaluationReport
 from flyray.clip.report import TrainingReport
 from flyray.raytrain import DistributedConfig
 from flyray.registry import Registration, RegistryConfig
 from tasks.clip import (
-    EmbedConfig,
-    SplitConfig,
     embed_images,
     evaluate_clip_classifier,
     register_clip_classifier,

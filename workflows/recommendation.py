@@ -89,42 +89,22 @@ def recommendation_pipeline(
     """The main job: clickstream -> ratings -> FunkSVD on Ray -> evaluation against baselines ->
     MLflow registry behind the champion gate, plus top-N recommendations for every user."""
     data = prepare_data(
-        source=source,
-        demo_events=demo_events,
-        demo_seed=demo_seed,
-        ingest_config=ingest_config,
-        feature_config=feature_config,
-        run_date=run_date,
-        window_days=window_days,
-    )
+        source=source, demo_events=demo_events, demo_seed=demo_seed, ingest_config=ingest_config,
+        feature_config=feature_config, run_date=run_date, window_days=window_days,
+    )  # fmt: skip
     trained = train_funksvd(
-        train_ratings=data.train,
-        validation_ratings=data.validation,
-        id_maps=data.id_maps,
-        params=params,
-        config=training,
-    )
+        train_ratings=data.train, validation_ratings=data.validation, id_maps=data.id_maps,
+        params=params, config=training,
+    )  # fmt: skip
     evaluation = evaluate_model(
-        model_dir=trained.model,
-        train_ratings=data.train,
-        test_ratings=data.test,
-        params=params,
-        k=k,
-        ranking_users=ranking_users,
-    )
+        model_dir=trained.model, train_ratings=data.train, test_ratings=data.test, params=params,
+        k=k, ranking_users=ranking_users,
+    )  # fmt: skip
     registered = register_model(
-        model_dir=trained.model,
-        train_ratings=data.train,
-        test_ratings=data.test,
-        training=trained.report,
-        evaluation=evaluation,
-        profile=data.profile,
-        params=params,
-        source=source,
-        features=feature_config,
-        ranking_users=ranking_users,
-        config=registration,
-    )
+        model_dir=trained.model, train_ratings=data.train, test_ratings=data.test,
+        training=trained.report, evaluation=evaluation, profile=data.profile, params=params,
+        source=source, features=feature_config, ranking_users=ranking_users, config=registration,
+    )  # fmt: skip
     recommendations = recommend_users(model_dir=trained.model, n=n_recommendations)
     return PipelineOutputs(trained.model, trained.report, evaluation, registered, recommendations)
 

@@ -9,15 +9,16 @@ from dataclasses import asdict, dataclass
 
 import mlflow
 import numpy as np
+import pyarrow as pa
 
 from flyray import decks, registry
 from flyray.clip.classifier import ClassifierParams, TrainedClassifier
-from flyray.clip.embed import EmbeddingResult
-from flyray.clip.evaluate import EvaluationReport
+from flyray.clip.embed import EmbeddingResult, matrix
+from flyray.clip.evaluate import EvaluationReport, champion_metrics
 from flyray.clip.images import Splits
 from flyray.clip.pyfunc import log_pyfunc
 from flyray.raytrain import DistributedConfig
-from flyray.registry import RunRecord, TaskIdentity
+from flyray.registry import Candidate, RunRecord, TaskIdentity
 
 
 @dataclass
@@ -125,3 +126,19 @@ def log_model(classifier: TrainedClassifier, example: np.ndarray, registered_nam
     with tempfile.TemporaryDirectory() as tmp:
         classifier.save(f"{tmp}/classifier")
         return log_pyfunc(f"{tmp}/classifier", classifier, example, registered_name)
+
+
+def candidate(
+    classifier: TrainedClassifier, test: pa.Table, evaluation: EvaluationReport,
+    embeddings: EmbeddingResult, metric: str,
+) -> Candidate:  # fmt: skip
+    """The classifier for the registry, judged against the majority class; the champion is
+    scored on the same test embeddings."""
+    return Candidate(
+        identity(classifier.labels, classifier.embedding_model, metric),
+        run_record(evaluation, embeddings),
+        lambda name: log_model(classifier, matrix(test), name),
+        evaluation.model.get(metric),
+        evaluation.baseline.get(metric),
+        lambda uri: champion_metrics(uri, test).get(metric),
+    )

@@ -220,11 +220,11 @@ def _train(
     checkpoints = _Checkpoints(config.checkpoint_uri, after_checkpoint)
     for attempt in range(config.max_failures + 1):
         free = ray.available_resources().get("CPU", 0)
-        n_workers = _worker_count(config)  # again on a restart: the cluster may have shrunk
+        count = _worker_count(config)  # again on a restart: the cluster may have shrunk
         start = _start_state(model, checkpoints, params, n_users, n_items)
         workers: list = []
         try:
-            _run_dsgd(model, start, train_ratings, validation, n_workers, workers, config,
+            _run_dsgd(model, start, train_ratings, validation, count, workers, config,
                       checkpoints)  # fmt: skip
             return model
         except (RayActorError, ObjectLostError) as exc:  # a worker or its node is gone

@@ -10,10 +10,11 @@ from dataclasses import asdict, dataclass
 from flyray import decks
 from flyray.clickstream.config import FeatureConfig
 from flyray.clickstream.reports import DataProfile
-from flyray.recsys.evaluate import Metrics
+from flyray.recsys.distributed import Ratings
+from flyray.recsys.evaluate import Metrics, champion_metrics
 from flyray.recsys.funksvd import FunkSVD, FunkSVDParams
 from flyray.recsys.pyfunc import log_pyfunc
-from flyray.registry import RunRecord, TaskIdentity
+from flyray.registry import Candidate, RunRecord, TaskIdentity
 
 
 @dataclass
@@ -129,3 +130,21 @@ def log_model(model: FunkSVD, registered_name: str | None):
     with tempfile.TemporaryDirectory() as tmp:
         model.save(f"{tmp}/funksvd")
         return log_pyfunc(model, f"{tmp}/funksvd", registered_name=registered_name)
+
+
+def candidate(
+    model: FunkSVD, train: Ratings, test: Ratings, training: TrainingReport,
+    evaluation: EvaluationReport, profile: DataProfile, params: FunkSVDParams, source: str,
+    features: FeatureConfig, ranking_users: int, metric: str,
+) -> Candidate:  # fmt: skip
+    """The model for the registry, judged against popularity; the champion is ranked for the
+    same sampled users of the same test split."""
+    k = evaluation.k
+    return Candidate(
+        identity(source, features, metric),
+        run_record(training, evaluation, profile, params),
+        lambda name: log_model(model, name),
+        evaluation.model.get(metric),
+        evaluation.popularity.get(metric),
+        lambda uri: champion_metrics(uri, model, train, test, k, ranking_users).get(metric),
+    )

@@ -11,9 +11,15 @@ import numpy as np
 import pandas as pd
 
 from flyray import decks
-from flyray.registry import RunRecord, TaskIdentity
+from flyray.registry import Candidate, RunRecord, TaskIdentity
 from flyray.tabular.data import TableSpec
-from flyray.tabular.evaluate import BinaryMetrics, evaluate, prior_scores, roc_points
+from flyray.tabular.evaluate import (
+    BinaryMetrics,
+    champion_metrics,
+    evaluate,
+    prior_scores,
+    roc_points,
+)
 from flyray.tabular.train import TrainReport, XGBParams, predict
 
 
@@ -154,3 +160,18 @@ def log_model(booster, spec: TableSpec, x: np.ndarray, registered_name: str | No
             signature=infer_signature(example, predict(booster, spec, x[:5])),
             input_example=example, extra_files=[path],
         )  # fmt: skip
+
+
+def candidate(
+    booster, spec: TableSpec, x: np.ndarray, y: np.ndarray, training: TrainReport,
+    evaluation: EvaluationReport, params: XGBParams, metric: str,
+) -> Candidate:  # fmt: skip
+    """The booster for the registry; the champion is scored on the same test rows `x`, `y`."""
+    return Candidate(
+        identity(spec, metric),
+        run_record(training, evaluation, params, spec),
+        lambda name: log_model(booster, spec, x, name),
+        getattr(evaluation.model, metric),
+        getattr(evaluation.baseline, metric),
+        lambda uri: getattr(champion_metrics(uri, x, y, spec), metric),
+    )

@@ -13,8 +13,9 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from flyray import decks, storage
-from flyray.registry import RunRecord, TaskIdentity
+from flyray.registry import Candidate, RunRecord, TaskIdentity
 from flyray.vision.data import DataSummary, ImageSet
+from flyray.vision.evaluate import champion_accuracy
 from flyray.vision.model import CNNParams
 from flyray.vision.train import RunReport
 
@@ -215,3 +216,19 @@ def log_model(model_file: str, image_shape: list[int], registered_name: str | No
         keras.models.load_model(model_file), name="model", input_example=example,
         registered_model_name=registered_name,
     )  # fmt: skip
+
+
+def candidate(
+    model_file: str, test: ImageSet, comparison: Comparison, distributed: RunReport,
+    summary: DataSummary, params: CNNParams, metric_key: str, report_file: str,
+) -> Candidate:  # fmt: skip
+    """The Ray-trained CNN for the registry, judged against always answering the majority
+    class; the champion is scored on the same test images."""
+    return Candidate(
+        identity(summary, metric_key),
+        run_record(comparison, distributed, summary, params, metric_key, report_file),
+        lambda name: log_model(model_file, summary.image_shape, name),
+        comparison.distributed_test_accuracy,
+        summary.majority_test_accuracy,
+        lambda uri: champion_accuracy(uri, test),
+    )
