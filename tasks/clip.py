@@ -17,8 +17,9 @@ from flyray.clip.config import EmbedConfig, SplitConfig
 from flyray.clip.embed import EmbeddingResult, cache_key, embed_folder, resolve_model
 from flyray.clip.evaluate import EvaluationReport, evaluate
 from flyray.clip.generate import generate_shapes
-from flyray.clip.images import list_images, split_embeddings
+from flyray.clip.images import split_embeddings
 from flyray.clip.report import TrainingReport
+from flyray.images import list_images
 from flyray.raytrain import DistributedConfig
 from flyray.registry import Registration, RegistryConfig
 from tasks.platform import (

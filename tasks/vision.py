@@ -13,6 +13,7 @@ from flytekit.types.file import FlyteFile
 
 import images
 from flyray import storage
+from flyray.images import IMAGE_SUFFIXES
 from flyray.raytrain import DistributedConfig
 from flyray.registry import Registration, RegistryConfig, metric_key
 from flyray.vision import report as cnn
@@ -20,7 +21,6 @@ from flyray.vision.data import (
     CIFAR_META,
     CIFAR_TEST_BATCH,
     CIFAR_TRAIN_BATCHES,
-    IMAGE_SUFFIXES,
     DataSummary,
     prepare,
     read_parquet,

@@ -93,7 +93,7 @@ def test_pipeline_trains_evaluates_and_registers(tmp_path, monkeypatch, flyte_ca
     assert not refused.promoted and refused.version == ""
     assert "label = 1" in refused.reason and "type = 1" in refused.reason  # both tasks named
     assert "model_name" in refused.reason  # and how to register it elsewhere
-    assert client.get_model_version_by_alias("flyray-xgboost", "champion").version == "1"
+    assert str(client.get_model_version_by_alias("flyray-xgboost", "champion").version) == "1"
     assert len(client.search_model_versions("name='flyray-xgboost'")) == 1
     assert client.list_artifacts(second.registration.run_id, "model")  # the model is kept
 

@@ -7,7 +7,6 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow as pa
 
-from flyray.images import list_images as list_images  # the image set these splits come from
 from flyray.images import stratified_split
 
 

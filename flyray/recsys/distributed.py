@@ -222,6 +222,8 @@ def _train(
         free = ray.available_resources().get("CPU", 0)
         count = _worker_count(config)  # again on a restart: the cluster may have shrunk
         start = _start_state(model, checkpoints, params, n_users, n_items)
+        if attempt == 0:
+            model.resumed_from_epoch = start  # a Flyte retry of a lost attempt
         workers: list = []
         try:
             _run_dsgd(model, start, train_ratings, validation, count, workers, config,

@@ -172,6 +172,7 @@ class FunkSVD:
         self.seen_indptr = np.zeros(1, np.int64)  # CSR of training items per user row
         self.seen_items = np.zeros(0, np.int32)
         self.history: list[EpochMetrics] = []
+        self.resumed_from_epoch = 0  # > 0: training went on from that epoch's checkpoint
 
     # ----------------------------------------------------------------------------- training
 

@@ -25,7 +25,6 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 
 from flyray import storage
-from flyray.images import IMAGE_SUFFIXES as IMAGE_SUFFIXES  # what an image folder holds
 from flyray.images import (
     NO_CLASS_FOLDER,
     REJECTS_SCHEMA,
