@@ -360,7 +360,8 @@ def _other_task(client: MlflowClient, config: RegistryConfig, identity: TaskIden
             return (
                 f"not registered: '{config.model_name}' holds another task (v{mv.version}: "
                 f"{tags.get(TASK_TEXT, '?')}); this model is {identity.describe()}. Its champion "
-                f"stays. Register this one under its own name, e.g. registration "
-                f'\'{{"model_name": "{config.model_name}-{identity.key()[:6]}"}}\''
+                f"stays. Register this one under its own name, e.g. --registration "
+                f'\'{{"model_name": "{config.model_name}-{identity.key()[:6]}", '
+                f'"experiment": "{config.experiment}", "metric": "{config.metric}"}}\''
             )
     return ""

@@ -41,7 +41,6 @@ def _spec(name: str, *extras: str, env: dict[str, str] | None = None, **kwargs) 
     )
 
 
-base = _spec("base")
 recommender = _spec("recommender", "recommender")
 tabular = _spec("tabular", "tabular")
 # tf-keras (Keras 2): Keras 3 + MultiWorkerMirroredStrategy breaks on CPU (ray-project/ray#47464)

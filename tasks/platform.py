@@ -60,14 +60,30 @@ RAY_DEFAULTS = {
 }
 
 
+# Deployment facts, read when the workflows are registered. Every task carries the ones that are
+# set in its environment, so what runs reads what was registered: the @dynamic that sizes a
+# trainer's Ray cluster at run time builds the same pods, secrets and checkpoint root.
+DEPLOYMENT_VARIABLES = (
+    *RAY_DEFAULTS, "FLYRAY_S3_SECRET_GROUP", "FLYRAY_K8S_CONFIGMAP", "FLYRAY_K8S_SECRET",
+    "FLYRAY_CHECKPOINT_ROOT", "FLYRAY_CLIP_WORKER_GPUS",
+)  # fmt: skip
+
+
+def deployment_environment() -> dict[str, str]:
+    return {name: os.environ[name] for name in DEPLOYMENT_VARIABLES if name in os.environ}
+
+
 def ray_setting(name: str) -> str:
     return os.environ.get(name, RAY_DEFAULTS[name])
 
 
-def worker_pods(config: DistributedConfig) -> tuple[int, int]:
+def worker_pods(config: DistributedConfig, worker_gpus: int = 0) -> tuple[int, int]:
     """(min, max) Ray worker pods that place `config`'s training workers: each pod has
-    FLYRAY_RAY_WORKER_CPU CPUs, each worker reserves `cpus_per_worker`."""
+    FLYRAY_RAY_WORKER_CPU CPUs (and `worker_gpus` GPUs), each worker reserves `cpus_per_worker`
+    (and one GPU when the pods have GPUs)."""
     per_pod = max(1, int(float(ray_setting("FLYRAY_RAY_WORKER_CPU")) // config.cpus_per_worker))
+    if worker_gpus:
+        per_pod = min(per_pod, worker_gpus)
     most = math.ceil(config.workers / per_pod)
     least = (
         math.ceil(config.min_workers / per_pod) if 0 < config.min_workers < config.workers else most
@@ -82,7 +98,7 @@ def ray_job(config: DistributedConfig | None = None, worker_gpus: int = 0) -> Ra
     if config is None:
         least = most = int(ray_setting("FLYRAY_RAY_WORKERS"))
     else:
-        least, most = worker_pods(config)
+        least, most = worker_pods(config, worker_gpus)
     worker_res = Resources(
         cpu=ray_setting("FLYRAY_RAY_WORKER_CPU"),
         mem=ray_setting("FLYRAY_RAY_WORKER_MEM"),
@@ -224,8 +240,8 @@ def flyray_task(
     checkpoints: str = "",
 ) -> Callable:
     """Declare a flyray task. `ray`: run on a per-execution Ray cluster (a DistributedConfig
-    sizes it; training tasks are resized per run by `sized`); `cache`: a cache version (bump it
-    when the code changes what the task writes; serialized, so concurrent runs compute once);
+    sizes it; training tasks are resized per run by `sized_by_run`); `cache`: a cache version (bump
+    it when the code changes what the task writes; serialized, so concurrent runs compute once);
     `storage`: the task reads or writes object storage, so it requests the S3 secrets;
     `resources`: requests = limits of a plain (non-Ray) pod; `sizes`: a @dynamic that starts a
     Ray task on a cluster sized for the run (see `sized_by_run`); `checkpoints`: a trainer's name:
@@ -243,6 +259,7 @@ def flyray_task(
         "timeout": timeout,
         "secret_requests": storage_secrets() if storage and not sizes else [],
         "enable_deck": deck,
+        "environment": deployment_environment(),
     }
     if cache:
         options["cache"] = Cache(version=cache, serialize=True, ignored_inputs=cache_ignore)

@@ -23,7 +23,13 @@ from flyray.tabular.data import (
     write_breast_cancer,
 )
 from flyray.tabular.report import EvaluationReport
-from flyray.tabular.train import TrainReport, XGBParams, load_model, save_model, train_distributed
+from flyray.tabular.train import (
+    TrainingReport,
+    XGBParams,
+    load_model,
+    save_model,
+    train_distributed,
+)
 from tasks.platform import flyray_task, new_output_dir, publish, register, sized_by_run, uri
 
 SPLITS = ("train", "validation", "test")
@@ -43,7 +49,7 @@ class PreparedTable(NamedTuple):
 
 class TrainOutputs(NamedTuple):
     model: FlyteDirectory
-    report: TrainReport
+    report: TrainingReport
 
 
 @flyray_task(images.tabular)
@@ -107,7 +113,7 @@ def evaluate_xgboost(model: FlyteDirectory, test: StructuredDataset) -> Evaluati
 def register_xgboost(
     model: FlyteDirectory,
     test: StructuredDataset,
-    training: TrainReport,
+    training: TrainingReport,
     evaluation: EvaluationReport,
     params: XGBParams,
     config: RegistryConfig,

@@ -67,13 +67,18 @@ def test_every_task_that_touches_storage_requests_the_secrets():
     """Secret requests are read at registration: serialize with the secret group set."""
     code = (
         "import json, tests.test_platform as p\n"
-        "print(json.dumps({n: [(s.group, s.key, s.env_var) for s in t.security_context.secrets]"
-        " if t.security_context else [] for n, t in p.all_tasks().items()}))"
+        "print(json.dumps({n: [[(s.group, s.key, s.env_var) for s in t.security_context.secrets]"
+        " if t.security_context else [], t.environment] for n, t in p.all_tasks().items()}))"
     )
-    env = {"FLYRAY_S3_SECRET_GROUP": "s3creds", "PATH": "/usr/bin:/bin"}
-    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True,
-                         text=True, timeout=300, check=True)  # fmt: skip
-    secrets = json.loads(out.stdout.strip().splitlines()[-1])
+    facts = {"FLYRAY_S3_SECRET_GROUP": "s3creds", "FLYRAY_RAY_WORKER_CPU": "8",
+             "FLYRAY_CHECKPOINT_ROOT": "s3://ckpt"}  # fmt: skip
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, env={**facts, "PATH": "/bin"},
+                         capture_output=True, text=True, timeout=300, check=True)  # fmt: skip
+    found = json.loads(out.stdout.strip().splitlines()[-1])
+    secrets = {name: requested for name, (requested, _) in found.items()}
+    # Every task carries the deployment facts it was registered with, so the dynamic that sizes
+    # a trainer's cluster at run time reads those, not the defaults of its own pod.
+    assert all(environment == facts for _, environment in found.values())
     sizers = {n for n, t in all_tasks().items() if _is_dynamic(t)}
     assert len(sizers) == 4
     for name, requested in secrets.items():
@@ -131,6 +136,12 @@ def test_the_cluster_follows_the_runs_worker_count(workers, cpus, least, most, t
     [group] = cluster["workerGroupSpec"]
     assert (group["replicas"], group["minReplicas"], group["maxReplicas"]) == (most, least, most)
     assert cluster.get("enableAutoscaling", False) == (least < most)
+
+
+def test_gpu_pods_hold_one_worker_per_gpu():
+    config = DistributedConfig(workers=4, min_workers=2)
+    assert worker_pods(config) == (1, 2)  # two 1-CPU workers per 2-CPU pod
+    assert worker_pods(config, worker_gpus=1) == (2, 4)  # but one GPU each
 
 
 def test_every_trainer_is_sized_per_run():

@@ -17,7 +17,7 @@ from flyray.raytrain import DistributedConfig
 from flyray.registry import Registration, RegistryConfig
 from flyray.tabular.data import TableConfig, TableSpec
 from flyray.tabular.report import EvaluationReport
-from flyray.tabular.train import TrainReport, XGBParams
+from flyray.tabular.train import TrainingReport, XGBParams
 from tasks.tabular import (
     evaluate_xgboost,
     prepare_table,
@@ -34,7 +34,7 @@ class XGBoostOutputs(NamedTuple):
     model: FlyteDirectory
     spec: TableSpec
     test: StructuredDataset  # the held-out rows, encoded as the model reads them
-    training: TrainReport
+    training: TrainingReport
     evaluation: EvaluationReport
     registration: Registration
 

@@ -20,7 +20,7 @@ from flyray.tabular.evaluate import (
     prior_scores,
     roc_points,
 )
-from flyray.tabular.train import TrainReport, XGBParams, predict
+from flyray.tabular.train import TrainingReport, XGBParams, predict
 
 
 @dataclass
@@ -59,12 +59,12 @@ def data_deck(spec: TableSpec, fingerprint: str) -> list[str]:
     ]
 
 
-def _rounds(report: TrainReport) -> list[int]:
+def _rounds(report: TrainingReport) -> list[int]:
     first = report.restored_from_round + 1
     return list(range(first, first + len(report.validation_auc)))
 
 
-def training_deck(report: TrainReport, params: XGBParams) -> list[str]:
+def training_deck(report: TrainingReport, params: XGBParams) -> list[str]:
     rounds = _rounds(report)
     seconds = {"start-up": report.startup_seconds, "data": report.data_seconds,
                "boosting": report.boosting_seconds}  # fmt: skip
@@ -124,7 +124,7 @@ def identity(spec: TableSpec, metric: str) -> TaskIdentity:
 
 
 def run_record(
-    training: TrainReport, evaluation: EvaluationReport, params: XGBParams, spec: TableSpec
+    training: TrainingReport, evaluation: EvaluationReport, params: XGBParams, spec: TableSpec
 ) -> RunRecord:
     first = training.restored_from_round + 1
     curves = {
@@ -163,7 +163,7 @@ def log_model(booster, spec: TableSpec, x: np.ndarray, registered_name: str | No
 
 
 def candidate(
-    booster, spec: TableSpec, x: np.ndarray, y: np.ndarray, training: TrainReport,
+    booster, spec: TableSpec, x: np.ndarray, y: np.ndarray, training: TrainingReport,
     evaluation: EvaluationReport, params: XGBParams, metric: str,
 ) -> Candidate:  # fmt: skip
     """The booster for the registry; the champion is scored on the same test rows `x`, `y`."""

@@ -69,7 +69,7 @@ class XGBParams:
 
 
 @dataclass
-class TrainReport:
+class TrainingReport:
     """What training did and where the time went (seconds)."""
 
     workers: int  # in the worker group that finished (fewer than asked after a lost node)
@@ -105,7 +105,7 @@ def _callbacks(params: XGBParams) -> list:
 
 def train_local(
     train_uri: str, validation_uri: str, spec: TableSpec, params: XGBParams, nthread: int = 0
-) -> tuple[xgb.Booster, TrainReport]:
+) -> tuple[xgb.Booster, TrainingReport]:
     """Plain xgboost.train in this process: the bar the Ray path is measured against."""
     began = time.time()
     x, y = read_split(train_uri, spec)
@@ -120,7 +120,7 @@ def train_local(
         verbose_eval=False,
     )  # fmt: skip
     done = time.time()
-    return booster, TrainReport(
+    return booster, TrainingReport(
         workers=0, rounds=booster.num_boosted_rounds(),
         validation_auc=history["validation"]["auc"],
         validation_logloss=history["validation"]["logloss"],
@@ -204,7 +204,7 @@ def train_distributed(
     params: XGBParams,
     config: DistributedConfig,
     callbacks: tuple = (),
-) -> tuple[xgb.Booster, TrainReport]:
+) -> tuple[xgb.Booster, TrainingReport]:
     """XGBoostTrainer over `config.workers` workers of `cpus_per_worker` CPUs (xgboost's
     nthread); extra xgboost `callbacks` run in every worker (after the checkpoint reporter)."""
     import ray.train
@@ -232,7 +232,7 @@ def train_distributed(
     done = time.time()
     booster = _report_at_checkpoints().get_model(result.checkpoint)
     m = result.metrics
-    report = TrainReport(
+    report = TrainingReport(
         workers=m["workers"],
         rounds=booster.num_boosted_rounds(),
         validation_auc=m.get("validation_auc", []),  # none when resumed at the last round
