@@ -11,6 +11,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+import mlflow
 import pytest
 import ray
 from flytekit.core import local_cache
@@ -28,6 +29,21 @@ def ray_session():
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield
     ray.shutdown()
+
+
+@pytest.fixture(autouse=True)
+def mlflow_tracking_per_test():
+    """MLflow keeps the tracking URI in a process global (set_tracking_uri, called by
+    flyray.registry, also exports it), which would outlive the test that set it and send the
+    next one's models:/ lookups to its store: each test starts from its own environment."""
+    before = os.environ.get("MLFLOW_TRACKING_URI")
+    mlflow.set_tracking_uri(None)
+    yield
+    mlflow.set_tracking_uri(None)
+    if before is None:
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
+    else:
+        os.environ["MLFLOW_TRACKING_URI"] = before
 
 
 def _free_port() -> int:

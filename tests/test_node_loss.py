@@ -6,6 +6,7 @@ and the Torch classifier as elastic Ray Train runs)."""
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -17,9 +18,12 @@ from tests.conftest import REPO
 
 def _scenario(name: str, tmp_path) -> dict:
     out = tmp_path / f"{name}.json"
+    # Ray Train waits this long for the old worker count before going on with fewer (60 s by
+    # default): the lost node never comes back here, so the wait is only time.
+    env = {**os.environ, "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "15"}
     proc = subprocess.run(
         [sys.executable, "-m", "tests.node_loss", name, str(out)],
-        cwd=REPO, capture_output=True, text=True, timeout=600,
+        cwd=REPO, capture_output=True, text=True, timeout=600, env=env,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(out.read_text())
