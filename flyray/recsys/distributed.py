@@ -23,7 +23,6 @@ import json
 import logging
 import tempfile
 import time
-from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 
 import numpy as np
@@ -127,8 +126,8 @@ class _DSGDWorker:
 class _Checkpoints:
     """epoch-NNNN/{model.npz, state.json} under a directory; latest.json names the newest."""
 
-    def __init__(self, uri: str, after_save: Callable[[int], None] | None = None):
-        self.uri, self.after_save = uri, after_save
+    def __init__(self, uri: str):
+        self.uri = uri
         self.fs, self.path = storage.filesystem(uri)
 
     def save(self, epoch: int, arrays: dict, state: dict) -> None:
@@ -141,8 +140,6 @@ class _Checkpoints:
         storage.write_atomic(
             self.fs, f"{self.path}/latest.json", json.dumps({"epoch": epoch}).encode()
         )
-        if self.after_save:
-            self.after_save(epoch)
 
     def latest(self) -> tuple[dict, dict] | None:
         from pyarrow.fs import FileType
@@ -178,12 +175,8 @@ def train(
     validation: Ratings | None = None,
     user_ids: np.ndarray | None = None,
     item_ids: np.ndarray | None = None,
-    after_checkpoint: Callable[[int], None] | None = None,
 ) -> FunkSVD:
-    """Train FunkSVD on Ray and return the fitted model (raw ids from user_ids/item_ids).
-
-    `after_checkpoint(epoch)` runs after each checkpoint is written (e.g. to upload it).
-    """
+    """Train FunkSVD on Ray and return the fitted model (raw ids from user_ids/item_ids)."""
     params = params or FunkSVDParams()
     config = config or DistributedConfig()
     if len(train_ratings) == 0:
@@ -191,7 +184,7 @@ def train(
     if not ray.is_initialized():
         ray.init()
     args = (train_ratings, n_users, n_items, params)
-    rest = (validation, user_ids, item_ids, after_checkpoint)
+    rest = (validation, user_ids, item_ids)
     if config.checkpoint_uri:
         return _train(*args, config, *rest)
     with tempfile.TemporaryDirectory(prefix="funksvd-") as folder:  # restarts still resume
@@ -207,7 +200,6 @@ def _train(
     validation: Ratings | None,
     user_ids: np.ndarray | None,
     item_ids: np.ndarray | None,
-    after_checkpoint: Callable[[int], None] | None,
 ) -> FunkSVD:
     model = FunkSVD(params)
     model.user_ids = np.arange(n_users) if user_ids is None else np.asarray(user_ids)
@@ -217,7 +209,7 @@ def _train(
         train_ratings.users, train_ratings.items, train_ratings.values, n_items, params
     ))  # fmt: skip
     model.global_mean = float(train_ratings.values.mean(dtype=np.float64))
-    checkpoints = _Checkpoints(config.checkpoint_uri, after_checkpoint)
+    checkpoints = _Checkpoints(config.checkpoint_uri)
     for attempt in range(config.max_failures + 1):
         free = ray.available_resources().get("CPU", 0)
         count = _worker_count(config)  # again on a restart: the cluster may have shrunk
