@@ -1,10 +1,14 @@
 """Benchmark: ingest + features throughput and peak memory, Ray path vs single-process pyarrow
-vs the naive Ray Data pipeline, on generated JSON lines.
+vs the naive Ray Data pipeline, on generated JSON lines; and the Ray ingest of every source
+layout (layouts.PRESETS) against the JSON-lines one, on the same generated events.
 
     python -m bench.ingest [--sizes 1000000 10000000] [--naive-max 10000000]
+                           [--layout-events 1000000] [--layouts jsonl taobao ...] [--repeats 3]
 
 Each measurement runs in a fresh subprocess (peak RSS is that process's own), on the same
-generated file; a table is printed and bench/results/ingest.json written.
+generated file; the layouts share one subprocess and one Ray, run in turn `--repeats` times
+(best time kept, so a busy moment on a shared machine does not decide a row). Tables are
+printed and bench/results/ingest.json written.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from flyray.clickstream.generate import HEADERS
 from flyray.clickstream.parse import parse_block
 
 REPO = Path(__file__).resolve().parents[1]
@@ -132,11 +137,42 @@ def run_flyray(path: str) -> dict:
     }
 
 
+def run_layouts(spec: str) -> dict:
+    """Ray ingest (layout "auto", as a user runs it) of each layout's file, best of `repeats`;
+    a small warm-up ingest first, so no layout pays for starting Ray's workers."""
+    import ray
+
+    from flyray.clickstream.ingest import ingest
+
+    files, repeats = json.loads(spec)
+    ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
+    rows: dict[str, dict] = {}
+    with tempfile.TemporaryDirectory(dir=DATA) as out:
+        warm = Path(out) / "warm.jsonl"
+        warm.write_bytes(Path(files["jsonl"]).read_bytes()[: 1 << 20].rsplit(b"\n", 1)[0])
+        ingest(str(warm), f"{out}/warm")
+        for _ in range(repeats):
+            for layout, path in files.items():
+                began = time.perf_counter()
+                report = ingest(path, f"{out}/{layout}")
+                seconds = time.perf_counter() - began
+                best = rows.get(layout, {}).get("seconds", float("inf"))
+                rows[layout] = {
+                    "seconds": min(seconds, best),
+                    "events": report.events,
+                    "rejects": report.rejects,
+                    "detected": report.layout,
+                    "session_users": report.session_users,
+                }
+    return {"layouts": rows}
+
+
 RUNNERS = {
     "pyarrow": run_pyarrow,
     "single_process": run_single_process,
     "naive_ray_data": run_naive,
     "flyray_ray": run_flyray,
+    "layouts": run_layouts,
 }
 
 
@@ -157,30 +193,67 @@ def _measure(kind: str, path: str) -> dict:
     raise RuntimeError(f"{kind} failed:\n{proc.stderr[-3000:]}")
 
 
-def _dataset(n_events: int) -> Path:
+def _dataset(n_events: int, layout: str = "jsonl") -> Path:
     from flyray.clickstream.generate import GeneratorConfig, generate
 
-    path = DATA / f"clickstream-{n_events}.jsonl"
+    suffix = {"jsonl": ".jsonl", "yoochoose": ".dat"}.get(layout, ".csv")
+    name = "" if layout == "jsonl" else f"-{layout}"
+    path = DATA / f"clickstream-{n_events}{name}{suffix}"
     if not path.exists():
-        print(f"generating {n_events:,} events -> {path}", flush=True)
-        generate(path, GeneratorConfig(n_events=n_events, seed=0))
+        print(f"generating {n_events:,} events ({layout}) -> {path}", flush=True)
+        generate(path, GeneratorConfig(n_events=n_events, seed=0, layout=layout))
     return path
+
+
+def _layout_rows(n_events: int, layouts: list[str], repeats: int) -> list[dict]:
+    """One row per layout: the Ray ingest of n_events events in it, and its time / JSON lines'."""
+    files = {layout: str(_dataset(n_events, layout)) for layout in ["jsonl", *layouts]}
+    print(f"running the ingest of {len(files)} layouts x {repeats} ...", flush=True)
+    result = _measure("layouts", json.dumps([files, repeats]))
+    base = result["layouts"]["jsonl"]["seconds"]
+    rows = []
+    for layout, row in result["layouts"].items():
+        row.update(
+            layout=layout,
+            n_events=n_events,
+            file_mb=Path(files[layout]).stat().st_size / 2**20,
+            events_per_s=row["events"] / row["seconds"],
+            vs_jsonl=row["seconds"] / base,
+        )
+        rows.append(row)
+    print(
+        f"\n{'layout':<13} {'events':>9} {'file MB':>8} {'auto':<13} {'rejects':>7} "
+        f"{'ingest s':>8} {'events/s':>10} {'time / jsonl':>12}"
+    )
+    for r in rows:
+        print(
+            f"{r['layout']:<13} {r['events']:>9,} {r['file_mb']:>8.1f} {r['detected']:<13} "
+            f"{r['rejects']:>7} {r['seconds']:>8.2f} {r['events_per_s']:>10,.0f} "
+            f"{r['vs_jsonl']:>11.2f}x"
+        )
+    return rows
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description="ingest + features benchmark")
-    parser.add_argument("--sizes", type=int, nargs="+", default=[1_000_000, 10_000_000])
+    # 1M events: about a minute per path on two shared cores; add 10000000 for the scale run.
+    parser.add_argument("--sizes", type=int, nargs="+", default=[1_000_000])
     parser.add_argument(
         "--naive-max",
         type=int,
         default=10_000_000,
         help="skip the naive Ray Data pipeline above this many events",
     )
-    parser.add_argument("--kinds", nargs="+", default=list(RUNNERS), choices=list(RUNNERS))
+    paths = [kind for kind in RUNNERS if kind != "layouts"]
+    parser.add_argument("--kinds", nargs="*", default=paths, choices=paths)
+    parser.add_argument("--layout-events", type=int, default=1_000_000)
+    others = [name for name in HEADERS if name != "jsonl"]
+    parser.add_argument("--layouts", nargs="*", default=others, choices=others)
+    parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
     DATA.mkdir(parents=True, exist_ok=True)
     rows = []
-    for n in args.sizes:
+    for n in args.sizes if args.kinds else []:  # `--kinds` alone: the layouts table only
         path = _dataset(n)
         for kind in args.kinds:
             if kind == "naive_ray_data" and n > args.naive_max:
@@ -204,9 +277,11 @@ def main() -> None:
             by["flyray_ray"]["vs_single_process"] = by["single_process"]["seconds"] / ray_s
         if "naive_ray_data" in by:
             by["flyray_ray"]["vs_naive"] = by["naive_ray_data"]["seconds"] / ray_s
-    print(
-        f"\n{'events':>11} {'path':<15} {'seconds':>8} {'events/s':>11} {'peak RSS MB':>11}  notes"
-    )
+    if rows:
+        print(
+            f"\n{'events':>11} {'path':<15} {'seconds':>8} {'events/s':>11} {'peak RSS MB':>11}"
+            "  notes"
+        )
     for r in rows:
         notes = ""
         if r["kind"] == "single_process":
@@ -223,13 +298,15 @@ def main() -> None:
             f"{r['n_events']:>11,} {r['kind']:<15} {r['seconds']:>8.1f} "
             f"{r['events_per_s']:>11,.0f} {r['driver_peak_rss_mb']:>11.0f}  {notes}"
         )
+    layout_rows = _layout_rows(args.layout_events, args.layouts, args.repeats)
     RESULTS.mkdir(parents=True, exist_ok=True)
     meta = {
         "machine": platform.machine(),
         "cpus": os.cpu_count(),
         "python": platform.python_version(),
     }
-    (RESULTS / "ingest.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
+    out = {"meta": meta, "rows": rows, "layouts": layout_rows}
+    (RESULTS / "ingest.json").write_text(json.dumps(out, indent=2))
     print(f"\nwritten {RESULTS / 'ingest.json'}")
 
 

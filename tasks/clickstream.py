@@ -21,7 +21,7 @@ from flyray.clickstream.generate import GeneratorConfig, generate
 from flyray.clickstream.ingest import ingest
 from flyray.clickstream.reports import DataProfile, IngestReport, ingest_deck, profile_deck
 from flyray.clickstream.schema import INPUT_SUFFIXES
-from tasks.platform import flyray_task, new_output_dir, publish, uri
+from tasks.platform import flyray_task, minutes, new_output_dir, publish, uri
 
 Ratings = Annotated[
     StructuredDataset,
@@ -48,7 +48,7 @@ class FeatureOutputs(NamedTuple):
     profile: DataProfile
 
 
-@flyray_task(images.recommender)
+@flyray_task(images.recommender, timeout=minutes(30))
 def resolve_source(
     source: str, demo_events: int, demo_seed: int, run_date: datetime | None
 ) -> SourceOutputs:
@@ -77,7 +77,7 @@ def resolve_source(
     )
 
 
-@flyray_task(images.recommender, storage=False)
+@flyray_task(images.recommender, storage=False, timeout=minutes(5))
 def data_window(
     config: FeatureConfig, run_date: datetime | None, window_days: int
 ) -> FeatureConfig:
@@ -89,7 +89,10 @@ def data_window(
     return dataclasses.replace(config, window_end=end.isoformat(), window_days=window_days)
 
 
-@flyray_task(images.recommender, ray=True, cache="ingest-1", cache_ignore=("source",), deck=True)
+@flyray_task(
+    images.recommender, ray=True, cache="ingest-1", cache_ignore=("source",), deck=True,
+    timeout=minutes(120),
+)  # fmt: skip
 def ingest_clickstream(source: str, fingerprint: str, config: IngestConfig) -> IngestOutputs:
     """Validate and bucket the events on Ray; the cache key is the content fingerprint."""
     report = ingest(source, new_output_dir(), config)
@@ -102,7 +105,7 @@ def ingest_clickstream(source: str, fingerprint: str, config: IngestConfig) -> I
     )
 
 
-@flyray_task(images.recommender, ray=True, cache="features-1", deck=True)
+@flyray_task(images.recommender, ray=True, cache="features-1", deck=True, timeout=minutes(60))
 def build_ratings(
     events: FlyteDirectory, report: IngestReport, config: FeatureConfig
 ) -> FeatureOutputs:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from conftest import REES46_SAMPLE, event, jsonl
+from conftest import event, jsonl, rees46_sample
 
 from flyray.clickstream.parse import parse_block
 from flyray.clickstream.schema import EVENT_CODE
@@ -38,7 +38,7 @@ def test_valid_json_lines_become_typed_events():
             None,
         ),
         ("[1, 2, 3]", "malformed_line", None),
-        (event(user=None), "missing_field", "user_id"),
+        (event(user=None, session=None), "missing_field", "user_id"),  # no session to stand in
         (
             '{"user_id": 1, "event_type": "view", "timestamp": "2024-01-01T00:00:00Z"}',
             "missing_field",
@@ -81,9 +81,8 @@ def test_epoch_timestamps_and_mixed_types_are_accepted():
 
 
 def test_rees46_sample_parses_completely_despite_blank_brand_and_category():
-    data = REES46_SAMPLE.read_bytes()
-    header = data.split(b"\n", 1)[0].decode().split(",")
-    result = parse_block(data, "csv", column_names=header, has_header=True)
+    data = rees46_sample().read_bytes()
+    result = parse_block(data, "rees46")
     assert result.n_rejects == 0
     assert result.events.num_rows == 1000
     codes = np.bincount(result.events["event_code"].to_numpy(), minlength=4)
@@ -101,11 +100,11 @@ def test_csv_rejects_name_their_lines():
         "2019-10-01 00:00:02 UTC,cart,-5,1,,,1.0,541312140,s",
         "2019-10-01 00:00:03 UTC,view,17,1,,,1.0,12abc,s",
         "not a time,view,17,1,,,1.0,7,s",
-        "2019-10-01 00:00:04 UTC,purchase,18,1,,,1.0,,s",
+        "2019-10-01 00:00:04 UTC,purchase,18,1,,,1.0,,",
         "2019-10-01 00:00:05 UTC,remove_from_cart,19,1,,,1.0,8,s",
     ]
     data = ("\n".join(rows) + "\n").encode()
-    result = parse_block(data, "csv", column_names=header.split(","), has_header=True)
+    result = parse_block(data, "rees46")
     assert sorted(_rejects(result)) == [
         (2, "malformed_line", None),
         (4, "negative_id", "item_id"),

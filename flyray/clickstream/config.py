@@ -7,6 +7,7 @@ from datetime import UTC, datetime, timedelta
 
 import numpy as np
 
+from flyray.clickstream.layouts import Layout, layout_for
 from flyray.clickstream.schema import EVENT_TYPES
 
 
@@ -22,10 +23,24 @@ class IngestConfig:
     n_buckets: int = 16
     # Fail when more than this fraction of records is rejected (rejects are kept either way).
     max_reject_fraction: float = 0.01
+    # Where each field sits in the files: "auto" (from each file's first line), a preset name
+    # (layouts.PRESETS: jsonl, rees46, retailrocket, taobao, diginetica, yoochoose) or
+    # "custom" with custom_layout. See docs/layouts.md.
+    layout: str = "auto"
+    custom_layout: Layout | None = None
+    # Whose history an event belongs to: "user" (the user column; where a row has none, its
+    # session stands in, counted in the report) or "session" (always the session).
+    user_key: str = "user"
+
+    def __post_init__(self) -> None:
+        layout_for(self.layout, self.custom_layout)  # an unknown or conflicting layout fails here
+        if self.user_key not in ("user", "session"):
+            raise ValueError(f"user_key must be 'user' or 'session', got {self.user_key!r}")
 
 
 def default_event_weights() -> dict[str, float]:
-    """Implicit-feedback weights; see README "Event weights" for why these values."""
+    """Implicit-feedback weights; why these values: docs/recommendation.md, "From events to
+    ratings"."""
     return {"view": 1.0, "cart": 4.0, "remove_from_cart": -3.0, "purchase": 10.0}
 
 

@@ -4,9 +4,11 @@ Users and items have latent tastes; item popularity follows a power law; each se
 run of views whose items are drawn by popularity and chosen by taste, and each view may go on
 to cart -> purchase (or cart -> remove_from_cart) at rates near those of public e-commerce
 logs (REES46: ~6% of views carted, ~1.5-2% purchased). Memory stays flat at any size because
-events are produced and written chunk by chunk, in time order.
+events are produced and written chunk by chunk, in time order. It writes any preset layout
+(layouts.PRESETS); a layout without some event type (RetailRocket and Taobao have no removal,
+DIGINETICA and YooChoose only views) gets only the events it can say, still n_events of them.
 
-    python -m flyray.clickstream.generate OUT.jsonl --events 1000000 [--format csv] [--seed 0]
+    python -m flyray.clickstream.generate OUT --events 1000000 [--layout taobao] [--seed 0]
 """
 
 from __future__ import annotations
@@ -54,6 +56,8 @@ class GeneratorConfig:
     n_factors: int = 8
     days: int = 30
     start: str = "2024-01-01T00:00:00"
+    # A preset of layouts.PRESETS; "": from the file name (.csv: rees46, otherwise jsonl).
+    layout: str = ""
     popularity_exponent: float = 1.05
     mean_views_per_session: float = 4.0
     cart_rate: float = 0.06  # of views, on average over tastes
@@ -143,52 +147,51 @@ def _chunk(
     return {k: v[order] for k, v in cols.items()}
 
 
-def _lines(cols: dict[str, np.ndarray], world: _World, fmt: str, session_base: int) -> bytes:
-    """Render events as JSON lines or REES46 CSV rows with pyarrow string kernels."""
+def _lines(cols: dict[str, np.ndarray], world: _World, layout: str, session_base: int) -> bytes:
+    """Render events in a preset layout with pyarrow string kernels."""
     ts = pa.array(cols["ts"].astype(np.int64), pa.timestamp("s", tz="UTC"))
-    event = pa.array(np.array(EVENT_TYPES)[cols["event_code"]])
+    ts_ms = pa.array((cols["ts"] * 1000).astype(np.int64), pa.timestamp("ms", tz="UTC"))
+    codes = cols["event_code"]
+    event = pa.array(np.array(EVENT_TYPES)[codes])
     user = pa.array(cols["user_id"] + 1).cast(pa.string())  # ids start at 1, like real exports
     item = pa.array(cols["item_id"] + 1).cast(pa.string())
     sess = pa.array(cols["session"] + session_base).cast(pa.string())
-    if fmt == "jsonl":
+    items = cols["item_id"]
+    category = world.item_category[items]
+    if layout == "jsonl":
         stamp = pc.strftime(ts, format="%Y-%m-%dT%H:%M:%SZ")
+        pieces = ['{"user_id": ', user, ', "item_id": ', item, ', "event_type": "', event,
+                  '", "timestamp": "', stamp, '", "session_id": "s', sess, '"}\n']  # fmt: skip
+    elif layout == "rees46":
         pieces = [
-            '{"user_id": ',
-            user,
-            ', "item_id": ',
-            item,
-            ', "event_type": "',
-            event,
-            '", "timestamp": "',
-            stamp,
-            '", "session_id": "s',
-            sess,
-            '"}\n',
-        ]
+            pc.strftime(ts, format="%Y-%m-%d %H:%M:%S UTC"), ",", event, ",", item, ",",
+            pa.array(2053013550000000000 + category).cast(pa.string()), ",",
+            pa.array(_CATEGORIES[np.where(items % 10 < 3, 0, category)]), ",",
+            pa.array(_BRANDS[world.item_brand[items]]), ",",
+            pa.array(world.item_price[items]).cast(pa.string()), ",", user, ",s", sess, "\n",
+        ]  # fmt: skip
+    elif layout == "retailrocket":
+        names = np.array(["view", "addtocart", "", "transaction"])[codes]
+        bought = codes == EVENT_TYPES.index("purchase")
+        txn = pa.array(np.where(bought, (cols["session"] + session_base).astype(str), ""))
+        pieces = [ts_ms.cast(pa.int64()).cast(pa.string()), ",", user, ",", pa.array(names),
+                  ",", item, ",", txn, "\n"]  # fmt: skip
+    elif layout == "taobao":
+        names = pa.array(np.array(["pv", "cart", "", "buy"])[codes])
+        pieces = [user, ",", item, ",", pa.array(1000 + category).cast(pa.string()), ",", names,
+                  ",", ts.cast(pa.int64()).cast(pa.string()), "\n"]  # fmt: skip
+    elif layout == "diginetica":
+        known = pc.if_else(pa.array(cols["user_id"] % 3 == 0), user, "NA")  # most are anonymous
+        of_day = ts_ms.cast(pa.int64()).to_numpy() % 86_400_000  # ms since the day's start
+        pieces = [sess, ";", known, ";", item, ";", pa.array(of_day).cast(pa.string()), ";",
+                  pc.strftime(ts, format="%Y-%m-%d"), "\n"]  # fmt: skip
+    elif layout == "yoochoose":
+        stamp = pc.strftime(ts_ms, format="%Y-%m-%dT%H:%M:%SZ")  # milliseconds, like the export
+        pieces = [sess, ",", stamp, ",", item, ",0\n"]
     else:
-        items = cols["item_id"]
-        stamp = pc.strftime(ts, format="%Y-%m-%d %H:%M:%S UTC")
-        category = world.item_category[items]
-        pieces = [
-            stamp,
-            ",",
-            event,
-            ",",
-            item,
-            ",",
-            pa.array(2053013550000000000 + category).cast(pa.string()),
-            ",",
-            pa.array(_CATEGORIES[np.where(items % 10 < 3, 0, category)]),
-            ",",
-            pa.array(_BRANDS[world.item_brand[items]]),
-            ",",
-            pa.array(world.item_price[items]).cast(pa.string()),
-            ",",
-            user,
-            ",s",
-            sess,
-            "\n",
-        ]
+        raise ValueError(
+            f"no generator for layout {layout!r}; expected one of {', '.join(HEADERS)}"
+        )
     joined = pc.binary_join_element_wise(*pieces, "")
     # Every row ends in "\n", so the string data buffer is already the file's bytes.
     offsets = np.frombuffer(joined.buffers()[1], dtype=np.int32)[joined.offset :]
@@ -199,22 +202,36 @@ def _lines(cols: dict[str, np.ndarray], world: _World, fmt: str, session_base: i
 CSV_HEADER = (
     "event_time,event_type,product_id,category_id,category_code,brand,price,user_id,user_session\n"
 )
+HEADERS = {
+    "jsonl": "",
+    "rees46": CSV_HEADER,
+    "retailrocket": "timestamp,visitorid,event,itemid,transactionid\n",
+    "taobao": "",
+    "diginetica": "session_id;user_id;item_id;timeframe;eventdate\n",
+    "yoochoose": "",
+}
+# Event codes (view, cart, remove_from_cart, purchase) that each layout can say.
+EVENTS_OF = {"retailrocket": (0, 1, 3), "taobao": (0, 1, 3), "diginetica": (0,), "yoochoose": (0,)}
 
 
 def generate(path: str | Path, cfg: GeneratorConfig | None = None) -> dict:
-    """Write cfg.n_events events to `path` (.jsonl or .csv) and the ground truth beside it.
+    """Write cfg.n_events events to `path` in cfg.layout and the ground truth beside it.
 
     Returns a summary (counts per event type, users, items, truth file).
     """
     cfg = cfg or GeneratorConfig()
     path = Path(path)
-    fmt = "csv" if path.suffix == ".csv" else "jsonl"
+    layout = cfg.layout or ("rees46" if path.suffix == ".csv" else "jsonl")
+    if layout not in HEADERS:
+        raise ValueError(
+            f"no generator for layout {layout!r}; expected one of {', '.join(HEADERS)}"
+        )
     rng = np.random.default_rng(cfg.seed)
     world = _World(cfg, rng)
     fs = pafs.LocalFileSystem()
     # Whole or absent: benchmarks reuse a file that exists, so a cut-short one must not.
     with storage.atomic_output(fs, str(path.absolute())) as out:
-        written, by_type, sessions = _write(out, world, cfg, fmt, rng)
+        written, by_type, sessions = _write(out, world, cfg, layout, rng)
     truth = path.with_name(path.stem + ".truth.npz")
     buf = io.BytesIO()
     np.savez_compressed(
@@ -228,6 +245,7 @@ def generate(path: str | Path, cfg: GeneratorConfig | None = None) -> dict:
     n_users, n_items = cfg.sizes()
     summary = {
         "path": str(path),
+        "layout": layout,
         "events": written,
         "events_by_type": dict(zip(EVENT_TYPES, by_type.tolist(), strict=True)),
         "users": n_users,
@@ -243,7 +261,7 @@ def generate(path: str | Path, cfg: GeneratorConfig | None = None) -> dict:
 
 
 def _write(
-    out: pa.NativeFile, world: _World, cfg: GeneratorConfig, fmt: str, rng: np.random.Generator
+    out: pa.NativeFile, world: _World, cfg: GeneratorConfig, layout: str, rng: np.random.Generator
 ) -> tuple[int, np.ndarray, int]:
     t_start = np.datetime64(cfg.start, "s").astype(np.int64).item()
     span = cfg.days * 86400.0
@@ -251,15 +269,18 @@ def _write(
     target = -(-cfg.n_events // n_chunks)
     written, sessions = 0, 0
     by_type = np.zeros(len(EVENT_TYPES), np.int64)
-    if fmt == "csv":
-        out.write(CSV_HEADER.encode())
+    out.write(HEADERS[layout].encode())
+    keep = EVENTS_OF.get(layout)
     step = 0
     while written < cfg.n_events:
         lo = t_start + span * min(step, n_chunks - 1) / n_chunks
         cols = _chunk(world, cfg, rng, target, lo, lo + span / n_chunks)
+        if keep is not None:
+            said = np.isin(cols["event_code"], keep)
+            cols = {k: v[said] for k, v in cols.items()}
         take = min(len(cols["ts"]), cfg.n_events - written)
         cols = {k: v[:take] for k, v in cols.items()}
-        out.write(_lines(cols, world, fmt, sessions))
+        out.write(_lines(cols, world, layout, sessions))
         by_type += np.bincount(cols["event_code"], minlength=len(EVENT_TYPES))
         sessions += int(cols["session"].max()) + 1 if take else 0
         written += take
@@ -271,7 +292,10 @@ def _write(
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("out", help="output file, .jsonl or .csv (REES46 layout)")
+    parser.add_argument("out", help="output file")
+    parser.add_argument(
+        "--layout", default="", choices=["", *HEADERS], help="default: .csv rees46, else jsonl"
+    )
     parser.add_argument("--events", type=int, default=GeneratorConfig.n_events)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--users", type=int, default=None)
@@ -279,7 +303,11 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     cfg = GeneratorConfig(
-        n_events=args.events, seed=args.seed, n_users=args.users, n_items=args.items
+        n_events=args.events,
+        seed=args.seed,
+        n_users=args.users,
+        n_items=args.items,
+        layout=args.layout,
     )
     print(json.dumps(generate(args.out, cfg), indent=2))
 

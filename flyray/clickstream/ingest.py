@@ -8,7 +8,8 @@ with vectorised compute, and writes its events as parquet hash-partitioned by us
 (events/bucket=K/part-BLOCK.parquet), so the feature step finds each user's whole history in one
 bucket without a shuffle. The driver keeps at most two tasks per CPU in flight (memory stays
 bounded at any input size), logs progress, and turns each task's block-relative reject line
-numbers into absolute ones.
+numbers into absolute ones. Every file is read through its Layout (layouts.py), chosen by the
+config or recognised from the file's first line, so any layout takes this same path.
 """
 
 from __future__ import annotations
@@ -24,26 +25,21 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import ray
 
-from flyray import storage
+from flyray import console, storage
 from flyray.clickstream.config import IngestConfig
+from flyray.clickstream.layouts import PRESETS, Layout, detect, first_line, layout_for, resolve
 from flyray.clickstream.parse import parse_block
 from flyray.clickstream.reports import IngestReport
 from flyray.clickstream.schema import (
     EVENT_TYPES,
-    FIELD_ALIASES,
     INPUT_SUFFIXES,
     REJECT_REASONS,
     REJECTS_SCHEMA,
-    REQUIRED_FIELDS,
-    detect_format,
+    IngestError,
 )
 
 log = logging.getLogger(__name__)
 _EXTEND = 1 << 20  # bytes read past a range's end to finish its last line
-
-
-class IngestError(ValueError):
-    """Input that cannot be ingested: the message names the file, the counts and what to do."""
 
 
 @dataclass(frozen=True)
@@ -51,12 +47,11 @@ class BlockSpec:
     block_id: int
     path: str  # path inside `fs`
     source: str  # URI as the user gave it, for messages and the rejects file
-    fmt: str
+    layout: Layout  # resolved against this file (layouts.resolve)
     start: int
     end: int
     size: int
     compressed: bool
-    column_names: tuple[str, ...] | None
 
 
 def bucket_of(user_ids: np.ndarray, n_buckets: int) -> np.ndarray:
@@ -119,7 +114,12 @@ def _write_buckets(
 
 @ray.remote(max_retries=3)
 def _ingest_block(
-    fs: pafs.FileSystem, out_fs: pafs.FileSystem, spec: BlockSpec, n_buckets: int, events_dir: str
+    fs: pafs.FileSystem,
+    out_fs: pafs.FileSystem,
+    spec: BlockSpec,
+    n_buckets: int,
+    events_dir: str,
+    user_key: str,
 ) -> tuple[dict, pa.Table | None]:
     """Parse, validate and write one block; return its counts and its rejects.
 
@@ -133,12 +133,9 @@ def _ingest_block(
         raise IngestError(
             f"{storage.to_uri(fs, spec.path)}: not a readable gzip file ({exc})"
         ) from None
-    result = parse_block(
-        data,
-        spec.fmt,
-        column_names=list(spec.column_names or ()),
-        has_header=spec.fmt == "csv" and spec.start == 0,
-    )
+    layout = spec.layout
+    header = layout.format == "csv" and layout.header and spec.start == 0
+    result = parse_block(data, layout, has_header=header, user_key=user_key)
     _write_buckets(out_fs, result.events, n_buckets, events_dir, spec.block_id)
     counts = {
         "lines": data.count(b"\n") + (1 if data and not data.endswith(b"\n") else 0),
@@ -147,46 +144,62 @@ def _ingest_block(
             result.events["event_code"].to_numpy(), minlength=len(EVENT_TYPES)
         ).tolist(),
         "rejects_by_reason": dict(Counter(result.reject_reasons)),
+        "session_users": result.session_users,
     }
     return counts, (_rejects_table(spec, result) if result.n_rejects else None)
 
 
-def _csv_header(fs: pafs.FileSystem, path: str, source: str, compressed: bool) -> tuple[str, ...]:
-    opener = (
-        (lambda: fs.open_input_stream(path, compression="gzip"))
-        if compressed
-        else (lambda: fs.open_input_stream(path))
-    )
-    with opener() as fh:
-        first = fh.read(1 << 16).split(b"\n", 1)[0].rstrip(b"\r").decode("utf-8", "replace")
-    names = tuple(c.strip().strip('"') for c in first.split(","))
-    missing = [f for f in REQUIRED_FIELDS if not set(FIELD_ALIASES[f]) & set(names)]
-    if missing:
-        expected = ", ".join("/".join(FIELD_ALIASES[f]) for f in REQUIRED_FIELDS)
-        raise IngestError(
-            f"{source}: CSV header lacks {missing}; found columns {list(names)}, "
-            f"expected {expected}"
-        )
-    return names
+def _first_line(fs: pafs.FileSystem, path: str, compressed: bool) -> bytes:
+    opener = fs.open_input_stream
+    with opener(path, compression="gzip") if compressed else opener(path) as fh:
+        return first_line(fh.read(1 << 16))
 
 
-def plan_blocks(spec: str, block_bytes: int) -> tuple[pafs.FileSystem, list[BlockSpec], list[str]]:
-    """Resolve the input spec and cut its files into line-aligned byte ranges.
+def _file_layout(
+    fs: pafs.FileSystem, path: str, source: str, compressed: bool, config: IngestConfig
+) -> tuple[Layout, str]:
+    """This file's layout, resolved against its first line, and why it was chosen."""
+    chosen = layout_for(config.layout, config.custom_layout)
+    try:
+        line = _first_line(fs, path, compressed)
+    except OSError as exc:
+        if not compressed or "NETWORK" in str(exc) or "curlCode" in str(exc):
+            raise
+        raise IngestError(f"{source}: not a readable gzip file ({exc})") from None
+    if not line:  # nothing but blank lines: no records under any layout
+        return chosen or PRESETS["jsonl"], "the file starts with blank lines only"
+    if chosen is None:
+        chosen, why = detect(line, source)
+    elif config.custom_layout is not None:
+        why = "ingest_config.custom_layout"
+    else:
+        why = f"ingest_config.layout is {config.layout!r}"
+    return resolve(chosen, line, source), why
 
-    Returns the filesystem, the blocks and the empty files (skipped, but reported).
+
+def plan_blocks(
+    spec: str, block_bytes: int, config: IngestConfig | None = None
+) -> tuple[pafs.FileSystem, list[BlockSpec], list[str], dict[str, tuple[str, str]]]:
+    """Resolve the input spec, choose each file's layout and cut its files into line-aligned
+    byte ranges.
+
+    Returns the filesystem, the blocks, the empty files (skipped, but reported) and each file's
+    (layout name, why).
     """
+    config = config or IngestConfig()
     files = storage.list_input_files(spec, INPUT_SUFFIXES)
     fs, _ = storage.filesystem(spec)
     blocks: list[BlockSpec] = []
     empty: list[str] = []
+    layouts: dict[str, tuple[str, str]] = {}
     for f in files:
         if f.size == 0:
             empty.append(f.path)
             continue
-        fmt = detect_format(f.path)
         path = storage.filesystem(f.path)[1]
         compressed = f.path.lower().endswith(".gz")
-        header = _csv_header(fs, path, f.path, compressed) if fmt == "csv" else None
+        layout, why = _file_layout(fs, path, f.path, compressed, config)
+        layouts[f.path] = (layout.name, why)
         ranges = (
             [(0, f.size)]
             if compressed
@@ -194,11 +207,23 @@ def plan_blocks(spec: str, block_bytes: int) -> tuple[pafs.FileSystem, list[Bloc
         )
         for start, end in ranges:
             blocks.append(
-                BlockSpec(len(blocks), path, f.path, fmt, start, end, f.size, compressed, header)
+                BlockSpec(len(blocks), path, f.path, layout, start, end, f.size, compressed)
             )
     if not blocks:
         raise IngestError(f"input is empty: {spec} ({len(empty)} empty file(s): {empty[:5]})")
-    return fs, blocks, empty
+    return fs, blocks, empty, layouts
+
+
+def _describe_layouts(layouts: dict[str, tuple[str, str]]) -> tuple[str, str]:
+    """(layout, why) for the report: one name, or each name with its file count."""
+    by_name: dict[str, list[str]] = {}
+    for name, why in layouts.values():
+        by_name.setdefault(name, []).append(why)
+    if len(by_name) == 1:
+        [(name, whys)] = by_name.items()
+        return name, whys[0]
+    names = ", ".join(by_name)
+    return names, "; ".join(f"{n} ({len(w)} file(s)): {w[0]}" for n, w in by_name.items())
 
 
 def _run_blocks(
@@ -207,21 +232,26 @@ def _run_blocks(
     blocks: list[BlockSpec],
     n_buckets: int,
     events_dir: str,
+    user_key: str,
 ) -> list[tuple[dict, pa.Table | None]]:
-    """Run every block with a bounded number in flight; log progress every few seconds."""
+    """Run every block with a bounded number in flight; a progress bar, and a log line every
+    few seconds."""
     window = 2 * max(1, int(ray.cluster_resources().get("CPU", 1)))
     pending: dict = {}
     results: dict[int, tuple[dict, pa.Table | None]] = {}
     todo = list(blocks)
     began = last_log = time.perf_counter()
+    bar = console.progress(total=len(blocks), desc="ingest", unit="block")
     while todo or pending:
         while todo and len(pending) < window:
             spec = todo.pop(0)
-            pending[_ingest_block.remote(fs, out_fs, spec, n_buckets, events_dir)] = spec
+            ref = _ingest_block.remote(fs, out_fs, spec, n_buckets, events_dir, user_key)
+            pending[ref] = spec
         done, _ = ray.wait(list(pending), num_returns=1)
         for ref in done:
             try:
                 results[pending.pop(ref).block_id] = ray.get(ref)
+                bar.update()
             except ray.exceptions.RayTaskError as err:
                 if isinstance(err.cause, IngestError):  # its own message, not Ray's traceback
                     raise err.cause from None
@@ -236,6 +266,7 @@ def _run_blocks(
                 events,
                 events / max(last_log - began, 1e-9),
             )
+    bar.close()
     return [results[spec.block_id] for spec in blocks]
 
 
@@ -273,17 +304,23 @@ def ingest(source: str, output_uri: str, config: IngestConfig | None = None) -> 
     """
     config = config or IngestConfig()
     began = time.perf_counter()
-    fs, blocks, empty = plan_blocks(source, _block_bytes(config))
+    fs, blocks, empty, layouts = plan_blocks(source, _block_bytes(config), config)
+    layout, layout_reason = _describe_layouts(layouts)
     out_fs, out_path = storage.filesystem(output_uri)
     out_fs.delete_dir_contents(out_path, missing_dir_ok=True)  # a re-run must not append
     events_path = f"{out_path}/events"
     out_fs.create_dir(events_path, recursive=True)
     log.info(
-        "ingest %s: %d file(s), %d block(s)", source, len({b.source for b in blocks}), len(blocks)
+        "ingest %s: %d file(s), %d block(s), layout %s (%s)",
+        source,
+        len(layouts),
+        len(blocks),
+        layout,
+        layout_reason,
     )
     if not ray.is_initialized():
         ray.init()
-    results = _run_blocks(fs, out_fs, blocks, config.n_buckets, events_path)
+    results = _run_blocks(fs, out_fs, blocks, config.n_buckets, events_path, config.user_key)
     rejects_uri = storage.to_uri(out_fs, f"{out_path}/rejects.parquet")
     _write_rejects(out_fs, f"{out_path}/rejects.parquet", blocks, results)
     manifests = [counts for counts, _ in results]
@@ -309,6 +346,10 @@ def ingest(source: str, output_uri: str, config: IngestConfig | None = None) -> 
         events_uri=storage.to_uri(out_fs, events_path),
         rejects_uri=rejects_uri,
         empty_files=empty,
+        layout=layout,
+        layout_reason=layout_reason,
+        user_key=config.user_key,
+        session_users=sum(m["session_users"] for m in manifests),
     )
     storage.write_atomic(
         out_fs, f"{out_path}/ingest_report.json", json.dumps(asdict(report), indent=2).encode()
@@ -316,7 +357,13 @@ def ingest(source: str, output_uri: str, config: IngestConfig | None = None) -> 
     _check(report, config.max_reject_fraction)
     # Last: only a finished, accepted ingest is marked complete (features refuse any other).
     storage.mark_complete(report.events_uri)
-    log.info("ingest done: %d events, %d rejects in %.1fs", n_events, n_rejects, report.seconds)
+    log.info(
+        "ingest done: %d events (%d with the session as user), %d rejects in %.1fs",
+        n_events,
+        report.session_users,
+        n_rejects,
+        report.seconds,
+    )
     return report
 
 

@@ -1,9 +1,12 @@
 """Parse and validate one block of clickstream bytes into typed events and counted rejects.
 
-A block is a run of whole lines from one file. The fast path hands the block to pyarrow's C++
-JSON/CSV readers and validates with vectorised compute; only when pyarrow refuses a block does
-it bisect to the offending lines and explain each one in Python, so bad records cost time in
-proportion to how many there are, and good ones are never dropped with them.
+A block is a run of whole lines from one file, read as its Layout says (layouts.py): one path
+for every layout. The fast path hands the block to pyarrow's C++ JSON/CSV readers (ids as
+int64, events dictionary-encoded, epochs and formatted times converted by the reader) and
+validates with vectorised compute. Only when pyarrow refuses a block does it fall back: CSV
+re-reads the block as text and explains each bad value; JSON bisects to the offending lines and
+explains each in Python. Bad records cost time in proportion to how many there are, and good
+ones are never dropped with them.
 """
 
 from __future__ import annotations
@@ -14,26 +17,23 @@ import json
 from dataclasses import dataclass
 
 import numpy as np
+import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pcsv
 import pyarrow.json as pjson
 
-from flyray.clickstream.schema import (
-    EVENT_ALIASES,
-    EVENT_CODE,
-    EVENTS_SCHEMA,
-    FIELD_ALIASES,
-    ID_FIELDS,
-    REQUIRED_FIELDS,
-)
+from flyray.clickstream.layouts import PRESETS, TIME_UNITS, Layout, first_line, resolve
+from flyray.clickstream.schema import EVENTS_SCHEMA
 
-_JSON_SCHEMA = pa.schema(
-    [("user_id", pa.int64()), ("item_id", pa.int64()), ("event_type", pa.string())]
-)
 _INT64_MAX = 2**63 - 1
 _ISO_RE = r"^\d{4}-\d{2}-\d{2}[T ]\d{2}:\d{2}:\d{2}(\.\d{1,9})?(Z|[+-]\d{2}:?\d{2})?$"
-_EPOCH_RE = r"^\d{9,13}(\.\d+)?$"
+_EPOCH_RE = r"^\d{9,13}(\.\d+)?$"  # auto: an epoch in seconds or milliseconds
+_NUMBER_RE = r"^\d+(\.\d+)?$"  # an epoch in the layout's time_unit
+_ZONED_RE = r"(Z|[+-]\d{2}:?\d{2})$"
+# Users made from sessions (layouts without a user, anonymous sessions) get ids from here up,
+# apart from the real user ids of the same file.
+SESSION_USER_BASE = 1 << 62
 _RAW_KEEP = 65_536  # characters of a rejected line kept in rejects.parquet
 _SMALL = 16  # below this many lines a failing chunk is explained line by line
 _WS = np.frombuffer(b" \t\r\n", dtype=np.uint8)
@@ -49,6 +49,7 @@ class BlockResult:
     reject_fields: list[str | None]
     reject_details: list[str]
     reject_raw: list[str]
+    session_users: int = 0  # events kept whose user is their session
 
     @property
     def n_rejects(self) -> int:
@@ -120,61 +121,64 @@ def nonblank_lines(data: bytes, fmt: str) -> tuple[np.ndarray, np.ndarray, np.nd
 # ----------------------------------------------------------------------------------- JSON lines
 
 
-def _explain_json_line(text: bytes) -> tuple[str, str | None, str] | None:
-    """Why pyarrow refused this line, or None when the line is valid on its own."""
+def _explain_json_line(text: bytes, layout: Layout) -> tuple[str, str | None, str] | None:
+    """Why pyarrow refused this line, or None when the line is valid on its own. Missing
+    values are not pyarrow's concern: validation names them (a session may stand in)."""
     try:
         obj = json.loads(text)
     except ValueError as exc:
         return "malformed_line", None, f"invalid JSON: {exc}"
     if not isinstance(obj, dict):
         return "malformed_line", None, f"expected a JSON object, got {type(obj).__name__}"
-    for field in REQUIRED_FIELDS:
-        if obj.get(field) is None:
-            return "missing_field", field, f"'{field}' is missing or null"
-    for field in ID_FIELDS:
-        value = obj[field]
+    for field, key in (("user_id", layout.user), ("item_id", layout.item)):
+        value = obj.get(key) if key else None
+        if value is None:
+            continue
         if isinstance(value, bool) or not isinstance(value, int) or abs(value) > _INT64_MAX:
-            return "wrong_type", field, f"'{field}' must be a 64-bit integer, got {value!r}"
-    if not isinstance(obj["event_type"], str):
+            return (
+                "wrong_type",
+                field,
+                f"{_label(layout, field)} must be a 64-bit integer, got {value!r}",
+            )
+    event = obj.get(layout.event) if layout.event else None
+    if event is not None and not isinstance(event, str):
         return (
             "wrong_type",
             "event_type",
-            f"'event_type' must be a string, got {obj['event_type']!r}",
+            f"{_label(layout, 'event_type')} must be a string, got {event!r}",
         )
-    ts = obj["timestamp"]
-    if isinstance(ts, bool) or not isinstance(ts, (str, int, float)):
+    ts = obj.get(layout.timestamp)
+    if ts is not None and (isinstance(ts, bool) or not isinstance(ts, (str, int, float))):
         return "unparseable_timestamp", "timestamp", f"cannot read a timestamp from {ts!r}"
-    session = obj.get("session_id")
+    session = obj.get(layout.session) if layout.session else None
     if isinstance(session, (dict, list)):
-        return "wrong_type", "session_id", f"'session_id' must be text or a number, got {session!r}"
+        label = _label(layout, "session_id")
+        return "wrong_type", "session_id", f"{label} must be text or a number, got {session!r}"
     return None
 
 
-def _read_json(data: bytes) -> pa.Table:
+def _json_schema(layout: Layout) -> pa.Schema:
+    typed = {layout.event: pa.string(), layout.user: pa.int64(), layout.item: pa.int64()}
+    return pa.schema([(key, kind) for key, kind in typed.items() if key])
+
+
+def _read_json(data: bytes, layout: Layout, use_threads: bool = False) -> pa.Table:
+    block = {} if use_threads else {"block_size": max(1 << 20, len(data) + 1)}
     return pjson.read_json(
         io.BytesIO(data),
-        read_options=pjson.ReadOptions(use_threads=False, block_size=max(1 << 20, len(data) + 1)),
+        read_options=pjson.ReadOptions(use_threads=use_threads, **block),
         parse_options=pjson.ParseOptions(
-            explicit_schema=_JSON_SCHEMA, unexpected_field_behavior="infer"
+            explicit_schema=_json_schema(layout), unexpected_field_behavior="infer"
         ),
     )
 
 
 def _parse_json(
-    data: bytes, rejects: _Rejects, use_threads: bool
+    data: bytes, rejects: _Rejects, use_threads: bool, layout: Layout
 ) -> list[tuple[pa.Table, np.ndarray | int]]:
     """Tables with the line indices they came from (an int k: the nonblank lines from the k-th)."""
     try:
-        if use_threads:
-            table = pjson.read_json(
-                io.BytesIO(data),
-                parse_options=pjson.ParseOptions(
-                    explicit_schema=_JSON_SCHEMA, unexpected_field_behavior="infer"
-                ),
-            )
-        else:
-            table = _read_json(data)
-        return [(table, 0)]
+        return [(_read_json(data, layout, use_threads), 0)]
     except pa.ArrowInvalid:
         pass
     idx, starts, ends = nonblank_lines(data, "jsonl")
@@ -184,7 +188,7 @@ def _parse_json(
     def bisect(lo: int, hi: int) -> None:
         if hi - lo > _SMALL:
             try:
-                out.append((_read_json(b"\n".join(lines[lo:hi])), idx[lo:hi]))
+                out.append((_read_json(b"\n".join(lines[lo:hi]), layout), idx[lo:hi]))
                 return
             except pa.ArrowInvalid:
                 mid = (lo + hi) // 2
@@ -192,10 +196,10 @@ def _parse_json(
                 bisect(mid, hi)
                 return
         for k in range(lo, hi):
-            why = _explain_json_line(lines[k])
+            why = _explain_json_line(lines[k], layout)
             if why is None:
                 try:
-                    out.append((_read_json(lines[k]), idx[k : k + 1]))
+                    out.append((_read_json(lines[k], layout), idx[k : k + 1]))
                     continue
                 except pa.ArrowInvalid as exc:
                     why = ("malformed_line", None, str(exc))
@@ -208,30 +212,54 @@ def _parse_json(
 # ------------------------------------------------------------------------------------------ CSV
 
 
+def _read_csv(
+    data: bytes, layout: Layout, has_header: bool, use_threads: bool, typed: bool, on_invalid
+) -> pa.Table:
+    """The layout's columns; typed: converted by the reader (fails on any bad value), else text."""
+    used = list(dict.fromkeys(layout.fields().values()))
+    types = {name: pa.string() for name in used}
+    parsers = []
+    if typed:
+        for name in (layout.user, layout.item, layout.time_offset):
+            if name:
+                types[name] = pa.int64()
+        if layout.event:
+            types[layout.event] = pa.dictionary(pa.int32(), pa.string())
+        if layout.time_format:
+            types[layout.timestamp] = pa.timestamp("us")
+            parsers = [layout.time_format]
+        elif layout.time_unit in TIME_UNITS:
+            types[layout.timestamp] = pa.int64()
+    return pcsv.read_csv(
+        io.BytesIO(data),
+        read_options=pcsv.ReadOptions(
+            column_names=layout.columns, skip_rows=1 if has_header else 0, use_threads=use_threads
+        ),
+        parse_options=pcsv.ParseOptions(delimiter=layout.delimiter, invalid_row_handler=on_invalid),
+        convert_options=pcsv.ConvertOptions(
+            column_types=types,
+            include_columns=used,
+            null_values=["", *layout.missing],
+            strings_can_be_null=True,
+            timestamp_parsers=parsers or None,
+        ),
+    )
+
+
 def _parse_csv(
-    data: bytes,
-    rejects: _Rejects,
-    use_threads: bool,
-    column_names: list[str],
-    has_header: bool,
+    data: bytes, rejects: _Rejects, use_threads: bool, layout: Layout, has_header: bool
 ) -> list[tuple[pa.Table, np.ndarray | int]]:
-    wanted = {name for names in FIELD_ALIASES.values() for name in names} & set(column_names)
     invalid: list[tuple[int | None, str]] = []
 
     def on_invalid(row) -> str:  # wrong number of columns: keep it, never drop it silently
         invalid.append((row.number, row.text))
         return "skip"
 
-    table = pcsv.read_csv(
-        io.BytesIO(data),
-        read_options=pcsv.ReadOptions(
-            column_names=column_names, skip_rows=1 if has_header else 0, use_threads=use_threads
-        ),
-        parse_options=pcsv.ParseOptions(invalid_row_handler=on_invalid),
-        convert_options=pcsv.ConvertOptions(
-            column_types={name: pa.string() for name in wanted}, include_columns=sorted(wanted)
-        ),
-    )
+    try:
+        table = _read_csv(data, layout, has_header, use_threads, True, on_invalid)
+    except pa.ArrowInvalid:  # a value the reader cannot convert: read text, explain each one
+        invalid.clear()
+        table = _read_csv(data, layout, has_header, use_threads, False, on_invalid)
     first = 1 if has_header else 0
     if not invalid:
         return [(table, first)]
@@ -251,30 +279,27 @@ def _parse_csv(
                     by_text.setdefault(text_j, []).append(j)
             k = by_text[text].pop(0)
         taken[k] = True
-        rejects.add(idx[k], "malformed_line", None, f"expected {len(column_names)} columns", text)
+        detail = f"expected {len(layout.columns)} columns separated by {layout.delimiter!r}"
+        rejects.add(idx[k], "malformed_line", None, detail, text)
     return [(table, idx[~taken])]
 
 
 # ----------------------------------------------------------------------------------- validation
 
 
-def _canonical(table: pa.Table) -> dict[str, pa.ChunkedArray | None]:
-    cols = {}
-    for field, names in FIELD_ALIASES.items():
-        cols[field] = next((table[n] for n in names if n in table.column_names), None)
-    return cols
-
-
-def _ids(col: pa.ChunkedArray, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+def _ids(
+    col: pa.ChunkedArray | None, n: int, missing_values: list[str]
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """(values, missing, wrong_type, negative) for an id column given as int64 or as text."""
-    if col is None:
+    if col is None or pa.types.is_null(col.type):
         return np.zeros(n, np.int64), np.ones(n, bool), np.zeros(n, bool), np.zeros(n, bool)
     if pa.types.is_integer(col.type):
         missing = col.is_null().to_numpy(zero_copy_only=False)
         values = col.fill_null(0).cast(pa.int64()).to_numpy()
         return values, missing, np.zeros(n, bool), values < 0
     text = pc.utf8_trim_whitespace(col.cast(pa.string()))
-    missing = pc.fill_null(pc.equal(text, ""), True).to_numpy(zero_copy_only=False)
+    absent = pc.or_(pc.equal(text, ""), pc.is_in(text, pa.array(missing_values, pa.string())))
+    missing = pc.fill_null(absent, True).to_numpy(zero_copy_only=False)
     is_int = pc.fill_null(pc.match_substring_regex(text, r"^-?\d{1,18}$"), False)
     is_int = is_int.to_numpy(zero_copy_only=False)
     values = pc.if_else(is_int, text, "0").cast(pa.int64()).to_numpy()
@@ -282,120 +307,214 @@ def _ids(col: pa.ChunkedArray, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarr
     return values, missing, wrong, values < 0
 
 
-def _timestamps(col: pa.ChunkedArray | None, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(epoch microseconds, missing, unparseable) from ISO-8601 text, REES46 text or epochs."""
-    if col is None:
+def _in_zone(naive_us: np.ndarray, zone: str) -> np.ndarray:
+    """Wall-clock microseconds in `zone` -> UTC microseconds."""
+    if zone == "UTC" or not len(naive_us):
+        return naive_us
+    local = pa.array(naive_us, pa.timestamp("us"))
+    utc = pc.assume_timezone(local, timezone=zone, ambiguous="earliest", nonexistent="earliest")
+    return utc.cast(pa.int64()).to_numpy()
+
+
+def _cast_text(text: pa.Array, zoned: bool) -> tuple[np.ndarray, np.ndarray]:
+    """(microseconds, ok) of ISO-8601 strings: zoned ones in UTC, others as wall-clock time."""
+    kind = pa.timestamp("us", tz="UTC") if zoned else pa.timestamp("us")
+    try:
+        return text.cast(kind).cast(pa.int64()).to_numpy(), np.ones(len(text), bool)
+    except pa.ArrowInvalid:  # a well-shaped but impossible date: settle it value by value
+        us, ok = np.zeros(len(text), np.int64), np.ones(len(text), bool)
+        for k in range(len(text)):
+            try:
+                us[k] = text[k : k + 1].cast(kind).cast(pa.int64())[0].as_py()
+            except pa.ArrowInvalid:
+                ok[k] = False
+        return us, ok
+
+
+def _timestamps(
+    col: pa.ChunkedArray | None, n: int, layout: Layout
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(epoch microseconds, missing, unparseable) as the layout's time_* settings say."""
+    if col is None or pa.types.is_null(col.type):
         return np.zeros(n, np.int64), np.ones(n, bool), np.zeros(n, bool)
     missing = col.is_null().to_numpy(zero_copy_only=False)
     if pa.types.is_timestamp(col.type):
-        us = col.cast(pa.timestamp("us", tz="UTC")).cast(pa.int64()).fill_null(0).to_numpy()
-        return us, missing, np.zeros(n, bool)
+        us = col.cast(pa.timestamp("us", tz=col.type.tz)).cast(pa.int64()).fill_null(0).to_numpy()
+        return (us if col.type.tz else _in_zone(us, layout.time_zone)), missing, np.zeros(n, bool)
     if pa.types.is_integer(col.type) or pa.types.is_floating(col.type):
-        secs = col.cast(pa.float64()).fill_null(0).to_numpy(zero_copy_only=False)
-        return _epoch_us(secs), missing, np.zeros(n, bool)
-    if pa.types.is_null(col.type):
-        return np.zeros(n, np.int64), np.ones(n, bool), np.zeros(n, bool)
-    text = pc.utf8_trim_whitespace(col.cast(pa.string()))
-    missing |= pc.fill_null(pc.equal(text, ""), False).to_numpy(zero_copy_only=False)
-    text = pc.replace_substring_regex(text, r" ?UTC$", "Z")
-    iso = pc.fill_null(pc.match_substring_regex(text, _ISO_RE), False)
-    zoned = pc.match_substring_regex(text, r"(Z|[+-]\d{2}:?\d{2})$")
-    text = pc.if_else(
-        pc.and_(iso, pc.invert(zoned)), pc.binary_join_element_wise(text, "Z", ""), text
-    )
+        return _epoch_us(col.fill_null(0).to_numpy(), layout.time_unit), missing, np.zeros(n, bool)
+    text = pc.utf8_trim_whitespace(col.cast(pa.string())).combine_chunks()
+    absent = pc.or_(pc.equal(text, ""), pc.is_in(text, pa.array(layout.missing, pa.string())))
+    missing |= pc.fill_null(absent, False).to_numpy(zero_copy_only=False)
     us = np.zeros(n, np.int64)
-    ok = iso.to_numpy(zero_copy_only=False)
-    if ok.any():
-        try:
-            parsed = pc.cast(pc.filter(text, iso), pa.timestamp("us", tz="UTC"))
-            us[ok] = parsed.cast(pa.int64()).to_numpy()
-        except pa.ArrowInvalid:  # a well-shaped but impossible date: settle it value by value
-            for k in np.flatnonzero(ok):
-                try:
-                    us[k] = pc.cast(pa.array([text[k].as_py()]), pa.timestamp("us", tz="UTC"))[
-                        0
-                    ].value
-                except pa.ArrowInvalid:
-                    ok[k] = False
-    epoch = pc.fill_null(pc.match_substring_regex(text, _EPOCH_RE), False)
-    epoch = epoch.to_numpy(zero_copy_only=False) & ~ok
+    if layout.time_format:
+        parsed = pc.strptime(text, format=layout.time_format, unit="us", error_is_null=True)
+        ok = parsed.is_valid().to_numpy(zero_copy_only=False)
+        us = parsed.cast(pa.int64()).fill_null(0).to_numpy().copy()
+        if parsed.type.tz is None:
+            us[ok] = _in_zone(us[ok], layout.time_zone)
+        return us, missing, ~missing & ~ok
+    if pc.any(pc.ends_with(text, "UTC")).as_py():  # REES46's "2019-10-01 00:00:00 UTC"
+        text = pc.replace_substring_regex(text, r" ?UTC$", "Z")
+    try:  # every value ISO-8601 with a zone: one cast, no pattern matching
+        us = text.cast(pa.timestamp("us", tz="UTC")).cast(pa.int64())
+        return us.fill_null(0).to_numpy(), missing, np.zeros(n, bool)
+    except pa.ArrowInvalid:
+        pass
+    iso = pc.fill_null(pc.match_substring_regex(text, _ISO_RE), False).to_numpy(
+        zero_copy_only=False
+    )
+    zoned = pc.fill_null(pc.match_substring_regex(text, _ZONED_RE), False)
+    zoned = zoned.to_numpy(zero_copy_only=False)
+    ok = np.zeros(n, bool)
+    for mask, with_zone in ((iso & zoned, True), (iso & ~zoned, False)):
+        if mask.any():
+            values, good = _cast_text(text.filter(pa.array(mask)), with_zone)
+            us[mask] = values if with_zone else _in_zone(values, layout.time_zone)
+            ok[mask] = good
+    pattern = _EPOCH_RE if layout.time_unit == "auto" else _NUMBER_RE
+    epoch = pc.fill_null(pc.match_substring_regex(text, pattern), False)
+    epoch = epoch.to_numpy(zero_copy_only=False) & ~iso
     if epoch.any():
-        secs = pc.filter(text, pa.array(epoch)).cast(pa.float64()).to_numpy()
-        us[epoch] = _epoch_us(secs)
-    return us, missing, ~missing & ~ok & ~epoch
+        numbers = text.filter(pa.array(epoch)).cast(pa.float64()).to_numpy()
+        us[epoch] = _epoch_us(numbers, layout.time_unit)
+        ok |= epoch
+    return us, missing, ~missing & ~ok
 
 
-def _epoch_us(secs: np.ndarray) -> np.ndarray:
-    """Epoch seconds, or milliseconds when the value is too large to be seconds."""
-    secs = np.where(secs > 1e11, secs / 1000.0, secs)
+def _epoch_us(values: np.ndarray, unit: str) -> np.ndarray:
+    """Epoch numbers in `unit`; auto: milliseconds when too large to be seconds, else seconds."""
+    if unit != "auto":
+        if values.dtype.kind in "iu":
+            return values.astype(np.int64) * TIME_UNITS[unit]
+        return np.round(values * TIME_UNITS[unit]).astype(np.int64)
+    secs = np.where(values > 1e11, values / 1000.0, values)
     return np.round(secs * 1e6).astype(np.int64)
 
 
-def _event_codes(col: pa.ChunkedArray | None, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(int8 code, missing, unknown) after lower-casing and mapping known aliases."""
-    if col is None:
+def _event_codes(
+    col: pa.ChunkedArray | None, n: int, layout: Layout
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(int8 code, missing, unknown) through the layout's event map; names are looked up once
+    per distinct value (a dictionary), not once per row."""
+    if not layout.event:  # every row is a view
+        return np.zeros(n, np.int8), np.zeros(n, bool), np.zeros(n, bool)
+    if col is None or pa.types.is_null(col.type):
         return np.zeros(n, np.int8), np.ones(n, bool), np.zeros(n, bool)
-    text = pc.utf8_lower(pc.utf8_trim_whitespace(col.cast(pa.string())))
-    missing = pc.fill_null(pc.equal(text, ""), True).to_numpy(zero_copy_only=False)
-    encoded = text.combine_chunks().dictionary_encode() if n else pa.array([], pa.string())
-    if not n:
-        return np.zeros(0, np.int8), missing, np.zeros(0, bool)
-    lookup = np.array(
-        [EVENT_CODE.get(EVENT_ALIASES.get(v, v), -1) for v in encoded.dictionary.to_pylist()]
-        + [-1],
-        dtype=np.int8,
-    )
-    indices = encoded.indices.fill_null(len(lookup) - 1).to_numpy(zero_copy_only=False)
-    codes = lookup[indices]
-    return np.maximum(codes, 0), missing, ~missing & (codes < 0)
+    lookup = layout.event_lookup()
+    absent = {"", *(v.strip().lower() for v in layout.missing)}
+    codes = np.empty(n, np.int16)
+    pos = 0
+    for chunk in col.chunks:
+        if not pa.types.is_dictionary(chunk.type):
+            chunk = chunk.cast(pa.string()).dictionary_encode()
+        names = [str(v).strip().lower() for v in chunk.dictionary.to_pylist()]
+        table = np.array([-2 if v in absent else lookup.get(v, -1) for v in names] + [-2], np.int16)
+        indices = chunk.indices.fill_null(len(names)).to_numpy(zero_copy_only=False)
+        codes[pos : pos + len(chunk)] = table[indices]
+        pos += len(chunk)
+    return np.maximum(codes, 0).astype(np.int8), codes == -2, codes == -1
+
+
+def session_user_ids(sessions: pa.Array) -> np.ndarray:
+    """User ids for sessions that stand in for users: SESSION_USER_BASE + the session number,
+    or + a 62-bit hash of a session id that is not a number (pandas' fixed-key SipHash, the
+    same on every worker and run)."""
+    try:  # the common case, numbered sessions: one cast, no pattern matching
+        numbers = sessions.cast(pa.int64()).to_numpy()
+        if len(numbers) and numbers.min() >= 0 and numbers.max() < 10**18:
+            return numbers + SESSION_USER_BASE
+    except pa.ArrowInvalid:
+        pass
+    is_number = pc.fill_null(pc.match_substring_regex(sessions, r"^\d{1,18}$"), False)
+    ids = pc.if_else(is_number, sessions, "0").cast(pa.int64()).to_numpy() + SESSION_USER_BASE
+    others = ~is_number.to_numpy(zero_copy_only=False)
+    if others.any():
+        text = np.asarray(sessions.filter(pa.array(others)).to_pylist(), dtype=object)
+        hashed = pd.util.hash_array(text) & np.uint64((1 << 62) - 1)
+        ids[others] = SESSION_USER_BASE + hashed.astype(np.int64)
+    return ids
+
+
+def _label(layout: Layout, field: str) -> str:
+    """How messages name a field: its source column, and the canonical name when they differ."""
+    column = layout.fields().get(field, field)
+    return f"'{field}'" if column == field else f"'{column}' ({field})"
 
 
 def _validate(
-    table: pa.Table, lines: np.ndarray | int, rejects: _Rejects, data: bytes, fmt: str
-) -> pa.Table:
+    table: pa.Table,
+    lines: np.ndarray | int,
+    rejects: _Rejects,
+    data: bytes,
+    layout: Layout,
+    user_key: str,
+) -> tuple[pa.Table, int]:
     n = table.num_rows
-    cols = _canonical(table)
-    users, u_missing, u_wrong, u_neg = _ids(cols["user_id"], n)
-    items, i_missing, i_wrong, i_neg = _ids(cols["item_id"], n)
-    codes, e_missing, e_unknown = _event_codes(cols["event_type"], n)
-    us, t_missing, t_bad = _timestamps(cols["timestamp"], n)
-    session = cols["session_id"]
+    cols = {
+        field: table[name] if name in table.column_names else None
+        for field, name in layout.fields().items()
+    }
+    by_session = user_key == "session" or not layout.user
+    if by_session:
+        users, u_missing = np.zeros(n, np.int64), np.ones(n, bool)
+        u_wrong, u_neg = np.zeros(n, bool), np.zeros(n, bool)
+    else:
+        users, u_missing, u_wrong, u_neg = _ids(cols.get("user_id"), n, layout.missing)
+    items, i_missing, i_wrong, i_neg = _ids(cols.get("item_id"), n, layout.missing)
+    codes, e_missing, e_unknown = _event_codes(cols.get("event_type"), n, layout)
+    us, t_missing, t_bad = _timestamps(cols.get("timestamp"), n, layout)
+    o_missing = o_bad = np.zeros(n, bool)
+    if layout.time_offset:
+        offset, o_missing, o_wrong, o_neg = _ids(cols.get("time_offset"), n, layout.missing)
+        us = us + offset * TIME_UNITS[layout.time_offset_unit]
+        o_bad = o_wrong | o_neg
+    session = cols.get("session_id")
     nested = session is not None and pa.types.is_nested(session.type)  # objects or lists
-    s_wrong = np.full(n, nested)
+    if session is None or nested:
+        session = pa.chunked_array([pa.nulls(n, pa.string())])
+    session = session.cast(pa.string())
+    s_text = pc.utf8_trim_whitespace(session).combine_chunks()
+    s_absent = pc.or_(pc.equal(s_text, ""), pc.is_in(s_text, pa.array(layout.missing, pa.string())))
+    s_present = ~pc.fill_null(s_absent, True).to_numpy(zero_copy_only=False)
+    fallback = u_missing & s_present  # the session stands in for the user
+    if fallback.any():
+        users = users.copy()  # a view of the arrow buffer is read-only
+        users[fallback] = session_user_ids(s_text.filter(pa.array(fallback)))
+        u_missing = u_missing & ~fallback
     checks = [  # first failing check names the reject, in this order
-        (u_missing, "missing_field", "user_id"),
+        (u_missing, "missing_field", "session_id" if by_session else "user_id"),
         (i_missing, "missing_field", "item_id"),
         (e_missing, "missing_field", "event_type"),
         (t_missing, "missing_field", "timestamp"),
+        (o_missing, "missing_field", "time_offset"),
         (u_wrong, "wrong_type", "user_id"),
         (i_wrong, "wrong_type", "item_id"),
         (u_neg, "negative_id", "user_id"),
         (i_neg, "negative_id", "item_id"),
         (e_unknown, "unknown_event_type", "event_type"),
         (t_bad, "unparseable_timestamp", "timestamp"),
-        (s_wrong, "wrong_type", "session_id"),
+        (o_bad, "unparseable_timestamp", "time_offset"),
+        (np.full(n, nested), "wrong_type", "session_id"),
     ]
     bad = np.zeros(n, bool)
     for mask, _, _ in checks:
         bad |= mask
     if bad.any():
-        spans = nonblank_lines(data, fmt)
+        spans = nonblank_lines(data, layout.format)
         line_of = spans[0][lines:] if isinstance(lines, int) else lines
         line_start = dict(zip(spans[0].tolist(), spans[1].tolist(), strict=True))
         line_end = dict(zip(spans[0].tolist(), spans[2].tolist(), strict=True))
         taken = np.zeros(n, bool)
         for mask, reason, field in checks:
             for k in np.flatnonzero(mask & ~taken):
-                value = cols[field][int(k)].as_py() if cols[field] is not None else None
-                detail = _detail(reason, field, value)
+                value = cols[field][int(k)].as_py() if cols.get(field) is not None else None
+                detail = _detail(reason, field, value, layout, by_session)
                 ln = int(line_of[k])
                 rejects.add(ln, reason, field, detail, data[line_start[ln] : line_end[ln]])
             taken |= mask
     good = ~bad
-    if session is None or nested:
-        session = pa.nulls(n, pa.string())
-    session = session.cast(pa.string())
-    return pa.table(
+    events = pa.table(
         {
             "user_id": users[good],
             "item_id": items[good],
@@ -405,41 +524,73 @@ def _validate(
         },
         schema=EVENTS_SCHEMA,
     )
+    return events, int((fallback & good).sum())
 
 
-def _detail(reason: str, field: str, value: object) -> str:
+def _detail(reason: str, field: str, value: object, layout: Layout, by_session: bool) -> str:
+    label = _label(layout, field)
+    if reason == "missing_field" and field == "user_id" and layout.session:
+        return f"{label} is missing or empty, and so is {_label(layout, 'session_id')}"
     if reason == "missing_field":
-        return f"'{field}' is missing or empty"
+        return f"{label} is missing or empty"
     if reason == "wrong_type" and field == "session_id":
-        return f"'session_id' must be text or a number, got {value!r}"
+        return f"{label} must be text or a number, got {value!r}"
     if reason == "wrong_type":
-        return f"'{field}' must be an integer, got {value!r}"
+        return f"{label} must be an integer, got {value!r}"
     if reason == "negative_id":
-        return f"'{field}' must be >= 0, got {value!r}"
+        return f"{label} must be >= 0, got {value!r}"
     if reason == "unknown_event_type":
-        return f"'{value}' is not one of view, cart, remove_from_cart, purchase (or an alias)"
-    return f"cannot read a timestamp from {value!r} (ISO-8601, '... UTC' or epoch seconds)"
+        return (
+            f"{label} {value!r} is not one of view, cart, remove_from_cart, purchase, an alias "
+            "or a name in the layout's events map"
+        )
+    if field == "time_offset":
+        return f"{label} must be a whole number of {layout.time_offset_unit} >= 0, got {value!r}"
+    if layout.time_format:
+        expected = f"format {layout.time_format!r}"
+    elif layout.time_unit != "auto":
+        expected = f"ISO-8601 or epoch {layout.time_unit}"
+    else:
+        expected = "ISO-8601, '... UTC' or epoch seconds"
+    return f"cannot read a timestamp from {value!r} ({expected})"
 
 
 def parse_block(
     data: bytes,
-    fmt: str,
+    layout: Layout | str,
     *,
-    column_names: list[str] | None = None,
-    has_header: bool = False,
+    has_header: bool | None = None,
     use_threads: bool = False,
+    user_key: str = "user",
 ) -> BlockResult:
-    """Parse whole lines of one file. Line numbers in the result are 0-based within `data`."""
+    """Parse whole lines of one file. Line numbers in the result are 0-based within `data`.
+
+    `layout` is resolved (layouts.resolve), or a preset name, then resolved here against the
+    block's first line (the block being a whole file). `has_header`: the block starts with the
+    header line (default: whether the layout has one).
+    """
     rejects = _Rejects()
     data = _drop_invalid_utf8(data, rejects)
-    if fmt == "jsonl":
-        parts = _parse_json(data, rejects, use_threads)
+    if isinstance(layout, str):
+        layout = resolve(PRESETS[layout], first_line(data), "<block>")
+    if has_header is None:
+        has_header = layout.format == "csv" and layout.header
+    if layout.format == "jsonl":
+        parts = _parse_json(data, rejects, use_threads, layout)
     else:
-        parts = _parse_csv(data, rejects, use_threads, column_names or [], has_header)
-    tables = []
+        parts = _parse_csv(data, rejects, use_threads, layout, has_header)
+    tables, session_users = [], 0
     for table, lines in parts:
-        tables.append(_validate(table, lines, rejects, data, fmt))
+        events, fallback = _validate(table, lines, rejects, data, layout, user_key)
+        tables.append(events)
+        session_users += fallback
     events = pa.concat_tables(tables) if tables else EVENTS_SCHEMA.empty_table()
     return BlockResult(
-        events, rejects.lines, rejects.reasons, rejects.fields, rejects.details, rejects.raw
+        events,
+        rejects.lines,
+        rejects.reasons,
+        rejects.fields,
+        rejects.details,
+        rejects.raw,
+        session_users,
     )

@@ -26,6 +26,10 @@ class IngestReport:
     events_uri: str
     rejects_uri: str
     empty_files: list[str] = field(default_factory=list)
+    layout: str = ""  # the layout(s) the files were read with (layouts.py)
+    layout_reason: str = ""  # why: the config named it, or what `auto` saw in the first line
+    user_key: str = "user"
+    session_users: int = 0  # events whose user is their session (no user column or value)
 
 
 @dataclass
@@ -55,6 +59,8 @@ class DataProfile:
 def ingest_deck(report: IngestReport, fingerprint: str, first_rejects: list[dict]) -> list[str]:
     facts = {
         "source": report.source, "fingerprint": fingerprint[:16], "files": report.files,
+        "layout": report.layout, "why this layout": report.layout_reason,
+        "user key": report.user_key, "events with the session as user": report.session_users,
         "bytes": report.bytes, "events": report.events, "rejects": report.rejects,
         "reject fraction": report.reject_fraction, "seconds": report.seconds,
         "rejects file": report.rejects_uri,

@@ -1,4 +1,6 @@
-"""The clickstream contract: accepted layouts, canonical event types and reject reasons."""
+"""The clickstream contract: canonical event types and fields, reject reasons, file names.
+
+Where these fields sit in a source file is a Layout (layouts.py)."""
 
 from __future__ import annotations
 
@@ -19,8 +21,8 @@ EVENT_ALIASES: dict[str, str] = {
     "buy": "purchase",
 }
 
-# Canonical field -> accepted source column names, in order of preference. (a) is the JSON lines
-# layout of the original clickstream.json; (b) is REES46's CSV layout.
+# Canonical field -> source column names that `auto` accepts for it in a header or in the first
+# JSON record, in order of preference: the JSON lines keys, then REES46's names.
 FIELD_ALIASES: dict[str, tuple[str, ...]] = {
     "user_id": ("user_id",),
     "item_id": ("item_id", "product_id"),
@@ -62,15 +64,10 @@ REJECTS_SCHEMA = pa.schema(
 )
 
 JSON_SUFFIXES = (".jsonl", ".json", ".ndjson", ".jsonl.gz", ".json.gz", ".ndjson.gz")
-CSV_SUFFIXES = (".csv", ".csv.gz")
+# .dat: YooChoose's yoochoose-clicks.dat; .tsv: tab-separated exports.
+CSV_SUFFIXES = (".csv", ".csv.gz", ".dat", ".dat.gz", ".tsv", ".tsv.gz")
 INPUT_SUFFIXES = JSON_SUFFIXES + CSV_SUFFIXES
 
 
-def detect_format(path: str) -> str:
-    """'jsonl' or 'csv' from the file name; anything else is refused with the accepted names."""
-    lower = path.lower()
-    if lower.endswith(JSON_SUFFIXES):
-        return "jsonl"
-    if lower.endswith(CSV_SUFFIXES):
-        return "csv"
-    raise ValueError(f"{path}: unknown input format; expected one of {', '.join(INPUT_SUFFIXES)}")
+class IngestError(ValueError):
+    """Input that cannot be ingested: the message names the file, the counts and what to do."""
