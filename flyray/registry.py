@@ -132,16 +132,24 @@ class RunRecord:
     files: list[str] = field(default_factory=list)  # local files logged as artifacts
 
     def log(self) -> None:
-        """Into the active MLflow run (NaN metrics are left out: MLflow cannot plot them)."""
+        """Into the active MLflow run, all but the final metrics (`log_metrics`, once the model
+        is logged)."""
         if self.params:
             mlflow.log_params(self.params)
         for step, values in sorted(self.curves.items()):
             mlflow.log_metrics({k: v for k, v in values.items() if v == v}, step=step)
-        mlflow.log_metrics({k: float(v) for k, v in self.metrics.items() if v == v})
         for name, content in self.documents.items():
             mlflow.log_dict(content, name)
         for path in self.files:
             mlflow.log_artifact(path)
+
+    def log_metrics(self, model_id: str) -> None:
+        """The final metrics into the active run and onto the logged model `model_id` (its
+        LoggedModel metrics, which the registry shows on the model version). NaN metrics are
+        left out: MLflow cannot plot them."""
+        mlflow.log_metrics(
+            {k: float(v) for k, v in self.metrics.items() if v == v}, model_id=model_id
+        )
 
 
 @dataclass
@@ -323,11 +331,13 @@ def register(
         candidate.record.log()
         conflict = _other_task(client, config, identity)
         if conflict:
-            candidate.log_model(None)  # kept in the run, so nothing trained is lost
+            info = candidate.log_model(None)  # kept in the run, so nothing trained is lost
+            candidate.record.log_metrics(info.model_id)
             decision = GateDecision(config.model_name, "", config.metric, value, False, conflict)
             log.warning("registry: %s", conflict)
         else:
             info = candidate.log_model(config.model_name)
+            candidate.record.log_metrics(info.model_id)
             version = str(info.registered_model_version)
             for tag, text in task_tags.items():
                 client.set_model_version_tag(config.model_name, version, tag, text)

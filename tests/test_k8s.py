@@ -1,115 +1,95 @@
-"""k8s/ without a cluster: every manifest renders and validates against its schema.
-
-Kubernetes objects: the kubernetes-validate package's strict JSON schemas for Kubernetes
-K8S_VERSION. RayCluster/RayJob: KubeRay's ray.io/v1 schema, vendored under tests/data/ for the
-operator version the Makefile pins. The Ray pods that Flyte's Ray tasks ask for are checked too.
+"""k8s/ and the Ray jobs of the registered tasks, without a cluster (what `make cluster-check`
+runs, k8s/check.py): every manifest renders and validates against its schema, Kubernetes
+objects against the kubernetes-validate package's strict schemas, Ray objects against the CRDs of
+the KubeRay version the Makefile pins (vendored in tests/data/kuberay-v<version>/). Also what
+registration fixes into the tasks and launch plans for the cluster: timeouts, interruptible,
+GPU scheduling and the nightly failure notification.
 """
 
 from __future__ import annotations
 
 import copy
-import importlib.util
 import json
+import os
 import re
 import subprocess
 import sys
-from pathlib import Path
 
 import jsonschema
-import kubernetes_validate
 import pytest
 import yaml
-from referencing import Registry, Resource
+from conftest import REPO
 
-from tests.conftest import REPO
-from tests.test_serialization import SETTINGS, workflow_entities
+from k8s import check, render
 
-K8S_VERSION = "1.30"
-KUBERAY_VERSION = re.search(r"^KUBERAY_VERSION\s*:=\s*(\S+)", (REPO / "Makefile").read_text(),
-                            re.M).group(1)  # fmt: skip
-KUBERAY_SCHEMA = REPO / "tests" / "data" / f"kuberay-v{KUBERAY_VERSION}" / "ray.io_v1.schema.yaml"
-K8S_DEFS = "https://kubernetes.io/api/_definitions.json#/$defs/"
+KUBERAY_VERSION = check.kuberay_version()
 DUMMY_SECRETS = {
     "MINIO_ROOT_USER": "root-user-dummy",
     "MINIO_ROOT_PASSWORD": "root-password-dummy",
     "FLYRAY_S3_ACCESS_KEY": "access-key-dummy",
     "FLYRAY_S3_SECRET_KEY": "secret-key-dummy",
     "POSTGRES_PASSWORD": "postgres-password-dummy",
+    "FLYRAY_RAY_AUTH_TOKEN": "ray-token-dummy",
 }
-
-
-def _load_render():
-    spec = importlib.util.spec_from_file_location("k8s_render", REPO / "k8s" / "render.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-render = _load_render()
-
-
-def _registry() -> Registry:
-    defs = Path(kubernetes_validate.__file__).parent / "kubernetes-json-schema"
-    contents = json.loads(
-        (defs / f"v{K8S_VERSION}.0-local-strict" / "_definitions.json").read_text()
-    )
-    return Resource.from_contents(contents) @ Registry()
-
-
-REGISTRY = _registry()
-KUBERAY = yaml.safe_load(KUBERAY_SCHEMA.read_text())
-
-
-def validate_kuberay(doc: dict) -> None:
-    schema = {**KUBERAY["kinds"][doc["kind"]], "definitions": KUBERAY["definitions"]}
-    jsonschema.Draft202012Validator(schema, registry=REGISTRY).validate(doc)
-
-
-def validate_k8s(doc: dict) -> None:
-    if doc["apiVersion"] == "ray.io/v1":
-        validate_kuberay(doc)
-    else:
-        kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
-
-
-def validate_definition(name: str, value: dict) -> None:
-    """Validate against one Kubernetes type, e.g. io.k8s.api.core.v1.PodSpec."""
-    jsonschema.Draft202012Validator({"$ref": K8S_DEFS + name}, registry=REGISTRY).validate(value)
+validate_k8s = check.validate
 
 
 @pytest.fixture(scope="module")
 def manifests() -> list[dict]:
-    paths = [REPO / "k8s" / f for f in render.PLATFORM + render.STANDALONE]
-    return render.render(paths, env=DUMMY_SECRETS)
+    return [doc for _, doc in check.manifests(env=DUMMY_SECRETS)]
 
 
 @pytest.fixture(scope="module")
 def flyte_values() -> dict:
-    return yaml.safe_load((REPO / "k8s" / "helm" / "flyte-binary.values.yaml").read_text())
+    return check.flyte_values()
 
 
-def _cluster_resource_templates(values: dict) -> list[dict]:
-    """flyte-binary's per-namespace templates, as Flyte fills them for one namespace."""
-    inline = values["clusterResourceTemplates"]["inline"]
-    return [yaml.safe_load(t.replace("{{ namespace }}", "flyray-development"))
-            for t in inline.values()]  # fmt: skip
+@pytest.fixture(scope="module")
+def templates() -> dict:
+    """The registered task templates by short name (serialized once for the module)."""
+    return {t.id.name.split(".")[-1]: t for t in check.serialized_tasks()}
+
+
+def test_kuberay_is_pinned_at_1_7_everywhere(flyte_values):
+    assert KUBERAY_VERSION == "1.7.0"
+    folder = check.crd_dir()
+    assert {p.name for p in folder.glob("ray.io_*.yaml")} == {
+        "ray.io_rayclusters.yaml", "ray.io_rayjobs.yaml", "ray.io_rayservices.yaml"}  # fmt: skip
+    assert "v1.7.0" in (folder / "README.md").read_text()  # provenance
+    for path in folder.glob("ray.io_*.yaml"):
+        crd = yaml.safe_load(path.read_text())
+        assert crd["kind"] == "CustomResourceDefinition"
+        assert "v1" in [v["name"] for v in crd["spec"]["versions"] if v["served"]]
+    ours = yaml.safe_load((REPO / "k8s" / "helm" / "kuberay-operator.values.yaml").read_text())
+    chart = yaml.safe_load((folder / "kuberay-operator.values.yaml").read_text())
+    assert ours["image"]["tag"] == chart["image"]["tag"] == f"v{KUBERAY_VERSION}"
+    assert set(ours) <= set(chart), set(ours) - set(chart)  # every value is one the chart reads
+    assert ours["securityContext"]["runAsNonRoot"] is True
+    flyte = re.search(r"^FLYTE_VERSION\s*:=\s*(\S+)", (REPO / "Makefile").read_text(), re.M)
+    assert flyte.group(1) == "v1.16.9"  # its Ray plugin retries KubeRay's deployment failures
 
 
 def test_every_manifest_validates_against_its_schema(manifests, flyte_values):
     kinds = [d["kind"] for d in manifests]
     assert {"Namespace", "Secret", "ConfigMap", "PersistentVolumeClaim", "Deployment", "Service",
             "Job", "RayCluster", "RayJob"} <= set(kinds)  # fmt: skip
-    for doc in manifests + _cluster_resource_templates(flyte_values):
-        validate_k8s(doc)
+    for doc in manifests + check.cluster_resource_templates(flyte_values):
+        assert check.problems(doc) == [], doc["metadata"]["name"]
 
 
 @pytest.mark.parametrize(
     "kind, path, value, expected",
     [
         ("RayCluster", ["spec", "workerGroupSpecs", 0, "replicas"], "two", "is not of type"),
+        ("RayCluster", ["spec", "workerGroupSpecs", 0, "replicas"], 9, "outside"),
         ("RayCluster", ["spec", "headGroupSpec", "rayStartParams", "num-cpus"], 0, "not of type"),
         ("RayCluster", ["spec", "headGroupSpec", "replicas"], 1, "Additional properties"),
+        ("RayCluster", ["spec", "authOptions", "mode"], "password", "is not one of"),
+        ("RayCluster", ["spec", "authOptions", "token"], "abc", "Additional properties"),
         ("RayJob", ["spec", "submissionMode"], "K8sJob", "is not one of"),
+        ("RayJob", ["spec", "preRunningDeadlineSeconds"], 0, "less than the minimum"),
+        ("RayJob", ["spec", "activeDeadlineSeconds"], 2**40, "greater than the maximum"),
+        ("RayJob", ["spec", "shutdownAfterJobFinishes"], True, "not allowed with clusterSelector"),
         ("Deployment", ["spec", "template", "spec", "containers", 0, "resources", "limit"], {},
          "Additional properties"),
         ("Service", ["spec", "ports", 0, "port"], "5000x", "is not of type"),
@@ -128,8 +108,7 @@ def test_the_schemas_reject_broken_manifests(manifests, kind, path, value, expec
 def test_a_rayjob_must_bring_or_select_a_cluster(manifests):
     job = copy.deepcopy(next(d for d in manifests if d["kind"] == "RayJob"))
     del job["spec"]["clusterSelector"]
-    with pytest.raises(jsonschema.ValidationError):
-        validate_kuberay(job)
+    assert check.problems(job) == ["spec: one of rayClusterSpec or clusterSelector must be set"]
 
 
 def _pod_specs(doc: dict) -> list[dict]:
@@ -164,7 +143,7 @@ def test_every_pod_is_non_root_and_bounded(manifests, flyte_values):
     for name, pod in pods:
         _assert_hardened(pod, name)
     [task_defaults] = [
-        d for d in _cluster_resource_templates(flyte_values) if d["kind"] == "PodTemplate"
+        d for d in check.cluster_resource_templates(flyte_values) if d["kind"] == "PodTemplate"
     ]
     # Flyte merges the task's own resources into its pods, so the default template sets none.
     _assert_hardened(_pod_specs(task_defaults)[0], "flyray-task-defaults", needs_resources=False)
@@ -178,6 +157,25 @@ def test_nothing_is_exposed_outside_the_cluster(manifests, flyte_values):
     assert cluster["spec"]["headGroupSpec"]["serviceType"] == "ClusterIP"
     assert cluster["spec"]["headGroupSpec"]["enableIngress"] is False
     assert flyte_values["configuration"]["inline"]["plugins"]["ray"]["serviceType"] == "ClusterIP"
+
+
+def test_the_standalone_cluster_takes_its_ray_token_from_a_secret(manifests):
+    """Token authentication on (authOptions), the token from the flyray-ray-auth Secret, filled
+    only from the environment; no Ray object names the token itself."""
+    [cluster] = [d for d in manifests if d["kind"] == "RayCluster"]
+    auth = cluster["spec"]["authOptions"]
+    assert auth == {"mode": "token", "secretName": "flyray-ray-auth"}
+    [secret] = [d for d in manifests if d["kind"] == "Secret"
+                and d["metadata"]["name"] == auth["secretName"]]  # fmt: skip
+    assert secret["metadata"]["namespace"] == cluster["metadata"]["namespace"]
+    assert secret["stringData"] == {"auth_token": "ray-token-dummy"}  # the key KubeRay reads
+    for doc in manifests:
+        if doc["apiVersion"] == "ray.io/v1":
+            assert "ray-token-dummy" not in json.dumps(doc), doc["kind"]
+            assert "RAY_AUTH_TOKEN" not in json.dumps(doc), doc["kind"]  # KubeRay injects it
+    [job] = [d for d in manifests if d["kind"] == "RayJob"]
+    assert job["spec"]["preRunningDeadlineSeconds"] <= 3600  # a job stuck before running fails
+    assert job["spec"]["activeDeadlineSeconds"] > job["spec"]["preRunningDeadlineSeconds"]
 
 
 def test_secret_templates_hold_no_values():
@@ -219,14 +217,14 @@ def test_rendering_fills_secrets_only_from_the_environment(manifests):
 
 def test_render_refuses_a_missing_secret_and_prints_no_value(tmp_path):
     env = {**DUMMY_SECRETS, "PATH": "/usr/bin:/bin"}
-    del env["POSTGRES_PASSWORD"]
+    del env["FLYRAY_RAY_AUTH_TOKEN"]
     proc = subprocess.run(
         [sys.executable, str(REPO / "k8s" / "render.py"), "platform"],
         env=env, capture_output=True, text=True, cwd=tmp_path, timeout=120,
     )  # fmt: skip
     assert proc.returncode == 2
     assert proc.stdout == ""
-    assert "POSTGRES_PASSWORD is not set" in proc.stderr
+    assert "FLYRAY_RAY_AUTH_TOKEN is not set" in proc.stderr
     assert not [v for v in DUMMY_SECRETS.values() if v in proc.stderr]
 
 
@@ -250,7 +248,7 @@ def test_standalone_cluster_matches_the_flyte_ray_settings(manifests):
     )
 
 
-def test_helm_values_enable_the_ray_plugin_and_pin_kuberay(flyte_values):
+def test_helm_values_enable_the_ray_plugin(flyte_values):
     tasks = flyte_values["configuration"]["inline"]["tasks"]["task-plugins"]
     assert "ray" in tasks["enabled-plugins"]
     assert tasks["default-for-task-types"]["ray"] == "ray"
@@ -258,36 +256,194 @@ def test_helm_values_enable_the_ray_plugin_and_pin_kuberay(flyte_values):
     assert rule["resources"] == ["rayjobs"]
     assert {"create", "get", "list", "watch", "patch", "update", "delete"} <= set(rule["verbs"])
     k8s_plugin = flyte_values["configuration"]["inline"]["plugins"]["k8s"]
-    names = {d["metadata"]["name"] for d in _cluster_resource_templates(flyte_values)}
+    names = {d["metadata"]["name"] for d in check.cluster_resource_templates(flyte_values)}
     assert k8s_plugin["default-pod-template-name"] in names
-    kuberay = yaml.safe_load((REPO / "k8s" / "helm" / "kuberay-operator.values.yaml").read_text())
-    assert kuberay["image"]["tag"] == f"v{KUBERAY_VERSION}"
-    assert kuberay["securityContext"]["runAsNonRoot"] is True
     # No credential in Helm values: they come from the flyte-binary-secrets Secret.
     assert flyte_values["configuration"]["inlineSecretRef"] == "flyte-binary-secrets"
     text = (REPO / "k8s" / "helm" / "flyte-binary.values.yaml").read_text()
     assert not re.search(r"(password|secretKey|accessKey)\s*:", text)
 
 
-def test_the_ray_pods_of_every_flyte_task_are_valid_and_hardened():
-    from collections import OrderedDict
-
-    from flytekit.models.task import TaskSpec
-    from flytekit.tools.translator import get_serializable
-
-    out: OrderedDict = OrderedDict()
-    for entity in workflow_entities():
-        get_serializable(out, SETTINGS, entity)
-    ray_tasks = [v.template for v in out.values()
-                 if isinstance(v, TaskSpec) and v.template.type == "ray"]  # fmt: skip
-    assert len(ray_tasks) >= 5
-    for template in ray_tasks:
-        cluster = template.custom["rayCluster"]
-        groups = [cluster["headGroupSpec"], *cluster["workerGroupSpec"]]
-        for group in groups:
-            pod = group["k8sPod"]["podSpec"]
-            validate_definition("io.k8s.api.core.v1.PodSpec", pod)
+def test_the_ray_jobs_of_every_flyte_task_are_valid_and_hardened(templates):
+    """The RayJob Flyte creates for each registered Ray task validates against KubeRay 1.7's
+    RayJob CRD, and its pods against Kubernetes' PodSpec, non-root, with the k8s/ environment."""
+    jobs = check.flyte_ray_jobs(list(templates.values()))
+    assert len(jobs) >= 5
+    for template, job in jobs:
+        assert check.problems(job) == [], template.id.name
+        cluster = job["spec"]["rayClusterSpec"]
+        for group in [cluster["headGroupSpec"], *cluster["workerGroupSpecs"]]:
+            pod = group["template"]["spec"]
+            check.validate_definition("io.k8s.api.core.v1.PodSpec", pod)
             _assert_hardened(pod, template.id.name)
             [container] = pod["containers"]
             refs = [next(iter(e.values()))["name"] for e in container["envFrom"]]
             assert refs == ["flyray-env", "flyray-s3"]  # the ConfigMap and Secret of k8s/
+        with pytest.raises(jsonschema.ValidationError, match="is not of type"):  # and it bites
+            broken = copy.deepcopy(job)
+            broken["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]["replicas"] = "2"
+            check.validate(broken)
+
+
+# ----------------------------------------------- what registration fixes for the cluster
+
+
+def _documented_timeouts() -> dict[str, float]:
+    """Task -> timeout in minutes, from the task-timeout table of docs/configuration.md."""
+    text = (REPO / "docs" / "configuration.md").read_text()
+    section = text.split("### Task timeouts", 1)[1].split("\n## ", 1)[0]
+    rows = re.findall(r"^\| `(\w+)` \| (\d+) (min|h) \|", section, re.M)
+    return {name: int(n) * (60 if unit == "h" else 1) for name, n, unit in rows}
+
+
+# The @dynamic that sizes each trainer's Ray cluster per run -> the Ray trainer it starts.
+SIZERS = {"train_funksvd": "fit_funksvd", "train_xgboost": "fit_xgboost",
+          "train_distributed": "fit_cnn", "train_clip_classifier": "fit_clip_classifier"}  # fmt: skip
+
+
+def test_every_task_has_its_documented_timeout(templates):
+    documented = _documented_timeouts()
+    fixed = {name: t.metadata.timeout.total_seconds() / 60 for name, t in templates.items()}
+    assert all(minutes > 0 for minutes in fixed.values()), fixed
+    assert {n: m for n, m in fixed.items() if n not in SIZERS} == documented
+    # A dynamic's deadline covers its trainer, so each sizing @dynamic outlasts its trainer.
+    for sizer, trainer in SIZERS.items():
+        assert fixed[sizer] == fixed[trainer] + 10, sizer
+
+
+def test_cached_cpu_tasks_are_interruptible_and_the_rest_are_not(templates):
+    for name, template in templates.items():
+        cached = template.metadata.discoverable
+        gpus = template.type == "ray" and any(
+            "nvidia.com/gpu" in json.dumps(g["k8sPod"])
+            for g in template.custom["rayCluster"]["workerGroupSpec"])  # fmt: skip
+        assert bool(template.metadata.interruptible) == (cached and not gpus), name
+    assert templates["ingest_clickstream"].metadata.interruptible
+    assert not templates["register_model"].metadata.interruptible  # uncached: never preempted
+
+
+REGISTERED = """
+import json, workflows
+from k8s import check
+from flytekit.configuration import SerializationSettings, ImageConfig
+from flytekit.tools.translator import get_serializable
+from collections import OrderedDict
+import workflows.recommendation as rec
+templates = {t.id.name.split(".")[-1]: t for t in check.serialized_tasks()}
+out = OrderedDict()
+get_serializable(out, SerializationSettings(image_config=ImageConfig.auto_default_image(),
+                 project="p", domain="d", version="v"), rec.nightly_plan)
+[plan] = [v for v in out.values() if type(v).__name__ == "LaunchPlan"]
+jobs = {t.id.name.split(".")[-1]: job for t, job in check.flyte_ray_jobs(list(templates.values()))}
+print(json.dumps({
+    "jobs": jobs,
+    "problems": {n: check.problems(j) for n, j in jobs.items()},
+    "timeouts": {n: t.metadata.timeout.total_seconds() for n, t in templates.items()},
+    "interruptible": {n: bool(t.metadata.interruptible) for n, t in templates.items()},
+    "notifications": [n.to_flyte_idl().__str__() for n in plan.spec.entity_metadata.notifications],
+    "phases": [list(n.phases) for n in plan.spec.entity_metadata.notifications],
+    "emails": [list(n.email.recipients_email) for n in plan.spec.entity_metadata.notifications],
+}))
+"""
+
+
+def _registered_with(**env: str) -> dict:
+    """What registration sends when the deployment variables `env` are set (they are read when
+    the modules are imported, so in a fresh process)."""
+    full = {**os.environ, **env}
+    proc = subprocess.run([sys.executable, "-c", REGISTERED], capture_output=True, text=True,
+                          cwd=REPO, env=full, timeout=600)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="module")
+def gpu_deployment() -> dict:
+    return _registered_with(
+        FLYRAY_CLIP_WORKER_GPUS="1", FLYRAY_CNN_WORKER_GPUS="2",
+        FLYRAY_GPU_TOLERATIONS='[{"key": "nvidia.com/gpu", "operator": "Equal", "value": "l4", '
+                               '"effect": "NoSchedule"}, {"key": "spot", "operator": "Exists"}]',
+        FLYRAY_GPU_NODE_SELECTOR='{"cloud.google.com/gke-accelerator": "nvidia-l4"}',
+        FLYRAY_NIGHTLY_NOTIFY="ml-oncall@example.com, platform@example.com",
+        FLYRAY_TIMEOUT_SCALE="1.5",
+    )  # fmt: skip
+
+
+def test_gpu_worker_groups_take_tolerations_and_node_selector_from_configuration(gpu_deployment):
+    jobs, problems = gpu_deployment["jobs"], gpu_deployment["problems"]
+    assert all(found == [] for found in problems.values()), problems  # valid for KubeRay 1.7
+    gpu_groups = {"embed_images": 1, "fit_clip_classifier": 1, "fit_cnn": 2}
+    for name, job in jobs.items():
+        cluster = job["spec"]["rayClusterSpec"]
+        head = cluster["headGroupSpec"]["template"]["spec"]
+        assert "tolerations" not in head and "nodeSelector" not in head, name  # head: no GPU
+        [worker] = cluster["workerGroupSpecs"]
+        pod = worker["template"]["spec"]
+        limits = pod["containers"][0]["resources"]["limits"]
+        if name in gpu_groups:
+            assert int(limits["nvidia.com/gpu"]) == gpu_groups[name], name
+            assert pod["nodeSelector"] == {"cloud.google.com/gke-accelerator": "nvidia-l4"}
+            assert pod["tolerations"] == [
+                {"key": "nvidia.com/gpu", "operator": "Equal", "value": "l4",
+                 "effect": "NoSchedule"}, {"key": "spot", "operator": "Exists"}]  # fmt: skip
+        else:
+            assert "nvidia.com/gpu" not in limits and "tolerations" not in pod, name
+    # GPU tasks are not interruptible even though cached; the CPU tasks still are.
+    assert not gpu_deployment["interruptible"]["embed_images"]
+    assert gpu_deployment["interruptible"]["evaluate_clip_classifier"]
+
+
+def test_timeouts_scale_with_the_deployment(gpu_deployment, templates):
+    scaled = gpu_deployment["timeouts"]
+    for name, template in templates.items():
+        if name in SIZERS:  # the scaled trainer's timeout plus 10 minutes
+            trainer = templates[SIZERS[name]].metadata.timeout.total_seconds()
+            assert scaled[name] == pytest.approx(1.5 * trainer + 600)
+            continue
+        assert scaled[name] == pytest.approx(1.5 * template.metadata.timeout.total_seconds())
+
+
+def test_the_nightly_plan_notifies_on_failure(gpu_deployment, templates):
+    assert gpu_deployment["emails"] == [["ml-oncall@example.com", "platform@example.com"]]
+    from flytekit.models.core.execution import WorkflowExecutionPhase as Phase
+
+    [phases] = gpu_deployment["phases"]
+    assert set(phases) == {Phase.FAILED, Phase.TIMED_OUT, Phase.ABORTED}
+    assert Phase.SUCCEEDED not in phases
+    import workflows.recommendation as rec  # registered here without FLYRAY_NIGHTLY_NOTIFY
+
+    assert rec.nightly_plan.notifications == [] and rec.default_plan.notifications == []
+
+
+def test_bad_gpu_scheduling_settings_name_the_variable(monkeypatch):
+    from tasks.platform import gpu_scheduling
+
+    monkeypatch.setenv("FLYRAY_GPU_TOLERATIONS", "[{key: nvidia}]")
+    with pytest.raises(ValueError, match="FLYRAY_GPU_TOLERATIONS: not valid JSON"):
+        gpu_scheduling()
+    monkeypatch.setenv("FLYRAY_GPU_TOLERATIONS", '[{"keys": "nvidia.com/gpu"}]')
+    with pytest.raises(ValueError, match=r"FLYRAY_GPU_TOLERATIONS\[0\]: expected a toleration"):
+        gpu_scheduling()
+    monkeypatch.delenv("FLYRAY_GPU_TOLERATIONS")
+    monkeypatch.setenv("FLYRAY_GPU_NODE_SELECTOR", '["a=b"]')
+    with pytest.raises(ValueError, match="FLYRAY_GPU_NODE_SELECTOR: expected a JSON dict"):
+        gpu_scheduling()
+    monkeypatch.delenv("FLYRAY_GPU_NODE_SELECTOR")
+    tolerations, selector = gpu_scheduling()  # the default: the GPU taint, no selector
+    assert [(t.key, t.operator, t.effect) for t in tolerations] == [
+        ("nvidia.com/gpu", "Exists", "NoSchedule")]  # fmt: skip
+    assert selector is None
+
+
+def test_make_cluster_check_reports_every_object(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "k8s.check"], capture_output=True, text=True,
+                          cwd=REPO, timeout=600,
+                          env={k: v for k, v in os.environ.items()
+                               if k not in DUMMY_SECRETS})  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    out = proc.stdout
+    assert f"KubeRay {KUBERAY_VERSION} CRDs" in out
+    assert re.search(r"ok\s+k8s/ray/raycluster.yaml\s+RayCluster/flyray", out)
+    assert re.search(r"ok\s+clickstream.ingest_clickstream\s+RayJob/", out)
+    assert "all valid" in out and "FAIL" not in out
+    assert "cluster-check-" not in out  # the dummy secrets are never printed

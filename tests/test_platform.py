@@ -58,7 +58,8 @@ def test_every_task_has_the_preamble():
     assert trainers <= set(found)
     for name, task in found.items():
         meta = _template(task).metadata
-        assert timedelta(0) < meta.timeout <= timedelta(hours=2), name
+        # Sized per task (docs/configuration.md, checked in tests/test_k8s.py); none unbounded.
+        assert timedelta(0) < meta.timeout <= timedelta(hours=5), name
         assert meta.retries.retries >= 1, name
         assert task.container_image is not None, name
 

@@ -8,6 +8,11 @@ model.predict(pd.DataFrame({"embedding": [vector]}))                    # CLIP e
 
 The label map travels in the classifier's files, the embedding model with it: a local CLIP
 directory is logged as an artifact, a hub id is recorded and loaded from the hub.
+
+Logged as MLflow models-from-code: the model is built by running `pyfunc_model.py` (shipped with
+the model, with the flyray package as its code path) and reads the classifier's files
+(classifier.json, a torch state dict loaded with weights_only) and CLIP's safetensors, so
+loading unpickles nothing and works with MLFLOW_ALLOW_PICKLE_DESERIALIZATION=false.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ from flyray.clip.embed import ClipEmbedder, local_model
 from flyray.images import decode
 
 INPUTS = ("image", "path", "embedding")
+MODEL_CODE = Path(__file__).with_name("pyfunc_model.py")
 
 
 class ClipPyfunc(mlflow.pyfunc.PythonModel):
@@ -92,7 +98,7 @@ def log_pyfunc(
     )
     return mlflow.pyfunc.log_model(
         name="model",
-        python_model=ClipPyfunc(),
+        python_model=str(MODEL_CODE),
         artifacts=artifacts,
         signature=signature,
         input_example=pd.DataFrame({"embedding": [row.tolist() for row in example[:2]]}),
