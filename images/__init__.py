@@ -51,6 +51,12 @@ standalone = _spec(
     copy=["flyray", "tasks", "workflows", "images", "pyproject.toml"],  # relative to the repo root
 )  # fmt: skip
 
+# Ray Serve for every workload's champion (k8s/ray/rayservice.yaml): all extras and the code.
+serve = _spec(
+    "serve", "recommender", "tabular", "image", "clip", env={"TF_USE_LEGACY_KERAS": "1"},
+    copy=["flyray", "pyproject.toml"],
+)  # fmt: skip
+
 # The MLflow tracking server of k8s/mlflow.yaml: Postgres backend store, artifacts on MinIO.
 mlflow_server = ImageSpec(
     name="flyray-mlflow-server",

@@ -28,6 +28,7 @@ SECRETS = (
     "FLYRAY_S3_ACCESS_KEY",
     "FLYRAY_S3_SECRET_KEY",
     "POSTGRES_PASSWORD",
+    "FLYRAY_RAY_AUTH_TOKEN",
 )
 INTEGERS = ("FLYRAY_RAY_WORKERS",)
 # The platform, in apply order (the Helm charts come between namespace/secrets and the rest).
@@ -60,6 +61,7 @@ def _defaults() -> dict[str, str | Callable[[], str]]:
         "FLYRAY_SOURCE": "s3://flyray/clickstream/",
         "MINIO_STORAGE": "50Gi",
         "FLYRAY_IMAGE": _image("standalone"),
+        "FLYRAY_SERVE_IMAGE": _image("serve"),
         "MLFLOW_IMAGE": _image("mlflow_server"),
     }
 

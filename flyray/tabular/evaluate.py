@@ -10,6 +10,7 @@ from pathlib import Path
 import mlflow
 import numpy as np
 import pandas as pd
+import xgboost as xgb
 from sklearn import metrics as skm
 
 from flyray.tabular.data import TableSpec
@@ -97,16 +98,23 @@ def recode(x: np.ndarray, from_spec: TableSpec, to_spec: TableSpec) -> np.ndarra
     return out
 
 
+def load_registered(model_uri: str) -> tuple[xgb.Booster, TableSpec]:
+    """The booster logged at `model_uri` (xgboost flavor) and the encoding its inputs need
+    (spec.json, logged beside it as an extra file)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        local = mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=tmp)
+        booster = mlflow.xgboost.load_model(local)
+        spec = TableSpec.from_json(Path(local, "extra_files", "spec.json").read_text())
+    return booster, spec
+
+
 def champion_metrics(
     model_uri: str, x: np.ndarray, y: np.ndarray, spec: TableSpec
 ) -> BinaryMetrics:
     """The registered booster at `model_uri` (xgboost flavor, spec.json as an extra file) scored
     on a challenger's test rows `x`, `y` encoded by the challenger's `spec`: the same rows and
     metrics as the challenger's evaluation."""
-    with tempfile.TemporaryDirectory() as tmp:
-        local = mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=tmp)
-        booster = mlflow.xgboost.load_model(local)
-        champion = TableSpec.from_json(Path(local, "extra_files", "spec.json").read_text())
+    booster, champion = load_registered(model_uri)
     if champion.label_classes != spec.label_classes:
         raise ValueError(
             f"label classes differ: the champion's {champion.label_classes}, the test split's "

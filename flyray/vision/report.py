@@ -206,15 +206,18 @@ def run_record(
     )
 
 
-def log_model(model_file: str, image_shape: list[int], registered_name: str | None):
-    """The Keras model with MLflow's tensorflow flavor and an input example."""
+def log_model(
+    model_file: str, image_shape: list[int], class_names: list[str], registered_name: str | None
+):
+    """The Keras model with MLflow's tensorflow flavor, an input example and its class names
+    (the MLmodel's metadata: output k is class_names[k], what a server answers with)."""
     import mlflow
     import tf_keras as keras
 
     example = np.zeros((2, *image_shape), np.float32)
     return mlflow.tensorflow.log_model(
         keras.models.load_model(model_file), name="model", input_example=example,
-        registered_model_name=registered_name,
+        registered_model_name=registered_name, metadata={"class_names": list(class_names)},
     )  # fmt: skip
 
 
@@ -227,7 +230,7 @@ def candidate(
     return Candidate(
         identity(summary, metric_key),
         run_record(comparison, distributed, summary, params, metric_key, report_file),
-        lambda name: log_model(model_file, summary.image_shape, name),
+        lambda name: log_model(model_file, summary.image_shape, summary.class_names, name),
         comparison.distributed_test_accuracy,
         summary.majority_test_accuracy,
         lambda uri: champion_accuracy(uri, test),

@@ -1,0 +1,1 @@
+"""Serving the registered champions with Ray Serve (flyray.serve.app), following the alias."""
