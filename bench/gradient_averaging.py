@@ -20,8 +20,9 @@ from flyray.recsys.funksvd import (
     EpochMetrics,
     FunkSVD,
     FunkSVDParams,
+    TrainingSet,
     init_factors,
-    with_negatives,
+    negative_weights,
 )
 
 
@@ -93,7 +94,9 @@ def train(
     model = FunkSVD(p)
     model.user_ids, model.item_ids = np.arange(n_users), np.arange(n_items)
     model.set_seen(ratings.users, ratings.items)
-    ratings = Ratings(*with_negatives(ratings.users, ratings.items, ratings.values, n_items, p))
+    weights = negative_weights(ratings.items, n_items, p.negative_beta)
+    drawn = TrainingSet(ratings.users, ratings.items, ratings.values, n_users, weights, p).at(1)
+    ratings = Ratings(drawn.users, drawn.items, drawn.ratings)  # negatives drawn once here
     model.global_mean = float(ratings.values.mean(dtype=np.float64))
     model.P, model.Q, model.bu, model.bi = init_factors(p, n_users, n_items)
     chunks = np.array_split(np.random.default_rng(p.seed).permutation(len(ratings)), workers)

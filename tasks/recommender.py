@@ -12,20 +12,42 @@ from flyray import storage
 from flyray.clickstream.config import FeatureConfig
 from flyray.clickstream.reports import DataProfile
 from flyray.raytrain import DistributedConfig
-from flyray.recsys import FunkSVD, FunkSVDParams
+from flyray.recsys import FunkSVD, FunkSVDParams, ials
 from flyray.recsys import report as rec
 from flyray.recsys.batch import recommend_all
 from flyray.recsys.distributed import Ratings, train
 from flyray.recsys.evaluate import biases_model, evaluate, popularity_model
+from flyray.recsys.ials import IALSParams
 from flyray.recsys.report import EvaluationReport, TrainingReport
+from flyray.recsys.tuning import TuningConfig, TuningReport, tune_recommender
 from flyray.registry import Registration, RegistryConfig
 from tasks.clickstream import Ratings as RatingsDataset
-from tasks.platform import flyray_task, new_output_dir, publish, register, sized_by_run, uri
+from tasks.platform import (
+    flyray_task,
+    minutes,
+    new_output_dir,
+    publish,
+    register,
+    sized_by_run,
+    uri,
+)
 
 
 class TrainOutputs(NamedTuple):
     model: FlyteDirectory
     report: TrainingReport
+
+
+# Defaults of the inputs that only a run with model="ials" or with tuning sets.
+_UNUSED_IALS = IALSParams()
+_NOT_TUNED = TuningReport("ndcg@10")
+
+
+class TunedParams(NamedTuple):
+    model: str
+    funksvd: FunkSVDParams
+    ials: IALSParams
+    report: TuningReport
 
 
 def _ratings(dataset: StructuredDataset) -> Ratings:
@@ -38,34 +60,65 @@ def _ids(id_maps: FlyteDirectory, name: str, column: str):
     return table[column].to_numpy()
 
 
+@flyray_task(images.recommender, ray=True, cache="tune-1", deck=True, timeout=minutes(180))
+def tune_params(
+    train_ratings: RatingsDataset,
+    validation_ratings: RatingsDataset,
+    id_maps: FlyteDirectory,
+    model: str,
+    params: FunkSVDParams,
+    ials_params: IALSParams,
+    config: TuningConfig,
+) -> TunedParams:
+    """Ray Tune search on validation NDCG, trials on this task's Ray cluster; the given model
+    and parameters unchanged when config.trials = 0."""
+    n_users = len(_ids(id_maps, "users", "user_id"))
+    n_items = len(_ids(id_maps, "items", "item_id"))
+    result = tune_recommender(
+        _ratings(train_ratings), _ratings(validation_ratings), n_users, n_items, model, params,
+        ials_params, config,
+    )  # fmt: skip
+    publish("tuning", *result.report.deck())
+    return TunedParams(result.model, result.funksvd, result.ials, result.report)
+
+
 @flyray_task(
-    images.recommender, ray=DistributedConfig(), cache="train-2", deck=True, checkpoints="funksvd"
-)
+    images.recommender, ray=DistributedConfig(), cache="train-3", deck=True, checkpoints="funksvd",
+    timeout=minutes(240),
+)  # fmt: skip
 def fit_funksvd(
     train_ratings: RatingsDataset,
     validation_ratings: RatingsDataset,
     id_maps: FlyteDirectory,
     params: FunkSVDParams,
     config: DistributedConfig,
+    model: str = "funksvd",
+    ials_params: IALSParams = _UNUSED_IALS,
 ) -> TrainOutputs:
-    """FunkSVD over Ray workers (dsgd); a Flyte retry resumes from the failed attempt's last
+    """The recommender over Ray workers: FunkSVD (dsgd) or, with model="ials", implicit ALS
+    (both saved as FunkSVD files); a Flyte retry resumes from the failed attempt's last
     checkpoint."""
     users, items = _ids(id_maps, "users", "user_id"), _ids(id_maps, "items", "item_id")
-    model = train(
-        _ratings(train_ratings), len(users), len(items), params, config,
-        _ratings(validation_ratings), users, items,
-    )  # fmt: skip
-    out = model.save(storage.join(new_output_dir(), "model"))
-    report = TrainingReport.of(model, model.resumed_from_epoch)
-    workers = model.history[-1].workers if model.history else []
-    publish("training", *rec.training_deck(report, workers, params))
+    if model == "ials":
+        fitted = ials.train(_ratings(train_ratings), len(users), len(items), ials_params, config,
+                            users, items)  # fmt: skip
+    else:
+        fitted = train(
+            _ratings(train_ratings), len(users), len(items), params, config,
+            _ratings(validation_ratings), users, items,
+        )  # fmt: skip
+    out = fitted.save(storage.join(new_output_dir(), "model"))
+    report = TrainingReport.of(fitted, fitted.resumed_from_epoch)
+    workers = fitted.history[-1].workers if fitted.history else []
+    shown = (ials_params, "iALS") if model == "ials" else (params, "FunkSVD")
+    publish("training", *rec.training_deck(report, workers, *shown))
     return TrainOutputs(FlyteDirectory(out, remote_directory=False), report)
 
 
 train_funksvd = sized_by_run(fit_funksvd, "train_funksvd")
 
 
-@flyray_task(images.recommender, ray=True, cache="evaluate-3", deck=True)
+@flyray_task(images.recommender, ray=True, cache="evaluate-3", deck=True, timeout=minutes(60))
 def evaluate_model(
     model_dir: FlyteDirectory,
     train_ratings: RatingsDataset,
@@ -94,7 +147,7 @@ def evaluate_model(
     return report
 
 
-@flyray_task(images.recommender, ray=True, cache="recommend-2")
+@flyray_task(images.recommender, ray=True, cache="recommend-2", timeout=minutes(60))
 def recommend_users(model_dir: FlyteDirectory, n: int) -> StructuredDataset:
     """Top-n unseen items for every user (Ray Data), as parquet."""
     out = storage.join(new_output_dir(), "recommendations")
@@ -102,7 +155,7 @@ def recommend_users(model_dir: FlyteDirectory, n: int) -> StructuredDataset:
     return StructuredDataset(uri=out)
 
 
-@flyray_task(images.recommender, deck=True)
+@flyray_task(images.recommender, deck=True, timeout=minutes(30))
 def register_model(
     model_dir: FlyteDirectory,
     train_ratings: RatingsDataset,
@@ -115,11 +168,15 @@ def register_model(
     features: FeatureConfig,
     ranking_users: int,
     config: RegistryConfig,
+    model: str = "funksvd",
+    ials_params: IALSParams = _UNUSED_IALS,
+    tuning: TuningReport = _NOT_TUNED,
 ) -> Registration:
-    """The pyfunc in MLflow, then the champion gate against popularity and the champion, which
-    is scored on this model's own test split (same users)."""
+    """The pyfunc in MLflow with the search that chose it, then the champion gate against
+    popularity and the champion, which is scored on this model's own test split (same users)."""
     evidence = rec.candidate(
         FunkSVD.load(uri(model_dir)), _ratings(train_ratings), _ratings(test_ratings), training,
-        evaluation, profile, params, source, features, ranking_users, config.metric,
+        evaluation, profile, ials_params if model == "ials" else params, source, features,
+        ranking_users, config.metric, tuning,
     )  # fmt: skip
     return register(config, evidence)

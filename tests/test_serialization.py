@@ -93,7 +93,7 @@ def test_ray_tasks_carry_head_and_worker_groups(entities):
     ray_tasks = {n: t for n, t in _tasks(entities).items() if t.type == "ray"}
     # train_funksvd starts fit_funksvd on a cluster sized per run (tests/test_platform.py)
     assert set(ray_tasks) == {"ingest_clickstream", "build_ratings", "evaluate_model",
-                              "recommend_users"}  # fmt: skip
+                              "recommend_users", "tune_params"}  # fmt: skip
     for name, template in ray_tasks.items():
         job = template.custom
         assert job["shutdownAfterJobFinishes"] is True, name
@@ -118,7 +118,8 @@ def test_cache_versions_and_retries(entities):
         n: t.metadata.discovery_version for n, t in tasks.items() if t.metadata.discoverable
     }
     assert versions == {"ingest_clickstream": "ingest-1", "build_ratings": "features-1",
-                        "evaluate_model": "evaluate-3", "recommend_users": "recommend-2"}  # fmt: skip
+                        "evaluate_model": "evaluate-3", "recommend_users": "recommend-2",
+                        "tune_params": "tune-1"}  # fmt: skip
     assert not tasks["resolve_source"].metadata.discoverable  # it must see content changes
     assert not tasks["register_model"].metadata.discoverable  # one MLflow run per execution
     assert tasks["train_funksvd"].metadata.retries.retries == 2

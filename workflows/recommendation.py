@@ -10,13 +10,22 @@ import os
 from datetime import datetime
 from typing import NamedTuple
 
-from flytekit import CronSchedule, LaunchPlan, StructuredDataset, workflow
+from flytekit import (
+    CronSchedule,
+    Email,
+    LaunchPlan,
+    StructuredDataset,
+    WorkflowExecutionPhase,
+    workflow,
+)
 from flytekit.types.directory import FlyteDirectory
 
 from flyray.clickstream.config import FeatureConfig, IngestConfig
 from flyray.raytrain import DistributedConfig
 from flyray.recsys import FunkSVDParams
+from flyray.recsys.ials import IALSParams
 from flyray.recsys.report import EvaluationReport, TrainingReport
+from flyray.recsys.tuning import TuningConfig, TuningReport
 from flyray.registry import Registration, RegistryConfig
 from tasks.clickstream import (
     FeatureOutputs,
@@ -30,13 +39,20 @@ from tasks.recommender import (
     recommend_users,
     register_model,
     train_funksvd,
+    tune_params,
 )
 
-# The pipeline's model: implicit feedback (3 sampled negatives per rating at 0) ranks held-out
-# items far better than explicit-rating FunkSVD, which loses to item popularity on clicks.
+# The pipeline's model: implicit feedback (3 negatives per rating at 0, redrawn every epoch by
+# popularity ** 0.5) ranks held-out items far better than explicit-rating FunkSVD, which loses to
+# item popularity on clicks. Chosen by bench.recsys's Ray Tune search on the 1M demo's
+# validation split (docs/recommendation-quality.md); `make run` searches on from here.
 PIPELINE_PARAMS = FunkSVDParams(
-    n_factors=64, n_epochs=30, lr=0.01, reg=0.05, negatives=3, negative_rating=0.0, rating_min=0.0
-)
+    n_factors=64, n_epochs=25, lr=0.015, reg=0.05, negatives=3, negative_rating=0.0,
+    rating_min=0.0, negative_beta=0.5,
+)  # fmt: skip
+# The second model family (`model="ials"`): implicit ALS, confidence 1 + alpha * rating; strong
+# regularisation and low confidence won bench.recsys's search on the 1M demo.
+IALS_PARAMS = IALSParams(n_factors=64, n_epochs=15, reg=25.0, alpha=0.35)
 DEFAULT_REGISTRATION = RegistryConfig("flyray-funksvd", "flyray-recommender", "ndcg@10")
 
 
@@ -68,6 +84,7 @@ class PipelineOutputs(NamedTuple):
     evaluation: EvaluationReport
     registration: Registration
     recommendations: StructuredDataset
+    tuning: TuningReport
 
 
 @workflow
@@ -79,6 +96,9 @@ def recommendation_pipeline(
     feature_config: FeatureConfig = FeatureConfig(),
     params: FunkSVDParams = PIPELINE_PARAMS,
     training: DistributedConfig = DistributedConfig(),
+    model: str = "funksvd",
+    ials_params: IALSParams = IALS_PARAMS,
+    tuning: TuningConfig = TuningConfig(),
     k: int = 10,
     ranking_users: int = 20_000,
     n_recommendations: int = 10,
@@ -86,15 +106,20 @@ def recommendation_pipeline(
     run_date: datetime | None = None,
     window_days: int = 0,
 ) -> PipelineOutputs:
-    """The main job: clickstream -> ratings -> FunkSVD on Ray -> evaluation against baselines ->
-    MLflow registry behind the champion gate, plus top-N recommendations for every user."""
+    """The main job: clickstream -> ratings -> Ray Tune search on validation NDCG -> the best
+    model (FunkSVD or iALS, `model`) trained on Ray -> evaluation against baselines -> MLflow
+    registry behind the champion gate, plus top-N recommendations for every user."""
     data = prepare_data(
         source=source, demo_events=demo_events, demo_seed=demo_seed, ingest_config=ingest_config,
         feature_config=feature_config, run_date=run_date, window_days=window_days,
     )  # fmt: skip
+    tuned = tune_params(
+        train_ratings=data.train, validation_ratings=data.validation, id_maps=data.id_maps,
+        model=model, params=params, ials_params=ials_params, config=tuning,
+    )  # fmt: skip
     trained = train_funksvd(
         train_ratings=data.train, validation_ratings=data.validation, id_maps=data.id_maps,
-        params=params, config=training,
+        params=tuned.funksvd, config=training, model=tuned.model, ials_params=tuned.ials,
     )  # fmt: skip
     evaluation = evaluate_model(
         model_dir=trained.model, train_ratings=data.train, test_ratings=data.test, params=params,
@@ -102,14 +127,27 @@ def recommendation_pipeline(
     )  # fmt: skip
     registered = register_model(
         model_dir=trained.model, train_ratings=data.train, test_ratings=data.test,
-        training=trained.report, evaluation=evaluation, profile=data.profile, params=params,
-        source=source, features=feature_config, ranking_users=ranking_users, config=registration,
+        training=trained.report, evaluation=evaluation, profile=data.profile,
+        params=tuned.funksvd, source=source, features=feature_config, ranking_users=ranking_users,
+        config=registration, model=tuned.model, ials_params=tuned.ials, tuning=tuned.report,
     )  # fmt: skip
     recommendations = recommend_users(model_dir=trained.model, n=n_recommendations)
-    return PipelineOutputs(trained.model, trained.report, evaluation, registered, recommendations)
+    return PipelineOutputs(
+        trained.model, trained.report, evaluation, registered, recommendations, tuned.report
+    )
 
 
 default_plan = LaunchPlan.get_or_create(recommendation_pipeline, name="recommendation_default")
+
+
+def nightly_notifications() -> list[Email]:
+    """An email to FLYRAY_NIGHTLY_NOTIFY (comma-separated addresses, read when registering) when
+    a nightly run fails, times out or is aborted; none when it is unset."""
+    to = [a.strip() for a in os.environ.get("FLYRAY_NIGHTLY_NOTIFY", "").split(",") if a.strip()]
+    failed = [WorkflowExecutionPhase.FAILED, WorkflowExecutionPhase.TIMED_OUT,
+              WorkflowExecutionPhase.ABORTED]  # fmt: skip
+    return [Email(phases=failed, recipients_email=to)] if to else []
+
 
 # Nightly retrain at 03:00 UTC. The kickoff time becomes run_date, which selects the data:
 # events of the FLYRAY_NIGHTLY_WINDOW_DAYS (default 30) days before it, from
@@ -123,4 +161,5 @@ nightly_plan = LaunchPlan.get_or_create(
         "window_days": int(os.environ.get("FLYRAY_NIGHTLY_WINDOW_DAYS", "30")),
     },
     schedule=CronSchedule(schedule="0 3 * * *", kickoff_time_input_arg="run_date"),
+    notifications=nightly_notifications(),
 )

@@ -29,16 +29,17 @@ import numpy as np
 import ray
 from ray.exceptions import ObjectLostError, RayActorError
 
-from flyray import storage
+from flyray import console, storage
 from flyray.raytrain import DistributedConfig
 from flyray.recsys import kernels
 from flyray.recsys.funksvd import (
     EpochMetrics,
     FunkSVD,
     FunkSVDParams,
+    TrainingSet,
     VisitOrder,
     init_factors,
-    with_negatives,
+    negative_weights,
 )
 
 log = logging.getLogger(__name__)
@@ -90,21 +91,25 @@ class _DSGDWorker:
     """Holds one user block and its d rating shards; updates whichever item block it is given."""
 
     def __init__(self, w: int, shards, P, bu, val_shards, params: FunkSVDParams, mean: float):
-        self.w, self.shards = w, shards
-        self.orders = [VisitOrder(u, params, w, j) for j, (u, _, _) in enumerate(shards)]
+        self.w = w
+        self.shards = [
+            TrainingSet(u, i, r, len(P), weights, params, w, j, neg_users=neg)
+            for j, (u, i, r, weights, neg) in enumerate(shards)
+        ]
+        self.orders = [VisitOrder(s.users, params, w, j) for j, s in enumerate(self.shards)]
         self.P, self.bu = P.copy(), bu.copy()  # arrays from the object store are read-only
         self.val_shards, self.params, self.mean = val_shards, params, mean
 
     @ray.method(num_returns=2)
     def update(self, j: int, item_block: tuple[np.ndarray, np.ndarray], epoch: int):
         Q, bi = (a.copy() for a in item_block)  # object-store arrays are read-only
-        u, i, r = self.shards[j]
+        data = self.shards[j].at(epoch)
         p = self.params
         sse = kernels.sgd_epoch(
-            u, i, r, self.orders[j](epoch), self.P, Q, self.bu, bi,
+            data.users, data.items, data.ratings, self.orders[j](epoch), self.P, Q, self.bu, bi,
             self.mean, p.lr, p.reg, p.biased,
         )  # fmt: skip
-        return (Q, bi), {"worker": self.w, "node": _node(), "ratings": len(r), "sse": sse}
+        return (Q, bi), {"worker": self.w, "node": _node(), "ratings": len(data), "sse": sse}
 
     def validate(self, *item_blocks) -> tuple[float, int]:
         """Squared error and count of this user block's validation ratings."""
@@ -205,10 +210,11 @@ def _train(
     model.user_ids = np.arange(n_users) if user_ids is None else np.asarray(user_ids)
     model.item_ids = np.arange(n_items) if item_ids is None else np.asarray(item_ids)
     model.set_seen(train_ratings.users, train_ratings.items)
-    train_ratings = Ratings(*with_negatives(
-        train_ratings.users, train_ratings.items, train_ratings.values, n_items, params
-    ))  # fmt: skip
-    model.global_mean = float(train_ratings.values.mean(dtype=np.float64))
+    n_neg = len(train_ratings) * params.negatives
+    model.global_mean = float(
+        (train_ratings.values.sum(dtype=np.float64) + n_neg * params.negative_rating)
+        / (len(train_ratings) + n_neg)
+    )
     checkpoints = _Checkpoints(config.checkpoint_uri)
     for attempt in range(config.max_failures + 1):
         free = ray.available_resources().get("CPU", 0)
@@ -320,6 +326,17 @@ def _shards(r: Ratings, ub, ib, ulocal, ilocal, d) -> list[list[tuple]]:
     return out
 
 
+def split_negatives(per_user: np.ndarray, mass: np.ndarray) -> np.ndarray:
+    """counts[u, j]: user u's per_user[u] negatives split over item blocks in proportion to
+    their sampling mass (largest remainder), so that drawing counts[u, j] inside block j by
+    weight follows the whole catalogue's distribution."""
+    share = per_user[:, None] * (mass / mass.sum())[None, :]
+    counts = np.floor(share).astype(np.int64)
+    left = per_user - counts.sum(axis=1)
+    rank = np.argsort(np.argsort(-(share - counts), axis=1, kind="stable"), axis=1)
+    return counts + (rank < left[:, None])
+
+
 def _run_dsgd(model, start, ratings, validation, d, workers, config, checkpoints) -> None:
     p = model.params
     n_users, n_items = len(model.P), len(model.Q)
@@ -327,7 +344,16 @@ def _run_dsgd(model, start, ratings, validation, d, workers, config, checkpoints
     ib = balanced_blocks(np.bincount(ratings.items, minlength=n_items), d)
     ulocal, umembers = _local_index(ub, d)
     ilocal, imembers = _local_index(ib, d)
-    shards = _shards(ratings, ub, ib, ulocal, ilocal, d)
+    weights = negative_weights(ratings.items, n_items, p.negative_beta)
+    per_user = np.bincount(ratings.users, minlength=n_users) * p.negatives
+    split = split_negatives(per_user, np.array([weights[m].sum() for m in imembers]))
+    shards = [
+        [
+            (u, i, r, weights[imembers[j]], np.repeat(ulocal[umembers[w]], split[umembers[w], j]))
+            for j, (u, i, r) in enumerate(row)
+        ]
+        for w, row in enumerate(_shards(ratings, ub, ib, ulocal, ilocal, d))
+    ]
     val = _shards(validation, ub, ib, ulocal, ilocal, d) if validation is not None else None
     empty = [(np.zeros(0, np.int32),) * 2 + (np.zeros(0, np.float32),)] * d
     worker = _DSGDWorker.options(num_cpus=config.cpus_per_worker)
@@ -346,7 +372,8 @@ def _run_dsgd(model, start, ratings, validation, d, workers, config, checkpoints
     _started(workers, config.cpus_per_worker)
     blocks = [ray.put((model.Q[imembers[j]], model.bi[imembers[j]])) for j in range(d)]
     log.info("dsgd: %d workers, %d x %d blocks, %d ratings", d, d, d, len(ratings))
-    for epoch in range(start + 1, p.n_epochs + 1):
+    epochs = range(start + 1, p.n_epochs + 1)
+    for epoch in console.progress(epochs, desc="FunkSVD", unit="epoch"):
         began = time.perf_counter()
         stats: dict[int, dict] = {}
         for s in range(d):
@@ -365,7 +392,8 @@ def _run_dsgd(model, start, ratings, validation, d, workers, config, checkpoints
             val_rmse = float(np.sqrt(sum(s for s, _ in sums) / max(sum(n for _, n in sums), 1)))
         _gather(model, workers, blocks, umembers, imembers)
         sse = sum(s["sse"] for s in stats.values())
-        _end_epoch(model, epoch, sse, len(ratings), val_rmse, began, list(stats.values()),
+        n_train = sum(s["ratings"] for s in stats.values())
+        _end_epoch(model, epoch, sse, n_train, val_rmse, began, list(stats.values()),
                    checkpoints, config)  # fmt: skip
 
 

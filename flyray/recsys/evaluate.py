@@ -28,6 +28,7 @@ import pyarrow as pa
 import ray
 from mlflow.models import Model
 
+from flyray import console
 from flyray.recsys.distributed import Ratings
 from flyray.recsys.funksvd import FunkSVD, FunkSVDParams, rmse
 
@@ -95,12 +96,17 @@ def biases_model(train: Ratings, n_users: int, n_items: int, params: FunkSVDPara
     return model
 
 
+def _value(x):
+    """x, or the object a Ray object reference points to (the scorer runs in and out of Ray)."""
+    return ray.get(x) if isinstance(x, ray.ObjectRef) else x
+
+
 class _RankingScorer:
     """Ray Data UDF: per batch of users, sums of the ranking metrics and the items shown."""
 
     def __init__(self, model_ref, relevant_ref, k: int):
-        self.model = ray.get(model_ref)
-        self.indptr, self.items = ray.get(relevant_ref)
+        self.model = _value(model_ref)
+        self.indptr, self.items = _value(relevant_ref)
         self.k = k
         self.discount = 1.0 / np.log2(np.arange(2, k + 2))
 
@@ -139,14 +145,7 @@ def evaluate(
         raise EvaluationError("the test split is empty: nothing to evaluate (more data or a "
                               "larger test_fraction)")  # fmt: skip
     preds = model._predict_indexed(test.users, test.items) if rating_metrics else None
-    order = np.argsort(test.users, kind="stable")
-    all_users = np.unique(test.users)
-    users = all_users
-    if 0 < max_users < len(all_users):
-        users = np.sort(np.random.default_rng(seed).choice(all_users, max_users, replace=False))
-    counts = np.bincount(test.users, minlength=len(model.user_ids))
-    indptr = np.concatenate(([0], np.cumsum(counts)))
-    relevant = (indptr, test.items[order].astype(np.int64))
+    all_users, users, relevant = _ranked_users(model, test, max_users, seed)
     if not ray.is_initialized():
         ray.init()
     workers = max(1, int(ray.available_resources().get("CPU", 1)))
@@ -163,7 +162,9 @@ def evaluate(
             min_size=1, max_size=min(workers, max(1, math.ceil(len(users) / batch_size)))
         ),
         batch_format="numpy",
-    ).take_all()
+    )
+    batches = math.ceil(len(users) / batch_size)
+    out = list(console.progress(out.iter_rows(), total=batches, desc=f"evaluating {name}"))
     sums = np.sum([row["sums"] for row in out], axis=0)
     n_users = int(sum(row["users"] for row in out))
     shown = np.unique(np.concatenate([row["shown"] for row in out]))
@@ -182,6 +183,31 @@ def evaluate(
     )
     log.info("evaluation of %s: %s", name, metrics)
     return metrics
+
+
+def _ranked_users(model: FunkSVD, test: Ratings, max_users: int, seed: int):
+    """(every test user, the seeded sample ranked, CSR of each user's held-out items)."""
+    order = np.argsort(test.users, kind="stable")
+    all_users = np.unique(test.users)
+    users = all_users
+    if 0 < max_users < len(all_users):
+        users = np.sort(np.random.default_rng(seed).choice(all_users, max_users, replace=False))
+    counts = np.bincount(test.users, minlength=len(model.user_ids))
+    indptr = np.concatenate(([0], np.cumsum(counts)))
+    return all_users, users, (indptr, test.items[order].astype(np.int64))
+
+
+def ndcg_in_process(
+    model: FunkSVD, test: Ratings, k: int = 10, max_users: int = 5_000, seed: int = 0
+) -> float:
+    """NDCG@k as `evaluate` computes it, in this process (no Ray Data): what a tuning trial
+    reports after every epoch from inside its own Ray task."""
+    if len(test) == 0:
+        raise EvaluationError("the validation split is empty: nothing to tune on")
+    _, users, relevant = _ranked_users(model, test, max_users, seed)
+    scorer = _RankingScorer(model, relevant, k)
+    sums = sum(scorer({"row": users[s : s + 1024]})["sums"][0] for s in range(0, len(users), 1024))
+    return float(sums[2] / len(users))
 
 
 def _rows(values: np.ndarray, rows: np.ndarray) -> np.ndarray:

@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import pandas as pd
 
-from flyray import storage
+from flyray import console, storage
 from flyray.arrays import segment_ranges
 from flyray.recsys import kernels
 
@@ -47,15 +47,25 @@ class FunkSVDParams:
     rating_max: float = 5.0
     # Implicit feedback: per rating, this many items the user never touched are added with
     # rating `negative_rating`, so that scores rank seen-worthy items above the rest (0: off,
-    # plain explicit-rating FunkSVD as in Surprise).
+    # plain explicit-rating FunkSVD as in Surprise). They are drawn again every epoch
+    # (`resample_negatives`), item i with probability proportional to popularity_i **
+    # `negative_beta` (0: uniform; 1: as often as items are rated, so that popular items are
+    # not ranked up merely for being popular).
     negatives: int = 0
     negative_rating: float = 0.0
+    negative_beta: float = 0.0
+    resample_negatives: bool = True
+    # False: rank by mu + b_u + p_u . q_i, leaving the item bias (mostly popularity) out of
+    # recommendations while it still absorbs popularity in training.
+    rank_item_bias: bool = True
 
     def __post_init__(self) -> None:
         if self.negatives < 0:
             raise ValueError("negatives must be >= 0")
         if self.negatives and not self.rating_min <= self.negative_rating <= self.rating_max:
             raise ValueError("negative_rating must lie on the rating scale (lower rating_min)")
+        if self.negative_beta < 0:
+            raise ValueError("negative_beta must be >= 0 (0: uniform negatives)")
         if self.n_factors < 1 or self.n_epochs < 0:
             raise ValueError("n_factors must be >= 1 and n_epochs >= 0")
         if self.lr <= 0 or self.reg < 0 or self.init_std < 0:
@@ -106,22 +116,71 @@ class VisitOrder:
         return self.by_user[np.repeat(self.starts[perm], lengths) + segment_ranges(lengths)]
 
 
-def with_negatives(
-    u: np.ndarray, i: np.ndarray, r: np.ndarray, n_items: int, params: FunkSVDParams
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """The ratings plus `params.negatives` sampled items per rating at `negative_rating`, kept
-    next to their user so the by-user visiting order stays cache friendly. Sampled items are
-    uniform; the rare collision with a rated item is dropped."""
-    if not params.negatives:
-        return u, i, r
-    rng = np.random.default_rng((params.seed, 7919))
-    nu = np.repeat(u, params.negatives)
-    ni = rng.integers(0, n_items, len(nu)).astype(i.dtype)
-    rated = np.unique(u.astype(np.int64) * n_items + i)
-    keep = ~np.isin(nu.astype(np.int64) * n_items + ni, rated)
-    nr = np.full(int(keep.sum()), params.negative_rating, np.float32)
-    return (np.concatenate([u, nu[keep]]), np.concatenate([i, ni[keep]]),
-            np.concatenate([r, nr]))  # fmt: skip
+class TrainingSet:
+    """The ratings of one shard plus `params.negatives` sampled items per rating at
+    `negative_rating`. The negatives' users are fixed and stored beside the ratings, so one
+    VisitOrder serves every epoch; their items are drawn again each epoch (`at(epoch)`), by
+    popularity ** negative_beta among the block's items (`weights`), never an item the user
+    rated here (16 redraws, for users who rated nearly every item). Draws depend only on
+    (seed, epoch, stream): a resumed or re-run training repeats exactly.
+
+    `neg_users` says how many negatives each user gets here; by default `negatives` per rating.
+    DSGD passes a user's negatives split over item blocks by the blocks' sampling mass, so the
+    union over blocks follows the same distribution as one process does."""
+
+    def __init__(
+        self,
+        u: np.ndarray,
+        i: np.ndarray,
+        r: np.ndarray,
+        n_users: int,
+        weights: np.ndarray,
+        params: FunkSVDParams,
+        *stream: int,
+        neg_users: np.ndarray | None = None,
+    ):
+        self.params, self.stream, self.n_ratings = params, stream, len(r)
+        if neg_users is None:
+            neg_users = np.repeat(u, params.negatives) if params.negatives else u[:0]
+        neg_users = np.asarray(neg_users, np.int32)
+        self.users = np.concatenate([u, neg_users]).astype(np.int32)
+        self.items = np.concatenate([i, np.zeros(len(neg_users), np.int32)]).astype(np.int32)
+        neg = np.full(len(neg_users), params.negative_rating, np.float32)
+        self.ratings = np.concatenate([r, neg]).astype(np.float32)
+        order = np.lexsort((i, u))
+        counts = np.bincount(u, minlength=n_users)
+        self.seen_indptr = np.concatenate(([0], np.cumsum(counts))).astype(np.int64)
+        self.seen_items = np.asarray(i, np.int32)[order]
+        self.cdf = np.cumsum(np.asarray(weights, np.float64))
+        self._drawn = -1
+
+    def at(self, epoch: int) -> TrainingSet:
+        """This set with the negatives of `epoch` (epoch 1's every epoch if not resampling)."""
+        epoch = epoch if self.params.resample_negatives else 1
+        n = self.n_ratings
+        if epoch != self._drawn and len(self.users) > n:
+            if self.cdf[-1] <= 0:
+                raise ValueError("no item to sample negatives from (empty item block)")
+            seed = int(np.random.default_rng((self.params.seed, epoch, 7919, *self.stream))
+                       .integers(2**31))  # fmt: skip
+            kernels.sample_negatives(
+                self.users[n:], self.cdf, self.seen_indptr, self.seen_items, seed, self.items[n:]
+            )
+        self._drawn = epoch
+        return self
+
+    def __len__(self) -> int:
+        return len(self.ratings)
+
+    def mean(self) -> float:
+        return float(self.ratings.mean(dtype=np.float64))
+
+
+def negative_weights(items: np.ndarray, n_items: int, beta: float) -> np.ndarray:
+    """Each item's sampling weight for negatives: its training popularity ** beta (beta 0:
+    every item alike, also those never rated)."""
+    counts = np.bincount(items, minlength=n_items).astype(np.float64)
+    return np.ones(n_items) if beta == 0 else counts**beta
 
 
 def rmse(predictions: np.ndarray, ratings: np.ndarray) -> float:
@@ -173,6 +232,8 @@ class FunkSVD:
         self.seen_items = np.zeros(0, np.int32)
         self.history: list[EpochMetrics] = []
         self.resumed_from_epoch = 0  # > 0: training went on from that epoch's checkpoint
+        # What fitted the factors when not FunkSVD's SGD, e.g. {"model": "ials", ...params}.
+        self.trainer: dict = {}
 
     # ----------------------------------------------------------------------------- training
 
@@ -188,30 +249,37 @@ class FunkSVD:
         self.fit_indexed(u.astype(np.int32), i.astype(np.int32), values, val)
         return self
 
-    def fit_indexed(self, u: np.ndarray, i: np.ndarray, r: np.ndarray, validation=None) -> None:
-        """Fit on dense row indices (ids already set); the one-process training loop."""
+    def fit_indexed(
+        self, u: np.ndarray, i: np.ndarray, r: np.ndarray, validation=None, on_epoch=None
+    ) -> None:
+        """Fit on dense row indices (ids already set); the one-process training loop.
+        `on_epoch(model, epoch)` runs after each epoch (a tuning trial reports from it)."""
         p = self.params
         self.P, self.Q, self.bu, self.bi = init_factors(p, len(self.user_ids), len(self.item_ids))
         self.set_seen(u, i)
-        u, i, r = with_negatives(u, i, r, len(self.item_ids), p)
-        self.global_mean = float(r.mean(dtype=np.float64))
+        weights = negative_weights(i, len(self.item_ids), p.negative_beta)
+        data = TrainingSet(u, i, r, len(self.user_ids), weights, p)
+        self.global_mean = data.mean()
         self.history = []
-        visit = VisitOrder(u, p)
-        for epoch in range(1, p.n_epochs + 1):
+        visit = VisitOrder(data.users, p)
+        for epoch in console.progress(range(1, p.n_epochs + 1), desc="SGD", unit="epoch"):
             began = time.perf_counter()
             order = visit(epoch)
+            data.at(epoch)
             sse = kernels.sgd_epoch(
-                u, i, r, order, self.P, self.Q, self.bu, self.bi,
+                data.users, data.items, data.ratings, order, self.P, self.Q, self.bu, self.bi,
                 self.global_mean, p.lr, p.reg, p.biased,
             )  # fmt: skip
             metrics = EpochMetrics(
                 epoch,
-                float(np.sqrt(sse / len(r))),
+                float(np.sqrt(sse / len(data))),
                 self.rmse_indexed(*validation) if validation is not None else None,
                 time.perf_counter() - began,
-                [{"worker": 0, "ratings": len(r)}],
+                [{"worker": 0, "ratings": len(data)}],
             )
             self.history.append(metrics)
+            if on_epoch is not None:
+                on_epoch(self, epoch)
             log.info(
                 "epoch %d/%d: train RMSE %.4f, validation RMSE %s, %.2fs",
                 epoch, p.n_epochs, metrics.train_rmse, metrics.validation_rmse, metrics.seconds,
@@ -272,7 +340,11 @@ class FunkSVD:
         batch = max(1, min(batch, _SCORE_BLOCK // max(1, len(self.item_ids))))
         out_items = np.empty((len(rows), n), np.int64)
         out_scores = np.empty((len(rows), n), np.float32)
-        base = self.bi + np.float32(self.global_mean) if self.params.biased else 0 * self.bi
+        base = np.zeros(len(self.bi), np.float32)
+        if self.params.biased:
+            base += np.float32(self.global_mean)
+            if self.params.rank_item_bias:
+                base += self.bi
         for start in range(0, len(rows), batch):
             r = np.asarray(rows[start : start + batch])
             known = r >= 0
@@ -312,6 +384,7 @@ class FunkSVD:
             "history": [asdict(m) for m in self.history],
             "n_users": len(self.user_ids),
             "n_items": len(self.item_ids),
+            "trainer": self.trainer,
         }
         storage.write_atomic(fs, f"{path}/meta.json", json.dumps(meta, indent=2).encode())
         return uri
@@ -329,5 +402,6 @@ class FunkSVD:
             for name in cls._ARRAYS:
                 setattr(model, name, arrays[name])
         model.global_mean = meta["global_mean"]
+        model.trainer = meta.get("trainer", {})
         model.history = [EpochMetrics(**m) for m in meta["history"]]
         return model

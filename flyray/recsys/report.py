@@ -4,6 +4,7 @@ what the MLflow run holds and the model's task identity."""
 from __future__ import annotations
 
 import json
+import os
 import tempfile
 from dataclasses import asdict, dataclass
 
@@ -13,7 +14,9 @@ from flyray.clickstream.reports import DataProfile
 from flyray.recsys.distributed import Ratings
 from flyray.recsys.evaluate import Metrics, champion_metrics
 from flyray.recsys.funksvd import FunkSVD, FunkSVDParams
+from flyray.recsys.ials import IALSParams
 from flyray.recsys.pyfunc import log_pyfunc
+from flyray.recsys.tuning import TuningReport
 from flyray.registry import Candidate, RunRecord, TaskIdentity
 
 
@@ -58,10 +61,12 @@ class EvaluationReport:
     popularity: Metrics
 
 
-def training_deck(report: TrainingReport, workers: list[dict], params: FunkSVDParams) -> list[str]:
+def training_deck(report: TrainingReport, workers: list[dict], params, name: str = "FunkSVD"):
+    """Curves, work per worker and hyperparameters (FunkSVDParams or IALSParams) of a training;
+    iALS has no validation RMSE and its train RMSE is the fit of preferences on interactions."""
     curves = {"train RMSE": report.train_rmse, "validation RMSE": report.validation_rmse}
     return [
-        decks.line_chart_html(report.epochs, curves, "FunkSVD training curves", "epoch", "RMSE"),
+        decks.line_chart_html(report.epochs, curves, f"{name} training curves", "epoch", "RMSE"),
         decks.table_html(workers, "Ratings per worker"),
         decks.table_html(asdict(params), "Hyperparameters"),
     ]
@@ -101,8 +106,11 @@ def run_record(
     training: TrainingReport,
     evaluation: EvaluationReport,
     profile: DataProfile,
-    params: FunkSVDParams,
+    params,
+    tuning: TuningReport | None = None,
 ) -> RunRecord:
+    """`params`: the model's FunkSVDParams or IALSParams; `tuning`: the search that chose them
+    (its trials table, best parameters and the plot of validation NDCG per trial)."""
     metrics = dict(evaluation.model.as_mlflow())
     for baseline in (evaluation.biases, evaluation.popularity):
         metrics.update({f"{baseline.model}.{k}": v for k, v in baseline.as_mlflow().items()})
@@ -114,8 +122,9 @@ def run_record(
             training.epochs, training.train_rmse, training.validation_rmse, strict=True
         )
     }
-    return RunRecord(
+    record = RunRecord(
         params={
+            "model.family": "ials" if isinstance(params, IALSParams) else "funksvd",
             **{f"model.{k}": v for k, v in asdict(params).items()},
             "training.workers": training.workers,
         },  # fmt: skip
@@ -123,6 +132,14 @@ def run_record(
         curves=curves,
         documents={"data_profile.json": asdict(profile)},
     )
+    if tuning is not None and tuning.table:
+        record.params["tuning.trials"] = tuning.trials
+        record.metrics[f"tuning.best_validation_{tuning.metric.replace('@', '_at_')}"] = (
+            tuning.best_score
+        )
+        record.documents["tuning.json"] = asdict(tuning)
+        record.files.append(tuning.plot(os.path.join(tempfile.mkdtemp(), "tuning_ndcg.png")))
+    return record
 
 
 def log_model(model: FunkSVD, registered_name: str | None):
@@ -134,15 +151,16 @@ def log_model(model: FunkSVD, registered_name: str | None):
 
 def candidate(
     model: FunkSVD, train: Ratings, test: Ratings, training: TrainingReport,
-    evaluation: EvaluationReport, profile: DataProfile, params: FunkSVDParams, source: str,
-    features: FeatureConfig, ranking_users: int, metric: str,
+    evaluation: EvaluationReport, profile: DataProfile, params: FunkSVDParams | IALSParams,
+    source: str, features: FeatureConfig, ranking_users: int, metric: str,
+    tuning: TuningReport | None = None,
 ) -> Candidate:  # fmt: skip
     """The model for the registry, judged against popularity; the champion is ranked for the
     same sampled users of the same test split."""
     k = evaluation.k
     return Candidate(
         identity(source, features, metric),
-        run_record(training, evaluation, profile, params),
+        run_record(training, evaluation, profile, params, tuning),
         lambda name: log_model(model, name),
         evaluation.model.get(metric),
         evaluation.popularity.get(metric),

@@ -1,0 +1,281 @@
+"""Benchmark: recommendation quality side by side, on the pipeline's own split and evaluation.
+
+    python -m bench.recsys [--events 1000000 10000000] [--trials 12] [--budget 240]
+
+Each dataset goes through the pipeline's ingest and features (train / validation / test split
+per user in time); every model trains on train, picks its hyperparameters on validation, and is
+scored on test exactly as the pipeline's evaluation does (NDCG, recall and catalogue coverage at
+10 over the full catalogue, 20,000 sampled test users, training items excluded):
+
+- popularity: items by training interactions;
+- flyray FunkSVD and iALS, with the pipeline's parameters and tuned by flyray.recsys.tuning
+  (Ray Tune; fit seconds are the final training's, the search's own time in `tune s`);
+- implicit's ALS and BPR (the library a practitioner would pick), a small grid of their
+  hyperparameters, the grid point best on validation;
+- on generated data, the oracle: every item scored by log popularity + user . item taste, from
+  the ground truth written beside the events (the ceiling a model of this data can approach).
+
+Every model has the same number of factors. Datasets: the generated demo at each --events size
+and the real samples in ../shared/data/clickstream (skipped when absent). Prints a table per
+dataset and writes bench/results/recsys.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import time
+from dataclasses import asdict, replace
+from pathlib import Path
+
+import numpy as np
+import ray
+import scipy.sparse as sp
+
+from flyray import storage
+from flyray.clickstream.config import FeatureConfig, IngestConfig
+from flyray.clickstream.features import build_features
+from flyray.clickstream.generate import GeneratorConfig, generate
+from flyray.clickstream.ingest import ingest
+from flyray.raytrain import DistributedConfig
+from flyray.recsys import FunkSVD, FunkSVDParams, distributed, ials
+from flyray.recsys.distributed import Ratings
+from flyray.recsys.evaluate import evaluate, ndcg_in_process, popularity_model
+from flyray.recsys.ials import IALSParams
+from flyray.recsys.tuning import TuningConfig, tune_recommender
+from workflows.recommendation import IALS_PARAMS, PIPELINE_PARAMS
+
+REPO = Path(__file__).resolve().parents[1]
+DATA = REPO / ".data" / "bench"
+REAL = REPO.parent / "shared" / "data" / "clickstream"
+RESULTS = REPO / "bench" / "results"
+K, USERS = 10, 20_000
+
+
+def prepare(name: str, source: Path) -> dict:
+    """The pipeline's ingest and features on `source`, cached under .data/bench/recsys-<name>."""
+    work = DATA / f"recsys-{name}"
+    features = work / "features"
+    if not (features / "profile.json").exists():
+        if not ray.is_initialized():
+            ray.init()
+        report = ingest(str(source), str(work / "events"), IngestConfig())
+        build_features(report.events_uri, str(features), FeatureConfig(), report)
+    splits = {}
+    for split in ("train", "validation", "test"):
+        table = storage.read_table(str(features / split), ["user_idx", "item_idx", "rating"])
+        splits[split] = Ratings(*(table[c].to_numpy() for c in ("user_idx", "item_idx", "rating")))
+    ids = {
+        n: storage.read_table(str(features / "id_maps" / f"{n}.parquet"))
+        for n in ("users", "items")
+    }
+    splits["user_ids"] = ids["users"]["user_id"].to_numpy()
+    splits["item_ids"] = ids["items"]["item_id"].to_numpy()
+    return splits
+
+
+def factor_model(P: np.ndarray, Q: np.ndarray, train: Ratings) -> FunkSVD:
+    """Factors that rank by their dot product, in the files and scorer every model uses."""
+    model = FunkSVD(FunkSVDParams(n_factors=P.shape[1], biased=False, rating_min=0.0))
+    model.user_ids, model.item_ids = np.arange(len(P)), np.arange(len(Q))
+    model.P, model.Q = np.ascontiguousarray(P, np.float32), np.ascontiguousarray(Q, np.float32)
+    model.bu, model.bi = np.zeros(len(P), np.float32), np.zeros(len(Q), np.float32)
+    model.set_seen(train.users, train.items)
+    return model
+
+
+def oracle(data: dict, truth: Path) -> FunkSVD:
+    """The generator's truth: log popularity + user . item taste (ids are truth rows + 1)."""
+    t = np.load(truth)
+    users, items = data["user_ids"] - 1, data["item_ids"] - 1
+    P = np.hstack([t["user_factors"][users], np.ones((len(users), 1))])
+    Q = np.hstack([t["item_factors"][items], np.log(t["item_popularity"][items])[:, None]])
+    return factor_model(P, Q, data["train"])
+
+
+def implicit_grid(data: dict, n_users: int, n_items: int, factors: int) -> list[dict]:
+    """implicit's ALS and BPR over a small grid; each family's best point on validation."""
+    from implicit.cpu.als import AlternatingLeastSquares
+    from implicit.cpu.bpr import BayesianPersonalizedRanking
+
+    train = data["train"]
+    matrix = sp.csr_matrix((train.values, (train.users, train.items)), (n_users, n_items))
+    grids = {
+        "implicit ALS": (AlternatingLeastSquares,
+                         {"regularization": [0.01, 0.1, 1.0], "alpha": [1.0, 10.0]},
+                         {"iterations": 15}),
+        "implicit BPR": (BayesianPersonalizedRanking,
+                         {"learning_rate": [0.01, 0.05], "regularization": [0.01, 0.001]},
+                         {"iterations": 100}),
+    }  # fmt: skip
+    rows = []
+    for name, (cls, grid, fixed) in grids.items():
+        best = None
+        for values in itertools.product(*grid.values()):
+            params = dict(zip(grid, values, strict=True))
+            algo = cls(factors=factors, random_state=0, **fixed, **params)
+            began = time.perf_counter()
+            algo.fit(matrix, show_progress=False)
+            seconds = time.perf_counter() - began
+            model = factor_model(algo.user_factors, algo.item_factors, train)
+            score = ndcg_in_process(model, data["validation"], K, USERS)
+            if best is None or score > best[0]:
+                best = (score, params, model, seconds)
+        score, params, model, seconds = best
+        rows.append(_row(name, model, data, seconds, params, validation=score))
+    return rows
+
+
+def _row(name, model, data, seconds, params, validation=None, tune_s=None) -> dict:
+    m = evaluate(model, data["test"], K, name, rating_metrics=False, max_users=USERS)
+    return {"model": name, "ndcg@10": m.ndcg, "recall@10": m.recall,
+            "coverage@10": m.coverage, "fit s": seconds, "tune s": tune_s,
+            "validation ndcg@10": validation, "params": params}  # fmt: skip
+
+
+def flyray_rows(data: dict, n_users: int, n_items: int, trials: int, budget: float) -> list:
+    """FunkSVD and iALS with the pipeline's parameters, then tuned (fixed factor count)."""
+    train, config = data["train"], DistributedConfig(workers=2)
+    rows = []
+
+    def fit(model: str, funksvd: FunkSVDParams, ials_params: IALSParams):
+        began = time.perf_counter()
+        if model == "ials":
+            fitted = ials.train(train, n_users, n_items, ials_params, config)
+        else:
+            fitted = distributed.train(train, n_users, n_items, funksvd, config)
+        return fitted, time.perf_counter() - began
+
+    for model in ("funksvd", "ials"):
+        fitted, seconds = fit(model, PIPELINE_PARAMS, IALS_PARAMS)
+        params = asdict(PIPELINE_PARAMS if model == "funksvd" else IALS_PARAMS)
+        score = ndcg_in_process(fitted, data["validation"], K, USERS)
+        rows.append(_row(f"flyray {model} (defaults)", fitted, data, seconds, params, score))
+        if not trials:
+            continue
+        factors = PIPELINE_PARAMS.n_factors
+        tuning = TuningConfig(trials=trials, time_budget_s=budget, validation_users=USERS,
+                              space=json.dumps({model: {"n_factors": [factors]}}))  # fmt: skip
+        ials_start = replace(IALS_PARAMS, n_factors=factors)
+        tuned = tune_recommender(train, data["validation"], n_users, n_items, model,
+                                 PIPELINE_PARAMS, ials_start, tuning)  # fmt: skip
+        fitted, seconds = fit(model, tuned.funksvd, tuned.ials)
+        params = asdict(tuned.funksvd if model == "funksvd" else tuned.ials)
+        rows.append(_row(f"flyray {model} (tuned)", fitted, data, seconds, params,
+                         tuned.report.best_score, tuned.report.seconds))  # fmt: skip
+    return rows
+
+
+def run(name: str, source: Path, truth: Path | None, trials: int, budget: float,
+        with_implicit: bool = True) -> dict:  # fmt: skip
+    began = time.perf_counter()
+    data = prepare(name, source)
+    n_users, n_items = len(data["user_ids"]), len(data["item_ids"])
+    train = data["train"]
+    rows = [_row("popularity", popularity_model(train, n_users, n_items), data, 0.0, {})]
+    rows += flyray_rows(data, n_users, n_items, trials, budget)
+    if with_implicit:
+        rows += implicit_grid(data, n_users, n_items, PIPELINE_PARAMS.n_factors)
+    if truth is not None and truth.exists():
+        rows.append(_row("oracle (generator truth)", oracle(data, truth), data, 0.0, {}))
+    pop = rows[0]["ndcg@10"]
+    for row in rows:
+        row["x popularity"] = row["ndcg@10"] / pop if pop else float("nan")
+    info = {"dataset": name, "users": n_users, "items": n_items, "train": len(train),
+            "test users": len(np.unique(data["test"].users)),
+            "seconds": time.perf_counter() - began}  # fmt: skip
+    return {**info, "rows": rows}
+
+
+def ials_scaling(n_ratings: int, factors: int, iterations: int = 4) -> dict:
+    """Seconds per iALS iteration on 1 and 2 Ray workers, on n_ratings generated clicks
+    (median over iterations after the first, which includes compilation and start-up)."""
+    rng = np.random.default_rng(0)
+    n_users, n_items = n_ratings // 25, max(1000, n_ratings // 100)
+    pop = 1.0 / np.arange(1, n_items + 1) ** 0.9
+    pairs = np.unique(rng.integers(0, n_users, int(n_ratings * 1.05)).astype(np.int64) * n_items
+                      + rng.choice(n_items, int(n_ratings * 1.05), p=pop / pop.sum()))  # fmt: skip
+    pairs = pairs[:n_ratings]
+    ratings = Ratings(pairs // n_items, pairs % n_items, rng.uniform(1, 5, len(pairs)))
+    params = replace(IALS_PARAMS, n_factors=factors, n_epochs=iterations)
+    out = {"ratings": len(ratings), "users": n_users, "items": n_items, "factors": factors}
+    for workers in (1, 2):
+        model = ials.train(ratings, n_users, n_items, params, DistributedConfig(workers=workers))
+        out[f"{workers} worker s/iteration"] = float(
+            np.median([h.seconds for h in model.history[1:]])
+        )
+    out["speed-up"] = out["1 worker s/iteration"] / out["2 worker s/iteration"]
+    print(f"\n### iALS seconds per iteration, {len(ratings):,} ratings, {factors} factors\n")
+    print("| workers | s/iteration |\n|---|---|")
+    for workers in (1, 2):
+        print(f"| {workers} | {out[f'{workers} worker s/iteration']:.2f} |")
+    print(f"\nspeed-up {out['speed-up']:.2f}x")
+    return out
+
+
+def _print(result: dict) -> None:
+    print(
+        f"\n### {result['dataset']}: {result['users']:,} users, {result['items']:,} items, "
+        f"{result['train']:,} training ratings, {result['test users']:,} test users\n"
+    )
+    columns = [c for c in result["rows"][0] if c != "params"]
+    print("| " + " | ".join(columns) + " |\n|" + "---|" * len(columns))
+    for row in result["rows"]:
+        cells = (f"{v:.4f}" if isinstance(v, float) else "" if v is None else str(v)
+                 for v in (row[c] for c in columns))  # fmt: skip
+        print("| " + " | ".join(cells) + " |")
+
+
+def _save(results: dict, path: Path) -> None:
+    """After every dataset, whole or not at all: a long run keeps what it measured."""
+    data = json.dumps(results, indent=2, default=str).encode()
+    storage.write_atomic(storage.filesystem(str(path))[0], str(path.absolute()), data)
+
+
+def datasets(events: list[int]) -> list[tuple[str, Path, Path | None]]:
+    out = []
+    for n in events:
+        source = DATA / f"events-{n}.jsonl"  # the same file as bench.pipeline
+        if not source.exists():
+            DATA.mkdir(parents=True, exist_ok=True)
+            generate(source, GeneratorConfig(n_events=n, seed=0))
+        out.append(
+            (f"demo-{n // 1_000_000}M", source, source.with_name(source.stem + ".truth.npz"))
+        )
+    if REAL.is_dir():
+        out += [(f"real-{p.stem}", p, None) for p in sorted(REAL.glob("*.csv"))]
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--events", type=int, nargs="*", default=[1_000_000, 10_000_000])
+    parser.add_argument("--trials", type=int, default=12, help="tuning trials per model (0: off)")
+    parser.add_argument("--budget", type=float, default=240, help="tuning seconds per model")
+    parser.add_argument("--only", default="", help="run datasets whose name contains this")
+    parser.add_argument("--skip-implicit", action="store_true", help="no implicit ALS/BPR grid")
+    parser.add_argument("--scaling-ratings", type=int, default=5_000_000,
+                        help="iALS 1 vs 2 workers on this many ratings (0: skip)")  # fmt: skip
+    args = parser.parse_args()
+    os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
+    ray.init(include_dashboard=False, log_to_driver=False)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / "recsys.json"
+    results = json.loads(path.read_text()) if path.exists() else {}
+    for name, source, truth in datasets(args.events):
+        if args.only and args.only not in name:
+            continue
+        result = run(name, source, truth, args.trials, args.budget, not args.skip_implicit)
+        results[name] = result
+        _print(result)
+        _save(results, path)
+    if args.scaling_ratings:
+        results["ials scaling"] = ials_scaling(args.scaling_ratings, PIPELINE_PARAMS.n_factors)
+        _save(results, path)
+    print(f"\nwritten {path}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,104 @@
+"""Ray Tune search of the recommender: configuration, the off switch, a real search on Ray
+that reports validation NDCG per epoch and returns the winner, never worse than the given
+parameters; the report's deck and plot; its Flyte round trip."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from test_ials import taste_clicks
+
+from flyray.recsys import FunkSVDParams
+from flyray.recsys.distributed import Ratings
+from flyray.recsys.ials import IALSParams
+from flyray.recsys.tuning import TuningConfig, TuningReport, tune_recommender
+
+# Deliberately poor given parameters: too slow a learning rate to learn in a few epochs.
+GIVEN = FunkSVDParams(n_factors=8, n_epochs=6, lr=1e-4, reg=0.05, negatives=1, rating_min=0.0)
+GIVEN_IALS = IALSParams(n_factors=8, n_epochs=4)
+
+
+def splits():
+    data = taste_clicks(n_users=300, n_items=120, per_user=12, seed=4)
+    held = np.random.default_rng(0).random(len(data)) < 0.25
+    part = lambda m: Ratings(data.users[m], data.items[m], data.values[m])  # noqa: E731
+    return part(~held), part(held)
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"metric": "rmse"}, "ndcg@k"),
+        ({"models": "funksvd,bpr"}, "unknown"),
+        ({"trials": -1}, "trials"),
+        ({"time_budget_s": 0}, "time_budget_s"),
+    ],
+)
+def test_bad_settings_are_refused(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        TuningConfig(**kwargs)
+
+
+def test_space_override_lists_the_values_to_try_and_names_unknown_ones():
+    space = TuningConfig(space='{"funksvd": {"n_factors": [8, 16]}}').search_space("funksvd")
+    assert space["funksvd"]["n_factors"].categories == [8, 16]
+    assert "ials" not in space and space["model"].categories == ["funksvd"]
+    both = TuningConfig(models="funksvd,ials").search_space("funksvd")
+    assert both["model"].categories == ["funksvd", "ials"]
+    with pytest.raises(ValueError, match="no parameter 'depth'"):
+        TuningConfig(space='{"ials": {"depth": [1]}}').search_space("ials")
+
+
+def test_zero_trials_keeps_the_given_parameters_without_searching():
+    train, val = splits()
+    result = tune_recommender(train, val, 300, 120, "ials", GIVEN, GIVEN_IALS,
+                              TuningConfig(trials=0))  # fmt: skip
+    assert (result.model, result.funksvd, result.ials) == ("ials", GIVEN, GIVEN_IALS)
+    assert result.report.table == [] and "off" in result.report.deck()[0]
+
+
+@pytest.mark.slow
+def test_search_on_ray_reports_every_epoch_and_returns_the_winner(tmp_path):
+    train, val = splits()
+    config = TuningConfig(trials=5, time_budget_s=120, models="funksvd,ials", grace_epochs=2,
+                          validation_users=0)  # fmt: skip
+    result = tune_recommender(train, val, 300, 120, "funksvd", GIVEN, GIVEN_IALS, config)
+    report = result.report
+    assert report.trials == len(report.table) == len(report.curves) <= 5
+    assert report.trials >= 3
+    # The given parameters are tried first: the winner is at least as good on validation.
+    first = report.table[0]
+    assert first["model"] == "funksvd" and first["lr"] == GIVEN.lr
+    assert report.best_score == max(row["score"] for row in report.table) > first["score"]
+    for row in report.table:  # one validation score per epoch, ASHA may stop early
+        curve = report.curves[row["trial"]]
+        assert row["epochs run"] == len(curve) and 1 <= len(curve) <= 6
+        assert row["score"] == max(curve) and all(0 <= v <= 1 for v in curve)
+    winner = result.ials if result.model == "ials" else result.funksvd
+    for name, value in report.best_params.items():
+        assert getattr(winner, name) == value
+    assert report.best_model == result.model
+    best_row = max(report.table, key=lambda row: row["score"])
+    given = GIVEN_IALS if result.model == "ials" else GIVEN
+    full = best_row["epochs run"] == given.n_epochs  # early stopping only when it saw them all
+    assert winner.n_epochs == (best_row["best epoch"] if full else given.n_epochs)
+    # deck: a summary, the per-trial validation plot and the trials table; a PNG for MLflow
+    deck = report.deck()
+    assert len(deck) == 3 and "<img" in deck[1] and best_row["trial"] in deck[2]
+    png = report.plot(str(tmp_path / "curves.png"))
+    assert Path(png).read_bytes()[:4] == b"\x89PNG"
+
+
+def test_report_round_trips_through_flyte_types():
+    from flytekit.core.context_manager import FlyteContextManager
+    from flytekit.core.type_engine import TypeEngine
+
+    report = TuningReport("ndcg@10", 1, 2.0, "funksvd", 0.2, {"n_factors": 64,
+                          "rank_item_bias": False}, [{"trial": "0:funksvd", "score": 0.2}],
+                          {"0:funksvd": [0.1, 0.2]})  # fmt: skip
+    ctx = FlyteContextManager.current_context()
+    literal = TypeEngine.to_literal(ctx, report, TuningReport,
+                                    TypeEngine.to_literal_type(TuningReport))  # fmt: skip
+    assert TypeEngine.to_python_value(ctx, literal, TuningReport) == report
