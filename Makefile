@@ -2,20 +2,23 @@
 PYTHON ?= python3.11
 VENV   := .venv
 BIN    := $(VENV)/bin
-STAMP  := $(VENV)/.installed
-EXTRAS ?= all,dev
+# The extras installed: EXTRAS=recommender,dev make setup installs just those and is remembered
+# (.venv/.extras) by later targets; the stamp names the extras, so a new choice re-installs.
+EXTRAS ?= $(shell cat $(VENV)/.extras 2>/dev/null || echo all,dev)
+comma  := ,
+STAMP  := $(VENV)/.installed-$(subst $(comma),-,$(EXTRAS))
 # Local Flyte runs keep their outputs (and so the local cache stays valid) under .data/;
 # Ray keeps its sockets under /tmp, whose short path they need.
-RUN_ENV := TMPDIR=$(CURDIR)/.data/tmp RAY_TMPDIR=/tmp RAY_DATA_DISABLE_PROGRESS_BARS=1
+RUN_ENV := TMPDIR=$(CURDIR)/.data/tmp RAY_TMPDIR=/tmp
 
-# The cluster path (see README, "Deploy to a cluster"). Versions are pinned here and in k8s/.
-KUBERAY_VERSION := 1.1.1
-FLYTE_VERSION   := v1.16.1
+# The cluster path (see docs/deploy.md). Versions are pinned here and in k8s/.
+KUBERAY_VERSION := 1.7.0
+FLYTE_VERSION   := v1.16.9
 FLYTE_PROJECT   ?= flyray
 FLYTE_DOMAIN    ?= development
 VERSION         ?= $(shell git rev-parse --short=12 HEAD 2>/dev/null || echo dev)
 
-.PHONY: setup run test lint format bench package register images clean distclean
+.PHONY: setup run ui serve test test-quick lint format bench package register images clean distclean cluster-check
 
 setup: $(STAMP)
 
@@ -23,14 +26,30 @@ $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -e '.[$(EXTRAS)]'
+	@rm -f $(VENV)/.installed*
+	@echo '$(EXTRAS)' > $(VENV)/.extras
 	@touch $(STAMP)
 
 run: setup
 	@mkdir -p .data/tmp
-	$(RUN_ENV) $(BIN)/python -m workflows.run_local
+	@$(RUN_ENV) $(BIN)/python -m workflows.run_local
+
+# The MLflow UI on the embedded store (127.0.0.1:5000) and a page of the latest run's decks.
+ui: setup
+	@$(BIN)/python -m flyray.ui
+
+# Every registered champion over HTTP on 127.0.0.1:8000 (Ray Serve), from the store `make run`
+# registers into; each follows its champion alias. docs/serving.md.
+serve: setup
+	@mkdir -p .data/tmp
+	@$(RUN_ENV) $(BIN)/python -m flyray.serve
 
 test: setup
 	$(BIN)/python -m pytest
+
+# The quick loop: everything but the multi-second end-to-end scenarios.
+test-quick: setup
+	$(BIN)/python -m pytest -m "not slow"
 
 lint: setup
 	$(BIN)/ruff check .
@@ -44,16 +63,23 @@ bench: setup
 	$(BIN)/python -m pip install --quiet -e '.[bench]'
 	$(BIN)/python -m bench.ingest
 	$(BIN)/python -m bench.funksvd
+	$(BIN)/python -m bench.recsys
 	$(BIN)/python -m bench.pipeline
 	$(BIN)/python -m bench.cnn
 	$(BIN)/python -m bench.xgboost
 	$(BIN)/python -m bench.clip
+	$(BIN)/python -m bench.serve
 
 # Serialize every workflow, task and launch plan (with the code, for fast registration) into
 # dist/flyray-flyte.tgz; needs no cluster: `flytectl register files` takes the archive.
 package: setup
 	@mkdir -p dist
 	$(BIN)/pyflyte --pkgs workflows package --fast --force --output dist/flyray-flyte.tgz
+
+# Before deploying, no cluster needed: render every manifest of k8s/ and the RayJob of every
+# registered Ray task, validate them against KubeRay $(KUBERAY_VERSION)'s CRDs and Kubernetes' schemas.
+cluster-check: setup
+	$(BIN)/python -m k8s.check
 
 # Needs a Flyte cluster (~/.flyte/config.yaml or FLYTECTL_CONFIG) and Docker to build images.
 register: setup

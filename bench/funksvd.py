@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import os
 import tempfile
 import time
@@ -154,7 +153,6 @@ def main() -> None:
     parser.add_argument("--ratings", type=int, default=5_600_000, help="90%% train")
     parser.add_argument("--epochs", type=int, default=15)
     args = parser.parse_args()
-    logging.basicConfig(level=logging.WARNING)
     DATA.mkdir(parents=True, exist_ok=True)
     RESULTS.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")

@@ -5,9 +5,10 @@ CLIP classifier), and the Ray Train run configuration built from it."""
 from __future__ import annotations
 
 import tempfile
+import threading
 from dataclasses import dataclass
 
-from flyray import storage
+from flyray import console, storage
 
 
 @dataclass
@@ -65,3 +66,61 @@ def run_config(name: str | None, config: DistributedConfig, keep: int | None = 2
         checkpoint_config=ray.train.CheckpointConfig(num_to_keep=keep),
         **extra,
     ), uri
+
+
+class TrainingProgress:
+    """A console progress bar for a Ray Train run, one step per `ray.train.report` round.
+    Ray Train calls user callbacks in its controller actor, not in the driver, so each report
+    travels back through a Ray queue; a hidden bar (no terminal) sets up nothing.
+
+    progress = TrainingProgress(epochs, "CNN", "epoch", config.checkpoint_every)
+    run_config(name, config, callbacks=progress.callbacks); with progress: trainer.fit()
+    """
+
+    def __init__(self, total: int, desc: str, unit: str, every: int = 1):
+        self.bar = console.progress(total=total, desc=desc, unit=unit)
+        self.every = every  # rounds or epochs per report (DistributedConfig.checkpoint_every)
+        self.callbacks: list = []
+        self._queue = None
+        self._stop = threading.Event()
+        if not self.bar.disable:
+            from ray.train import UserCallback
+            from ray.util.queue import Queue
+
+            class Reported(UserCallback):
+                def __init__(self, queue):
+                    self.queue = queue
+
+                def after_report(self, run_context, metrics, checkpoint):
+                    self.queue.put_nowait(1)
+
+            self._queue = Queue()
+            self.callbacks = [Reported(self._queue)]
+
+    def _step(self) -> None:
+        self.bar.update(min(self.every, self.bar.total - self.bar.n))
+
+    def _pump(self) -> None:
+        from ray.util.queue import Empty
+
+        while not self._stop.is_set():
+            try:
+                self._queue.get(timeout=0.5)
+                self._step()
+            except Empty:
+                continue
+
+    def __enter__(self) -> TrainingProgress:
+        if self._queue is not None:
+            self._thread = threading.Thread(target=self._pump, daemon=True)
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._queue is not None:
+            self._stop.set()
+            self._thread.join()
+            for _ in range(self._queue.size()):  # reports that came after the last poll
+                self._step()
+            self._queue.shutdown()
+        self.bar.close()

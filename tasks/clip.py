@@ -25,6 +25,7 @@ from flyray.registry import Registration, RegistryConfig
 from tasks.platform import (
     execution_tags,
     flyray_task,
+    minutes,
     new_output_dir,
     publish,
     register,
@@ -65,7 +66,7 @@ def _write(table, uri: str) -> StructuredDataset:
     return StructuredDataset(uri=uri)
 
 
-@flyray_task(images.clip)
+@flyray_task(images.clip, timeout=minutes(30))
 def resolve_images(source: str, model: str, demo_per_class: int, demo_seed: int) -> ImageSource:
     """The image folder and a fingerprint of its content and the model's (never cached, so
     edits of either are seen, and embed_images is cached on content, not names); an empty
@@ -81,7 +82,8 @@ def resolve_images(source: str, model: str, demo_per_class: int, demo_seed: int)
     return ImageSource(root, cache_key(resolve_model(model), list_images(root).fingerprint))
 
 
-@flyray_task(images.clip, ray=True, worker_gpus=WORKER_GPUS, cache="clip-embed-1", deck=True)
+@flyray_task(images.clip, ray=True, worker_gpus=WORKER_GPUS, cache="clip-embed-1", deck=True,
+             timeout=minutes(180))  # fmt: skip
 def embed_images(
     root: str, fingerprint: str, model: str, config: EmbedConfig, split: SplitConfig
 ) -> EmbedOutputs:
@@ -105,7 +107,7 @@ def embed_images(
 
 
 @flyray_task(images.clip, ray=DistributedConfig(), worker_gpus=WORKER_GPUS, cache="clip-train-2",
-             deck=True, checkpoints="clip")  # fmt: skip
+             deck=True, checkpoints="clip", timeout=minutes(120))  # fmt: skip
 def fit_clip_classifier(
     train: StructuredDataset,
     validation: StructuredDataset,
@@ -133,7 +135,7 @@ def fit_clip_classifier(
 train_clip_classifier = sized_by_run(fit_clip_classifier, "train_clip_classifier", WORKER_GPUS)
 
 
-@flyray_task(images.clip, ray=True, cache="clip-evaluate-1", deck=True)
+@flyray_task(images.clip, ray=True, cache="clip-evaluate-1", deck=True, timeout=minutes(60))
 def evaluate_clip_classifier(
     model: FlyteDirectory, test: StructuredDataset, train: StructuredDataset
 ) -> EvaluationReport:
@@ -146,7 +148,7 @@ def evaluate_clip_classifier(
     return result
 
 
-@flyray_task(images.clip, deck=True)
+@flyray_task(images.clip, deck=True, timeout=minutes(30))
 def register_clip_classifier(
     model: FlyteDirectory, training: TrainingReport, evaluation: EvaluationReport,
     embeddings: EmbeddingResult, test: StructuredDataset, config: RegistryConfig,

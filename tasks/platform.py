@@ -16,6 +16,10 @@ configuration table); what changes per run is a workflow input:
                              environment from (endpoints, S3 keys; see k8s/)
   FLYRAY_CHECKPOINT_ROOT     where retried tasks find their checkpoints (default: beside the
                              execution's raw outputs)
+  FLYRAY_GPU_TOLERATIONS     JSON list of Kubernetes tolerations of GPU worker pods (default: the
+                             nvidia.com/gpu taint)
+  FLYRAY_GPU_NODE_SELECTOR   JSON object of node labels that GPU worker pods select (default none)
+  FLYRAY_TIMEOUT_SCALE (1)   multiplies every task's timeout (bigger data, slower nodes)
 """
 
 from __future__ import annotations
@@ -24,7 +28,6 @@ import datetime
 import functools
 import hashlib
 import json
-import logging
 import math
 import os
 import posixpath
@@ -41,14 +44,17 @@ from flytekit.types.directory import FlyteDirectory
 from flytekit.types.file import FlyteFile
 from flytekitplugins.ray import HeadNodeConfig, RayJobConfig, WorkerNodeConfig
 
-from flyray import registry
+from flyray import console, registry, ui
 from flyray.raytrain import DistributedConfig
 from flyray.registry import Candidate, RegistryConfig
 
 _S3_SECRET_KEYS = ("aws_access_key_id", "aws_secret_access_key")
 # The `flytekit` user of ImageSpec images; numeric so that runAsNonRoot can be verified.
 RUN_AS_USER = 1000
-DEFAULT_TIMEOUT = datetime.timedelta(hours=2)
+# For a task that does not size its own (every flyray task does: docs/configuration.md).
+DEFAULT_TIMEOUT = datetime.timedelta(hours=1)
+# The taint that GPU node pools carry (GKE, EKS and AKS GPU nodes; the NVIDIA GPU operator).
+GPU_TAINT = {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}
 
 # Ray cluster shape; k8s/render.py fills the standalone RayCluster from the same settings.
 RAY_DEFAULTS = {
@@ -65,12 +71,21 @@ RAY_DEFAULTS = {
 # trainer's Ray cluster at run time builds the same pods, secrets and checkpoint root.
 DEPLOYMENT_VARIABLES = (
     *RAY_DEFAULTS, "FLYRAY_S3_SECRET_GROUP", "FLYRAY_K8S_CONFIGMAP", "FLYRAY_K8S_SECRET",
-    "FLYRAY_CHECKPOINT_ROOT", "FLYRAY_CLIP_WORKER_GPUS",
+    "FLYRAY_CHECKPOINT_ROOT", "FLYRAY_CLIP_WORKER_GPUS", "FLYRAY_CNN_WORKER_GPUS",
+    "FLYRAY_GPU_TOLERATIONS", "FLYRAY_GPU_NODE_SELECTOR", "FLYRAY_TIMEOUT_SCALE",
 )  # fmt: skip
 
 
 def deployment_environment() -> dict[str, str]:
     return {name: os.environ[name] for name in DEPLOYMENT_VARIABLES if name in os.environ}
+
+
+def minutes(n: float) -> datetime.timedelta:
+    return datetime.timedelta(minutes=n)
+
+
+def timeout_scale() -> float:
+    return float(os.environ.get("FLYRAY_TIMEOUT_SCALE") or 1)
 
 
 def ray_setting(name: str) -> str:
@@ -118,7 +133,7 @@ def ray_job(config: DistributedConfig | None = None, worker_gpus: int = 0) -> Ra
                 replicas=most,
                 min_replicas=least,
                 max_replicas=most,
-                pod_template=_ray_pod("ray-worker", worker_res),
+                pod_template=_ray_pod("ray-worker", worker_res, gpu=bool(worker_gpus)),
             )
         ],
         enable_autoscaling=least < most,
@@ -127,9 +142,10 @@ def ray_job(config: DistributedConfig | None = None, worker_gpus: int = 0) -> Ra
     )
 
 
-def _ray_pod(container: str, resources: Resources) -> PodTemplate:
+def _ray_pod(container: str, resources: Resources, gpu: bool = False) -> PodTemplate:
     """A Ray head or worker pod: fixed resources, non-root, environment from the ConfigMap and
-    Secret of k8s/ (both optional, so a cluster without them still starts)."""
+    Secret of k8s/ (both optional, so a cluster without them still starts); a GPU pod takes the
+    deployment's GPU tolerations and node selector (`gpu_scheduling`)."""
     from kubernetes.client import (
         V1Capabilities,
         V1ConfigMapEnvSource,
@@ -155,7 +171,43 @@ def _ray_pod(container: str, resources: Resources) -> PodTemplate:
         V1EnvFromSource(secret_ref=V1SecretEnvSource(
             name=os.environ.get("FLYRAY_K8S_SECRET", "flyray-s3"), optional=True)),
     ]  # fmt: skip
+    if gpu:
+        spec.tolerations, spec.node_selector = gpu_scheduling()
     return PodTemplate(pod_spec=spec, primary_container_name=container)
+
+
+def gpu_scheduling() -> tuple[list, dict[str, str] | None]:
+    """(tolerations, nodeSelector) of GPU worker pods, from FLYRAY_GPU_TOLERATIONS (a JSON list of
+    Kubernetes tolerations; default: tolerate the nvidia.com/gpu taint) and
+    FLYRAY_GPU_NODE_SELECTOR (a JSON object of node labels; default: none)."""
+    from kubernetes.client import V1Toleration
+
+    fields = {camel: snake for snake, camel in V1Toleration.attribute_map.items()}
+    tolerations = _json_setting("FLYRAY_GPU_TOLERATIONS", [GPU_TAINT], list)
+    for i, toleration in enumerate(tolerations):
+        unknown = set(toleration) - set(fields) if isinstance(toleration, dict) else {"(type)"}
+        if unknown:
+            raise ValueError(f"FLYRAY_GPU_TOLERATIONS[{i}]: expected a toleration with fields "
+                             f"{sorted(fields)}, got {toleration!r}")  # fmt: skip
+    selector = _json_setting("FLYRAY_GPU_NODE_SELECTOR", {}, dict)
+    if not all(isinstance(v, str) for v in selector.values()):
+        raise ValueError(f"FLYRAY_GPU_NODE_SELECTOR: label values must be strings, got {selector}")
+    return [V1Toleration(**{fields[k]: v for k, v in t.items()}) for t in tolerations], (
+        selector or None
+    )
+
+
+def _json_setting(name: str, default, kind: type):
+    text = os.environ.get(name, "").strip()
+    if not text:
+        return default
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{name}: not valid JSON ({err}): {text!r}") from None
+    if not isinstance(value, kind):
+        raise ValueError(f"{name}: expected a JSON {kind.__name__}, got {text!r}")
+    return value
 
 
 def storage_secrets() -> list[Secret]:
@@ -206,16 +258,16 @@ def is_transient(exc: BaseException) -> bool:
 
 
 def _preamble(fn: Callable) -> Callable:
-    """Logging, and transient failures made recoverable: flytekit reports every user exception
-    as non-recoverable (never retried); a flaky store or a lost node is re-raised as
-    FlyteRecoverableException so `retries=` covers it, while bad input fails at once."""
+    """One console line as the task starts and ends (flyray.console), and transient failures
+    made recoverable: flytekit reports every user exception as non-recoverable (never retried);
+    a flaky store or a lost node is re-raised as FlyteRecoverableException so `retries=` covers
+    it, while bad input fails at once."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
-        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-        logging.getLogger("flyray").setLevel(logging.INFO)
         try:
-            return fn(*args, **kwargs)
+            with console.task_lines(fn.__name__):
+                return fn(*args, **kwargs)
         except Exception as exc:
             if is_transient(exc):
                 raise FlyteRecoverableException(f"transient failure, retrying: {exc}") from exc
@@ -243,6 +295,9 @@ def flyray_task(
     sizes it; training tasks are resized per run by `sized_by_run`); `cache`: a cache version (bump
     it when the code changes what the task writes; serialized, so concurrent runs compute once);
     `storage`: the task reads or writes object storage, so it requests the S3 secrets;
+    `timeout`: the task's bound, sized to its work (`minutes`; FLYRAY_TIMEOUT_SCALE scales it); a
+    cached task without GPUs is interruptible (it may run on spot nodes: a retry resumes or hits
+    the cache);
     `resources`: requests = limits of a plain (non-Ray) pod; `sizes`: a @dynamic that starts a
     Ray task on a cluster sized for the run (see `sized_by_run`); `checkpoints`: a trainer's name:
     its `config: DistributedConfig` input gets the checkpoint folder that a Flyte retry of the
@@ -256,7 +311,8 @@ def flyray_task(
         "container_image": image,
         "task_config": task_config,
         "retries": retries,
-        "timeout": timeout,
+        "timeout": timeout if sizes else timeout * timeout_scale(),
+        "interruptible": bool(cache) and not worker_gpus,
         "secret_requests": storage_secrets() if storage and not sizes else [],
         "enable_deck": deck,
         "environment": deployment_environment(),
@@ -295,7 +351,10 @@ def sized_by_run(ray_task, name: str, worker_gpus: int = 0):
 
     functools.update_wrapper(start, ray_task.task_function)  # its signature and type hints
     start.__name__ = start.__qualname__ = name
-    return flyray_task(ray_task.container_image, sizes=True)(start)
+    # A dynamic node's deadline covers the nodes it starts: the trainer's (scaled) timeout and
+    # a few minutes for the sizing pod.
+    timeout = ray_task.metadata.timeout + minutes(10)
+    return flyray_task(ray_task.container_image, sizes=True, timeout=timeout)(start)
 
 
 def register(config: RegistryConfig, candidate: Candidate, run_id: str | None = None):
@@ -363,8 +422,10 @@ def uri(value: StructuredDataset | FlyteDirectory | FlyteFile) -> str:
 
 
 def publish(name: str, *parts: str) -> None:
-    """One Flyte deck tab from HTML fragments (flyray's reports build them)."""
-    Deck(name, "\n".join(parts))
+    """One Flyte deck tab from HTML fragments (flyray's reports build them), marked with the
+    task's name for the local deck index (flyray.ui)."""
+    mark = f"<!-- {ui.TASK_MARK} {console.current_task()} -->"
+    Deck(name, "\n".join((mark, *parts)))
 
 
 def execution_tags(workload: str) -> dict[str, str]:

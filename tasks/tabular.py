@@ -30,7 +30,15 @@ from flyray.tabular.train import (
     save_model,
     train_distributed,
 )
-from tasks.platform import flyray_task, new_output_dir, publish, register, sized_by_run, uri
+from tasks.platform import (
+    flyray_task,
+    minutes,
+    new_output_dir,
+    publish,
+    register,
+    sized_by_run,
+    uri,
+)
 
 SPLITS = ("train", "validation", "test")
 
@@ -52,7 +60,7 @@ class TrainOutputs(NamedTuple):
     report: TrainingReport
 
 
-@flyray_task(images.tabular)
+@flyray_task(images.tabular, timeout=minutes(15))
 def resolve_table(source: str, label: str) -> TableSource:
     """Name the input and fingerprint its content (never cached: the content may change). An
     empty source writes scikit-learn's bundled breast-cancer table as parquet."""
@@ -63,8 +71,9 @@ def resolve_table(source: str, label: str) -> TableSource:
 
 
 @flyray_task(
-    images.tabular, ray=True, cache="tabular-prepare-1", cache_ignore=("source",), deck=True
-)
+    images.tabular, ray=True, cache="tabular-prepare-1", cache_ignore=("source",), deck=True,
+    timeout=minutes(60),
+)  # fmt: skip
 def prepare_table(source: str, fingerprint: str, config: TableConfig) -> PreparedTable:
     """Validate, encode and split the parquet input with Ray Data; cached on its fingerprint."""
     out = new_output_dir()
@@ -79,6 +88,7 @@ def prepare_table(source: str, fingerprint: str, config: TableConfig) -> Prepare
     cache="xgboost-train-2",
     deck=True,
     checkpoints="xgboost",
+    timeout=minutes(180),
 )
 def fit_xgboost(
     train: StructuredDataset,
@@ -98,7 +108,7 @@ def fit_xgboost(
 train_xgboost = sized_by_run(fit_xgboost, "train_xgboost")
 
 
-@flyray_task(images.tabular, cache="xgboost-evaluate-1", deck=True)
+@flyray_task(images.tabular, cache="xgboost-evaluate-1", deck=True, timeout=minutes(30))
 def evaluate_xgboost(model: FlyteDirectory, test: StructuredDataset) -> EvaluationReport:
     """Test-split metrics of the model and of the prior-rate baseline, ROC and importance.
     One process: predicting a held-out split is one multi-threaded xgboost call."""
@@ -109,7 +119,7 @@ def evaluate_xgboost(model: FlyteDirectory, test: StructuredDataset) -> Evaluati
     return evaluation
 
 
-@flyray_task(images.tabular, deck=True)
+@flyray_task(images.tabular, deck=True, timeout=minutes(30))
 def register_xgboost(
     model: FlyteDirectory,
     test: StructuredDataset,

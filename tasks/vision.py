@@ -32,6 +32,7 @@ from flyray.vision.train import train_baseline as run_baseline
 from flyray.vision.train import train_distributed as run_distributed
 from tasks.platform import (
     flyray_task,
+    minutes,
     new_output_dir,
     publish,
     ray_setting,
@@ -40,6 +41,9 @@ from tasks.platform import (
     uri,
 )
 
+# GPUs per Ray worker pod of the CNN's training, read when registering (0: CPU only, so that the
+# speedup compares like with like; with GPUs each Ray Train worker takes one).
+WORKER_GPUS = int(os.environ.get("FLYRAY_CNN_WORKER_GPUS", "0"))
 # The baseline pod gets one Ray worker's budget (same variables as the Ray pods).
 BASELINE_RESOURCES = Resources(
     cpu=ray_setting("FLYRAY_RAY_WORKER_CPU"), mem=ray_setting("FLYRAY_RAY_WORKER_MEM")
@@ -62,7 +66,7 @@ class ReportOutputs(NamedTuple):
     comparison: Comparison
 
 
-@flyray_task(images.image)
+@flyray_task(images.image, timeout=minutes(15))
 def resolve_image_source(source: str) -> str:
     """A fingerprint of the source's content, so that prepare_images' cache follows content."""
     if not source:
@@ -73,7 +77,7 @@ def resolve_image_source(source: str) -> str:
     return storage.fingerprint(storage.list_input_files(source, suffixes))
 
 
-@flyray_task(images.image, cache="vision-data-1", deck=True)
+@flyray_task(images.image, cache="vision-data-1", deck=True, timeout=minutes(60))
 def prepare_images(
     source: str, fingerprint: str, image_size: int, test_fraction: float, seed: int
 ) -> PreparedImages:
@@ -86,7 +90,7 @@ def prepare_images(
 
 
 # Timings are measurements: neither training task is cached, a rerun measures again.
-@flyray_task(images.image, resources=BASELINE_RESOURCES)
+@flyray_task(images.image, resources=BASELINE_RESOURCES, timeout=minutes(180))
 def train_baseline(
     train: StructuredDataset, test: StructuredDataset, params: CNNParams, threads: int
 ) -> RunReport:
@@ -94,7 +98,8 @@ def train_baseline(
     return run_baseline(uri(train), uri(test), params, threads)
 
 
-@flyray_task(images.image, ray=DistributedConfig(), checkpoints="cnn")
+@flyray_task(images.image, ray=DistributedConfig(), worker_gpus=WORKER_GPUS, checkpoints="cnn",
+             timeout=minutes(180))  # fmt: skip
 def fit_cnn(
     train: StructuredDataset, test: StructuredDataset, params: CNNParams, config: DistributedConfig
 ) -> TrainOutputs:
@@ -105,10 +110,10 @@ def fit_cnn(
     return TrainOutputs(FlyteDirectory(model_dir), report)
 
 
-train_distributed = sized_by_run(fit_cnn, "train_distributed")
+train_distributed = sized_by_run(fit_cnn, "train_distributed", WORKER_GPUS)
 
 
-@flyray_task(images.image, storage=False, deck=True)
+@flyray_task(images.image, storage=False, deck=True, timeout=minutes(10))
 def compare_runs(
     baseline: RunReport,
     distributed: RunReport,
@@ -130,7 +135,7 @@ def compare_runs(
     return ReportOutputs(FlyteFile(path), comparison)
 
 
-@flyray_task(images.image, deck=True)
+@flyray_task(images.image, deck=True, timeout=minutes(30))
 def register_cnn(
     model: FlyteDirectory,
     test: StructuredDataset,

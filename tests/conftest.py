@@ -18,7 +18,21 @@ from flytekit.core import local_cache
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
-REES46_SAMPLE = SHARED_DATA / "clickstream" / "rees46-2019-oct-sample.csv"
+
+
+def shared_data(*parts: str) -> Path:
+    """A reference file from ../shared/data, or a skip naming it: the samples sit beside the
+    checkout for developers and CI, but a bare clone has none."""
+    path = SHARED_DATA.joinpath(*parts)
+    if not path.exists():
+        pytest.skip(
+            f"{path} is absent (reference samples live in ../shared/data beside the checkout)"
+        )
+    return path
+
+
+def rees46_sample() -> Path:
+    return shared_data("clickstream", "rees46-2019-oct-sample.csv")
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -6,7 +6,7 @@ import gzip
 
 import pyarrow.parquet as pq
 import pytest
-from conftest import REES46_SAMPLE, event, jsonl
+from conftest import event, jsonl, rees46_sample
 
 from flyray.clickstream.config import IngestConfig
 from flyray.clickstream.ingest import IngestError, bucket_of, ingest
@@ -52,7 +52,7 @@ def test_events_are_partitioned_by_user_bucket(tmp_path):
 
 
 def test_rees46_directory_glob_and_gzip(tmp_path):
-    data = REES46_SAMPLE.read_bytes()
+    data = rees46_sample().read_bytes()
     (tmp_path / "in").mkdir()
     (tmp_path / "in" / "a.csv").write_bytes(data)
     (tmp_path / "in" / "b.csv.gz").write_bytes(gzip.compress(data))

@@ -11,15 +11,20 @@ import pandas as pd
 import pytest
 
 from flyray.recsys import FunkSVDParams
+from flyray.recsys.tuning import TuningConfig
 from workflows.recommendation import recommendation_pipeline
 
 SMALL = FunkSVDParams(n_factors=16, n_epochs=8, lr=0.01, reg=0.05, negatives=3, rating_min=0.0)
+UNTUNED = TuningConfig(trials=0)  # these runs check training and registration (tuning: run_local)
 
 
+@pytest.mark.slow
 def test_pipeline_registers_evaluates_and_recommends(tmp_path, monkeypatch, flyte_cache):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.setenv("FLYRAY_DATA_DIR", str(tmp_path / "data"))
-    out = recommendation_pipeline(demo_events=40_000, params=SMALL, n_recommendations=5)
+    out = recommendation_pipeline(
+        demo_events=40_000, params=SMALL, n_recommendations=5, tuning=UNTUNED
+    )
     ev = out.evaluation
     assert ev.k == 10 and ev.model.users > 0
     assert 0 < ev.model.ndcg <= 1 and 0 < ev.popularity.ndcg <= 1
@@ -39,7 +44,9 @@ def test_pipeline_registers_evaluates_and_recommends(tmp_path, monkeypatch, flyt
     assert sum(training.ratings_per_worker) >= training.train_ratings  # plus sampled negatives
     recs = out.recommendations.open(pd.DataFrame).all()
     assert (recs.groupby("user_id").size() == 5).all()
-    again = recommendation_pipeline(demo_events=40_000, params=SMALL, n_recommendations=5)
+    again = recommendation_pipeline(
+        demo_events=40_000, params=SMALL, n_recommendations=5, tuning=UNTUNED
+    )
     second = again.registration.decision
     assert second.version == "2" and not (second.promoted and decision.promoted)
     # The champion is scored on the challenger's own split: the same model on the same split
@@ -48,6 +55,7 @@ def test_pipeline_registers_evaluates_and_recommends(tmp_path, monkeypatch, flyt
     assert second.champion_value == pytest.approx(again.evaluation.model.ndcg, rel=1e-6)
 
 
+@pytest.mark.slow
 def test_pyflyte_run_subprocess(tmp_path):
     env = {
         **os.environ,

@@ -11,6 +11,7 @@ import pytest
 from flyray.raytrain import DistributedConfig
 
 
+@pytest.mark.slow
 def test_xgboost_resumes_on_the_same_checkpoint_uri(tmp_path):
     from flyray.tabular.data import prepare, split_uri, write_breast_cancer
     from flyray.tabular.train import XGBParams, train_distributed
@@ -35,6 +36,7 @@ def _blobs(rng: np.random.Generator, centres: np.ndarray, n: int) -> pa.Table:
     return pa.table({"embedding": emb, "label_idx": pa.array(y, pa.int64())})
 
 
+@pytest.mark.slow
 def test_clip_classifier_resumes_on_the_same_checkpoint_uri(tmp_path):
     from flyray.clip.classifier import ClassifierParams, train_classifier
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import boto3
 import pyarrow.parquet as pq
 import pytest
-from conftest import REES46_SAMPLE, event, jsonl
+from conftest import event, jsonl, rees46_sample
 
 from flyray import storage
 from flyray.clickstream.features import build_features
@@ -26,7 +26,7 @@ def _bucket(endpoint: str, name: str):
 
 def test_ingest_and_features_from_and_to_s3(s3_env):
     s3 = _bucket(s3_env, "clicks")
-    s3.put_object(Bucket="clicks", Key="raw/2019-10/sample.csv", Body=REES46_SAMPLE.read_bytes())
+    s3.put_object(Bucket="clicks", Key="raw/2019-10/sample.csv", Body=rees46_sample().read_bytes())
     lines = [event(u, 7, ts=f"2024-01-01T00:00:{u:02d}Z") for u in range(40)] + ["{oops"]
     s3.put_object(Bucket="clicks", Key="raw/extra/part-0.jsonl", Body=jsonl(*lines))
     report = ingest("s3://clicks/raw/", "s3://clicks/prepared/ingest")

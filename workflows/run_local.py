@@ -1,42 +1,40 @@
-"""`make run`: the main job on the embedded defaults, then where to find everything.
+"""`make run`: the main job on the embedded defaults, then a summary of what it made.
 
-python -m workflows.run_local [--demo-events N] [--source PATH]
+python -m workflows.run_local [--demo-events N] [--source PATH] [--tune-trials N] [--verbose]
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import time
-from pathlib import Path
-
-from flytekit.core.context_manager import FlyteContextManager
-
-from workflows.recommendation import recommendation_pipeline
-
-_DECKS = ("ingest", "data profile", "training", "evaluation", "registry")
 
 
-def _decks(since: float) -> list[tuple[str, Path]]:
-    """(deck name, file) of the deck files this run wrote."""
-    root = Path(FlyteContextManager.current_context().file_access.local_sandbox_dir)
-    found = []
-    for path in sorted(root.rglob("deck.html")):
-        if path.stat().st_mtime >= since:
-            text = path.read_text(errors="replace")
-            # Local runs share one deck list, so a task's own tab is the last one in its file.
-            marks = {d: text.rfind(f'handleLinkClick(this)">{d}</li>') for d in _DECKS}
-            tab = max(marks, key=marks.get) if max(marks.values()) >= 0 else "deck"
-            found.append((tab, path))
-    return found
-
-
-def main() -> None:
+def _parse() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--demo-events", type=int, default=1_000_000)
     parser.add_argument("--source", default="", help="clickstream file, dir, glob or s3:// URI")
-    args = parser.parse_args()
+    parser.add_argument(
+        "--tune-trials", type=int, default=None, help="Ray Tune trials before training (0: off)"
+    )
+    parser.add_argument(
+        "--verbose", action="store_true", help="every library's output too (FLYRAY_LOG_LEVEL=DEBUG)"
+    )
+    return parser.parse_args()
+
+
+def main() -> None:
+    args = _parse()
+    if args.verbose:  # before flyray is imported: it quiets Ray and MLflow unless DEBUG
+        os.environ["FLYRAY_LOG_LEVEL"] = "DEBUG"
+    from flyray import console, ui
+    from flyray.recsys.tuning import TuningConfig
+    from workflows.recommendation import recommendation_pipeline
+
+    console.configure()
     began = time.time()
-    out = recommendation_pipeline(source=args.source, demo_events=args.demo_events)
+    tuning = {} if args.tune_trials is None else {"tuning": TuningConfig(trials=args.tune_trials)}
+    out = recommendation_pipeline(source=args.source, demo_events=args.demo_events, **tuning)
     seconds = time.time() - began
     reg, ev = out.registration, out.evaluation
     decision = reg.decision
@@ -47,14 +45,20 @@ def main() -> None:
     for m in (ev.model, ev.biases, ev.popularity):
         print(f"{m.model:<12}{m.rmse:>8.3f}{m.mae:>8.3f}{m.precision:>8.4f}{m.recall:>8.4f}"
               f"{m.ndcg:>9.4f}{m.map:>8.4f}{m.coverage:>10.3f}")  # fmt: skip
+    tuned = out.tuning
+    if tuned.table:
+        print(f"\ntuning: {tuned.trials} Ray Tune trials in {tuned.seconds:.0f} s, best "
+              f"{tuned.best_model}, validation {tuned.metric} {tuned.best_score:.4f}")  # fmt: skip
     status = "now the champion" if decision.promoted else "not promoted"
     print(f"\nregistered: {decision.model_name} version {decision.version} ({status}): "
           f"{decision.reason}")  # fmt: skip
-    print(f"MLflow run {reg.run_id}; UI: mlflow ui --backend-store-uri {reg.tracking_uri}")
+    print(f"MLflow run {reg.run_id} in {reg.tracking_uri}")
     print(f"model files: {out.model.path}")
     print(f"recommendations (parquet): {out.recommendations.literal.uri}")
-    for name, path in _decks(began):
-        print(f"deck ({name}): {path}")
+    decks = ui.latest_decks(since=began)
+    print(f"decks ({', '.join(d.tab for d in decks)}): {ui.write_index(decks).as_uri()}")
+    print(f"full log: {console.log_path()}")
+    print("look at it all: make ui")
 
 
 if __name__ == "__main__":

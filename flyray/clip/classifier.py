@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from flyray import storage
-from flyray.raytrain import DistributedConfig, run_config
+from flyray.raytrain import DistributedConfig, TrainingProgress, run_config
 
 RUN_NAME = "clip-classifier"  # fixed, so that a run started again on its checkpoint_uri resumes
 
@@ -243,6 +243,7 @@ def train_classifier(
     if not ray.is_initialized():
         ray.init()
     gpu = use_gpu(ray.cluster_resources())
+    progress = TrainingProgress(params.epochs, "classifier", "epoch", config.checkpoint_every)
     trainer = TorchTrainer(
         _train_loop,
         train_loop_config={
@@ -259,13 +260,14 @@ def train_classifier(
             use_gpu=gpu,
             resources_per_worker={"CPU": config.cpus_per_worker},  # and 1 GPU with use_gpu
         ),
-        run_config=run_config(RUN_NAME, config)[0],
+        run_config=run_config(RUN_NAME, config, callbacks=progress.callbacks)[0],
         datasets={
             "train": training_dataset(train, params.seed),
             "validation": training_dataset(validation),
         },
     )
-    result = trainer.fit()
+    with progress:
+        result = trainer.fit()
     with result.checkpoint.as_directory() as folder:
         state = torch.load(os.path.join(folder, "state.pt"), weights_only=False)
     model = ClipClassifier(

@@ -29,7 +29,7 @@ import numpy as np
 import xgboost as xgb
 
 from flyray import storage
-from flyray.raytrain import DistributedConfig, run_config
+from flyray.raytrain import DistributedConfig, TrainingProgress, run_config
 from flyray.tabular.data import TableSpec, read_share, read_split, split_files
 
 log = logging.getLogger(__name__)
@@ -211,7 +211,8 @@ def train_distributed(
     from ray.train.xgboost import XGBoostTrainer
 
     began = time.time()
-    run, ckpt_uri = run_config(RUN_NAME, config)
+    progress = TrainingProgress(params.num_boost_round, "XGBoost", "round", config.checkpoint_every)
+    run, ckpt_uri = run_config(RUN_NAME, config, callbacks=progress.callbacks)
     trainer = XGBoostTrainer(
         _train_loop,
         train_loop_config={
@@ -228,7 +229,8 @@ def train_distributed(
         ),
         run_config=run,
     )
-    result = trainer.fit()
+    with progress:
+        result = trainer.fit()
     done = time.time()
     booster = _report_at_checkpoints().get_model(result.checkpoint)
     m = result.metrics

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import pandas as pd
 
 from flyray import storage
-from flyray.raytrain import DistributedConfig, run_config
+from flyray.raytrain import DistributedConfig, TrainingProgress, run_config
 from flyray.vision import LEGACY_KERAS_ENV
 from flyray.vision.data import ImageSet, from_table, read_parquet
 from flyray.vision.model import CNNParams, build_cnn
@@ -322,6 +322,7 @@ def train_distributed(
     # Read before the workers start: once they hold every CPU of a small cluster, Ray Data's
     # read tasks could not be scheduled (it hung on this 2-CPU machine).
     dataset = ray.data.read_parquet(path, filesystem=fs).materialize()
+    progress = TrainingProgress(params.epochs, "CNN", "epoch", config.checkpoint_every)
     trainer = TensorflowTrainer(
         _worker_loop,
         train_loop_config={
@@ -333,6 +334,7 @@ def train_distributed(
         },
         scaling_config=ScalingConfig(
             num_workers=config.worker_count(),
+            use_gpu=ray.cluster_resources().get("GPU", 0) > 0,  # a GPU per worker where there are
             resources_per_worker={"CPU": config.cpus_per_worker},
         ),
         datasets={"train": dataset},
@@ -340,10 +342,12 @@ def train_distributed(
             RUN_NAME, config,
             keep=None,  # every checkpoint carries the metrics of its epochs
             worker_runtime_env={"env_vars": LEGACY_KERAS_ENV},  # before TF loads in workers
+            callbacks=progress.callbacks,
         )[0],
     )  # fmt: skip
     began, began_wall = time.perf_counter(), time.time()
-    result = trainer.fit()
+    with progress:
+        result = trainer.fit()
     elapsed, ended_wall = time.perf_counter() - began, time.time()
     info = result.return_value
     # Epochs of every attempt (and of earlier runs on the same checkpoint_uri), in report order:
