@@ -15,9 +15,11 @@ the given parameters, so the result is never worse on validation than not tuning
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
+import os
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field, replace
@@ -196,6 +198,22 @@ def _as_given(model: str, funksvd: FunkSVDParams, ials_params: IALSParams, space
     }
 
 
+_CLOUD_CREDENTIALS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN",
+                      "AWS_SECURITY_TOKEN")  # fmt: skip
+
+
+@contextlib.contextmanager
+def _without_cloud_credentials():
+    """Ray Tune copies AWS credentials from the driver's environment into every trial's
+    runtime_env, which Ray's runtime-env agent writes to its log. Trials read nothing from object
+    storage (data arrive in memory, checkpoints go to a local folder), so they start without."""
+    saved = {k: os.environ.pop(k) for k in _CLOUD_CREDENTIALS if k in os.environ}
+    try:
+        yield
+    finally:
+        os.environ.update(saved)
+
+
 def tune_recommender(
     train: Ratings,
     validation: Ratings,
@@ -226,7 +244,7 @@ def tune_recommender(
         "seed": config.seed,
     }  # fmt: skip
     trainable = tune.with_resources(tune.with_parameters(_trial, data=data), {"cpu": 1})
-    with tempfile.TemporaryDirectory(prefix="tune-") as storage:
+    with tempfile.TemporaryDirectory(prefix="tune-") as storage, _without_cloud_credentials():
         results = tune.Tuner(
             trainable,
             param_space=space,
