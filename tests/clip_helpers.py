@@ -35,3 +35,24 @@ def shapes_with_bad_files(root: Path, per_class: int = 10) -> dict[str, str]:
         path.write_bytes(data)
     reasons = ("undecodable", "undecodable", "undecodable", "not_an_image_file", "no_class_folder")
     return {str(p): r for p, r in zip(bad, reasons, strict=True)}
+
+
+def untrained_classifier(tiny_model: str, files: list[str]):
+    """(classifier, embeddings of `files`, the labels it predicts for them): a seeded untrained
+    classifier, enough to check that a logged model answers as the in-process one."""
+    import torch
+
+    from flyray.clip.classifier import ClassifierParams, ClipClassifier, TrainedClassifier
+    from flyray.clip.embed import ClipEmbedder
+    from flyray.images import decode
+
+    torch.manual_seed(0)
+    labels = sorted(CLASSES)
+    classifier = TrainedClassifier(ClipClassifier(32, 3, hidden=16).eval(), labels, tiny_model,
+                                   ClassifierParams(hidden=16))  # fmt: skip
+    embeddings = ClipEmbedder(tiny_model).embed([decode(Path(f).read_bytes()) for f in files])
+    return (
+        classifier,
+        embeddings,
+        [labels[i] for i in classifier.predict_proba(embeddings).argmax(1)],
+    )

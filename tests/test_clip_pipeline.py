@@ -14,13 +14,11 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from clip_helpers import CLASSES, shapes_with_bad_files, tiny_clip  # noqa: F401
+from clip_helpers import CLASSES, shapes_with_bad_files, tiny_clip, untrained_classifier  # noqa: F401
 
 from flyray import registry
-from flyray.clip.classifier import ClassifierParams, ClipClassifier, TrainedClassifier
-from flyray.clip.embed import ClipEmbedder
+from flyray.clip.classifier import ClassifierParams
 from flyray.clip.pyfunc import log_pyfunc
-from flyray.images import decode
 from flyray.raytrain import DistributedConfig
 from workflows.clip import clip_pipeline
 
@@ -95,12 +93,7 @@ def test_pyfunc_classifies_images_and_embeddings_in_a_fresh_process(
     registry.use_experiment("clip-pyfunc")
     shapes_with_bad_files(tmp_path / "images", per_class=2)
     files = sorted(str(p) for p in (tmp_path / "images").glob("*/0000*.png"))
-    torch.manual_seed(0)
-    labels = sorted(CLASSES)
-    classifier = TrainedClassifier(ClipClassifier(32, 3, hidden=16).eval(), labels, tiny_clip,
-                                   ClassifierParams(hidden=16))  # fmt: skip
-    embeddings = ClipEmbedder(tiny_clip).embed([decode(Path(f).read_bytes()) for f in files])
-    want = [labels[i] for i in classifier.predict_proba(embeddings).argmax(1)]
+    classifier, embeddings, want = untrained_classifier(tiny_clip, files)
     classifier.save(str(tmp_path / "classifier"))
     with mlflow.start_run():
         info = log_pyfunc(str(tmp_path / "classifier"), classifier, embeddings,

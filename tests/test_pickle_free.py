@@ -14,17 +14,13 @@ from pathlib import Path
 import mlflow
 import numpy as np
 import pytest
-import torch
 import yaml
-from clip_helpers import CLASSES, tiny_clip  # noqa: F401
+from clip_helpers import CLASSES, tiny_clip, untrained_classifier  # noqa: F401
 from test_funksvd import synthetic
 
 from flyray import registry
-from flyray.clip.classifier import ClassifierParams, ClipClassifier, TrainedClassifier
-from flyray.clip.embed import ClipEmbedder
 from flyray.clip.generate import generate_shapes
 from flyray.clip.pyfunc import log_pyfunc as log_clip
-from flyray.images import decode
 from flyray.recsys import FunkSVD
 from flyray.recsys.pyfunc import log_pyfunc as log_factors
 
@@ -95,12 +91,7 @@ print(json.dumps({{"top": top.item_id.tolist(), "score": float(pair.score[0])}})
 def test_clip_champion_loads_without_pickle_and_answers(tracking, tmp_path, tiny_clip):  # noqa: F811
     generate_shapes(str(tmp_path / "images"), classes=CLASSES, per_class=2, seed=1)
     files = sorted(str(p) for p in (tmp_path / "images").glob("*/*.png"))
-    torch.manual_seed(0)
-    labels = sorted(CLASSES)
-    classifier = TrainedClassifier(ClipClassifier(32, 3, hidden=16).eval(), labels, tiny_clip,
-                                   ClassifierParams(hidden=16))  # fmt: skip
-    embeddings = ClipEmbedder(tiny_clip).embed([decode(Path(f).read_bytes()) for f in files])
-    want = [labels[i] for i in classifier.predict_proba(embeddings).argmax(1)]
+    classifier, embeddings, want = untrained_classifier(tiny_clip, files)
     classifier.save(str(tmp_path / "classifier"))
     metrics = {"f1_macro": 0.8, "accuracy": 0.75}
     version = _register(
