@@ -27,6 +27,7 @@ import itertools
 import json
 import os
 import time
+from collections.abc import Callable
 from dataclasses import asdict, replace
 from pathlib import Path
 
@@ -52,6 +53,7 @@ DATA = REPO / ".data" / "bench"
 REAL = REPO.parent / "shared" / "data" / "clickstream"
 RESULTS = REPO / "bench" / "results"
 K, USERS = 10, 20_000
+SMALL = 5_000  # test users under which trained rows average several seeds
 
 
 def prepare(name: str, source: Path) -> dict:
@@ -95,8 +97,9 @@ def oracle(data: dict, truth: Path) -> FunkSVD:
     return factor_model(P, Q, data["train"])
 
 
-def implicit_grid(data: dict, n_users: int, n_items: int, factors: int) -> list[dict]:
-    """implicit's ALS and BPR over a small grid; each family's best point on validation."""
+def implicit_grid(data: dict, n_users: int, n_items: int, factors: int, seeds: int) -> list:
+    """implicit's ALS and BPR over a small grid; each family's best point on validation (seed
+    0), scored on test over `seeds` seeds."""
     from implicit.cpu.als import AlternatingLeastSquares
     from implicit.cpu.bpr import BayesianPersonalizedRanking
 
@@ -112,74 +115,101 @@ def implicit_grid(data: dict, n_users: int, n_items: int, factors: int) -> list[
     }  # fmt: skip
     rows = []
     for name, (cls, grid, fixed) in grids.items():
-        best = None
-        for values in itertools.product(*grid.values()):
-            params = dict(zip(grid, values, strict=True))
-            algo = cls(factors=factors, random_state=0, **fixed, **params)
+
+        def fit(seed: int, params: dict, cls=cls, fixed=fixed):
+            algo = cls(factors=factors, random_state=seed, **fixed, **params)
             began = time.perf_counter()
             algo.fit(matrix, show_progress=False)
             seconds = time.perf_counter() - began
-            model = factor_model(algo.user_factors, algo.item_factors, train)
-            score = ndcg_in_process(model, data["validation"], K, USERS)
+            return factor_model(algo.user_factors, algo.item_factors, train), seconds
+
+        best = None
+        for values in itertools.product(*grid.values()):
+            params = dict(zip(grid, values, strict=True))
+            score = ndcg_in_process(fit(0, params)[0], data["validation"], K, USERS)
             if best is None or score > best[0]:
-                best = (score, params, model, seconds)
-        score, params, model, seconds = best
-        rows.append(_row(name, model, data, seconds, params, validation=score))
+                best = (score, params)
+        score, params = best
+        rows.append(_row(name, lambda seed, p=params, f=fit: f(seed, p), data, seeds, params,
+                         validation=score))  # fmt: skip
     return rows
 
 
-def _row(name, model, data, seconds, params, validation=None, tune_s=None) -> dict:
-    m = evaluate(model, data["test"], K, name, rating_metrics=False, max_users=USERS)
-    return {"model": name, "ndcg@10": m.ndcg, "recall@10": m.recall,
-            "coverage@10": m.coverage, "fit s": seconds, "tune s": tune_s,
-            "validation ndcg@10": validation, "params": params}  # fmt: skip
+def _row(name, fit, data, seeds, params, validation=None, tune_s=None) -> dict:
+    """Test metrics of `fit(seed) -> (model, seconds)`, averaged over seeds 0..seeds-1 (the
+    spread of NDCG over seeds in `ndcg sd`): on a few hundred test users one seed's luck moves
+    NDCG@10 by more than the gap between the models."""
+    runs = []
+    for seed in range(seeds):
+        model, seconds = fit(seed)
+        m = evaluate(model, data["test"], K, name, rating_metrics=False, max_users=USERS)
+        runs.append((m.ndcg, m.recall, m.coverage, seconds))
+    ndcg, recall, coverage, seconds = np.mean(runs, axis=0)
+    return {"model": name, "ndcg@10": ndcg, "ndcg sd": np.std([r[0] for r in runs]),
+            "recall@10": recall, "coverage@10": coverage, "fit s": seconds, "tune s": tune_s,
+            "validation ndcg@10": validation, "seeds": seeds, "params": params}  # fmt: skip
 
 
-def flyray_rows(data: dict, n_users: int, n_items: int, trials: int, budget: float) -> list:
+def _fixed(model: FunkSVD) -> Callable[[int], tuple[FunkSVD, float]]:
+    """A deterministic model as a `fit` for `_row`."""
+    return lambda seed: (model, 0.0)
+
+
+def flyray_rows(data: dict, n_users: int, n_items: int, trials: int, budget: float,
+                seeds: int) -> list:  # fmt: skip
     """FunkSVD and iALS with the pipeline's parameters, then tuned (fixed factor count)."""
     train, config = data["train"], DistributedConfig(workers=2)
     rows = []
 
-    def fit(model: str, funksvd: FunkSVDParams, ials_params: IALSParams):
-        began = time.perf_counter()
-        if model == "ials":
-            fitted = ials.train(train, n_users, n_items, ials_params, config)
-        else:
-            fitted = distributed.train(train, n_users, n_items, funksvd, config)
-        return fitted, time.perf_counter() - began
+    def fitter(model: str, funksvd: FunkSVDParams, ials_params: IALSParams):
+        def fit(seed: int):
+            began = time.perf_counter()
+            if model == "ials":
+                fitted = ials.train(train, n_users, n_items, replace(ials_params, seed=seed),
+                                    config)  # fmt: skip
+            else:
+                fitted = distributed.train(train, n_users, n_items, replace(funksvd, seed=seed),
+                                           config)  # fmt: skip
+            return fitted, time.perf_counter() - began
+
+        return fit
 
     for model in ("funksvd", "ials"):
-        fitted, seconds = fit(model, PIPELINE_PARAMS, IALS_PARAMS)
+        fit = fitter(model, PIPELINE_PARAMS, IALS_PARAMS)
         params = asdict(PIPELINE_PARAMS if model == "funksvd" else IALS_PARAMS)
-        score = ndcg_in_process(fitted, data["validation"], K, USERS)
-        rows.append(_row(f"flyray {model} (defaults)", fitted, data, seconds, params, score))
+        score = ndcg_in_process(fit(0)[0], data["validation"], K, USERS)
+        rows.append(_row(f"flyray {model} (defaults)", fit, data, seeds, params, score))
         if not trials:
             continue
         factors = PIPELINE_PARAMS.n_factors
-        tuning = TuningConfig(trials=trials, time_budget_s=budget, validation_users=USERS,
+        tuning = TuningConfig(trials=trials, time_budget_s=budget,
                               space=json.dumps({model: {"n_factors": [factors]}}))  # fmt: skip
         ials_start = replace(IALS_PARAMS, n_factors=factors)
         tuned = tune_recommender(train, data["validation"], n_users, n_items, model,
                                  PIPELINE_PARAMS, ials_start, tuning)  # fmt: skip
-        fitted, seconds = fit(model, tuned.funksvd, tuned.ials)
         params = asdict(tuned.funksvd if model == "funksvd" else tuned.ials)
-        rows.append(_row(f"flyray {model} (tuned)", fitted, data, seconds, params,
-                         tuned.report.best_score, tuned.report.seconds))  # fmt: skip
+        rows.append(_row(f"flyray {model} (tuned)", fitter(model, tuned.funksvd, tuned.ials),
+                         data, seeds, params, tuned.report.best_score,
+                         tuned.report.seconds))  # fmt: skip
     return rows
 
 
 def run(name: str, source: Path, truth: Path | None, trials: int, budget: float,
-        with_implicit: bool = True) -> dict:  # fmt: skip
+        with_implicit: bool = True, seeds: int = 5) -> dict:  # fmt: skip
+    """Every row on one dataset; trained rows average `seeds` seeds where the test split has
+    fewer than SMALL users (one seed otherwise: there the spread is far below the gaps)."""
     began = time.perf_counter()
     data = prepare(name, source)
     n_users, n_items = len(data["user_ids"]), len(data["item_ids"])
     train = data["train"]
-    rows = [_row("popularity", popularity_model(train, n_users, n_items), data, 0.0, {})]
-    rows += flyray_rows(data, n_users, n_items, trials, budget)
+    seeds = seeds if len(np.unique(data["test"].users)) < SMALL else 1
+    pop = popularity_model(train, n_users, n_items)
+    rows = [_row("popularity", _fixed(pop), data, 1, {})]
+    rows += flyray_rows(data, n_users, n_items, trials, budget, seeds)
     if with_implicit:
-        rows += implicit_grid(data, n_users, n_items, PIPELINE_PARAMS.n_factors)
+        rows += implicit_grid(data, n_users, n_items, PIPELINE_PARAMS.n_factors, seeds)
     if truth is not None and truth.exists():
-        rows.append(_row("oracle (generator truth)", oracle(data, truth), data, 0.0, {}))
+        rows.append(_row("oracle (generator truth)", _fixed(oracle(data, truth)), data, 1, {}))
     pop = rows[0]["ndcg@10"]
     for row in rows:
         row["x popularity"] = row["ndcg@10"] / pop if pop else float("nan")
@@ -255,6 +285,12 @@ def main() -> None:
     parser.add_argument("--trials", type=int, default=12, help="tuning trials per model (0: off)")
     parser.add_argument("--budget", type=float, default=240, help="tuning seconds per model")
     parser.add_argument("--only", default="", help="run datasets whose name contains this")
+    parser.add_argument(
+        "--seeds",
+        type=int,
+        default=5,
+        help=f"seeds averaged on datasets with under {SMALL:,} test users",
+    )
     parser.add_argument("--skip-implicit", action="store_true", help="no implicit ALS/BPR grid")
     parser.add_argument("--scaling-ratings", type=int, default=5_000_000,
                         help="iALS 1 vs 2 workers on this many ratings (0: skip)")  # fmt: skip
@@ -267,7 +303,9 @@ def main() -> None:
     for name, source, truth in datasets(args.events):
         if args.only and args.only not in name:
             continue
-        result = run(name, source, truth, args.trials, args.budget, not args.skip_implicit)
+        result = run(
+            name, source, truth, args.trials, args.budget, not args.skip_implicit, args.seeds
+        )
         results[name] = result
         _print(result)
         _save(results, path)

@@ -150,8 +150,10 @@ def test_registered_pyfunc_serves_an_ials_model(clicks, tmp_path, monkeypatch):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     model = ials.fit_local(clicks, 400, 150, PARAMS)
     folder = model.save(str(tmp_path / "ials"))
-    # Its own experiment: an earlier test's active experiment id lives in MLflow's globals.
-    with mlflow.start_run(experiment_id=mlflow.create_experiment("ials-pyfunc")):
+    # Its own experiment (an earlier test's active experiment id lives in MLflow's globals), with
+    # its artifacts under tmp_path (sqlite's default artifact root is ./mlruns in the checkout).
+    artifacts = (tmp_path / "artifacts").as_uri()
+    with mlflow.start_run(experiment_id=mlflow.create_experiment("ials-pyfunc", artifacts)):
         info = log_pyfunc(model, folder)
     served = mlflow.pyfunc.load_model(info.model_uri)
     top = served.predict(pd.DataFrame({"user_id": [0, 1]}), params={"n": 5})

@@ -1,6 +1,6 @@
 """Ray Tune search of the recommender: configuration, the off switch, a real search on Ray
 that reports validation NDCG per epoch and returns the winner, never worse than the given
-parameters; the report's deck and plot; its Flyte round trip."""
+parameters; the one-standard-error rule; the report's deck and plot; its Flyte round trip."""
 
 from __future__ import annotations
 
@@ -12,8 +12,9 @@ from test_ials import taste_clicks
 
 from flyray.recsys import FunkSVDParams
 from flyray.recsys.distributed import Ratings
-from flyray.recsys.ials import IALSParams
-from flyray.recsys.tuning import TuningConfig, TuningReport, tune_recommender
+from flyray.recsys.evaluate import ndcg_with_error
+from flyray.recsys.ials import IALSParams, fit_local
+from flyray.recsys.tuning import TuningConfig, TuningReport, _winner, tune_recommender
 
 # Deliberately poor given parameters: too slow a learning rate to learn in a few epochs.
 GIVEN = FunkSVDParams(n_factors=8, n_epochs=6, lr=1e-4, reg=0.05, negatives=1, rating_min=0.0)
@@ -68,10 +69,14 @@ def test_search_on_ray_reports_every_epoch_and_returns_the_winner(tmp_path):
     report = result.report
     assert report.trials == len(report.table) == len(report.curves) <= 5
     assert report.trials >= 3
-    # The given parameters are tried first: the winner is at least as good on validation.
+    # The given parameters are tried first; too poor to learn, they are beaten by more than the
+    # standard error of their score, so the best trial wins.
     first = report.table[0]
-    assert first["model"] == "funksvd" and first["lr"] == GIVEN.lr
-    assert report.best_score == max(row["score"] for row in report.table) > first["score"]
+    assert first["model"] == "funksvd" and first["lr"] == GIVEN.lr and first["given"]
+    assert not any(row["given"] for row in report.table[1:])
+    assert report.best_score == max(row["score"] for row in report.table)
+    assert report.best_score - first["score"] > first["se"] > 0
+    assert "above the given parameters" in report.decision
     for row in report.table:  # one validation score per epoch, ASHA may stop early
         curve = report.curves[row["trial"]]
         assert row["epochs run"] == len(curve) and 1 <= len(curve) <= 6
@@ -82,13 +87,47 @@ def test_search_on_ray_reports_every_epoch_and_returns_the_winner(tmp_path):
     assert report.best_model == result.model
     best_row = max(report.table, key=lambda row: row["score"])
     given = GIVEN_IALS if result.model == "ials" else GIVEN
-    full = best_row["epochs run"] == given.n_epochs  # early stopping only when it saw them all
-    assert winner.n_epochs == (best_row["best epoch"] if full else given.n_epochs)
+    # early stopping only when it saw every epoch and the peak beats the last by more than luck
+    full = best_row["epochs run"] == given.n_epochs
+    peaked = best_row["score"] - report.curves[best_row["trial"]][-1] > best_row["se"]
+    assert winner.n_epochs == (best_row["best epoch"] if full and peaked else given.n_epochs)
     # deck: a summary, the per-trial validation plot and the trials table; a PNG for MLflow
     deck = report.deck()
     assert len(deck) == 3 and "<img" in deck[1] and best_row["trial"] in deck[2]
     png = report.plot(str(tmp_path / "curves.png"))
     assert Path(png).read_bytes()[:4] == b"\x89PNG"
+
+
+def _trial(name: str, score: float, se: float, given: bool = False) -> dict:
+    return {"trial": name, "model": "ials", "reg": 1.0, "score": score, "se": se,
+            "best epoch": 4, "epochs run": 4, "given": given}  # fmt: skip
+
+
+def test_a_trial_within_one_standard_error_of_the_given_parameters_does_not_replace_them():
+    report = TuningReport("ndcg@10", trials=3)
+    report.table = [_trial("0:ials", 0.100, 0.010, given=True), _trial("1:ials", 0.108, 0.01),
+                    _trial("2:ials", 0.090, 0.01)]  # fmt: skip
+    assert _winner(report)["trial"] == "0:ials"
+    assert "within one standard error (0.0100)" in report.decision
+    report.table[1]["score"] = 0.111  # now beyond the given score's error: it wins
+    assert _winner(report)["trial"] == "1:ials"
+    assert "0.0110 above the given parameters" in report.decision
+    report.table = report.table[1:]  # no given trial (e.g. cut by the budget): the best wins
+    assert _winner(report)["trial"] == "1:ials" and report.decision == "best of 3 trials"
+
+
+def test_the_reported_standard_error_is_the_spread_of_per_user_ndcg():
+    train, val = splits()
+    model = fit_local(train, 300, 120, IALSParams(n_factors=8, n_epochs=3))
+    mean, error = ndcg_with_error(model, val, 10, max_users=0)
+    per_user = []
+    for user in np.unique(val.users):
+        mine = val.users == user
+        one = Ratings(val.users[mine], val.items[mine], val.values[mine])
+        per_user.append(ndcg_with_error(model, one, 10, max_users=0)[0])
+    assert 0 < mean == pytest.approx(np.mean(per_user))
+    assert error == pytest.approx(np.std(per_user, ddof=1) / np.sqrt(len(per_user)))
+    assert 0.005 < error < 0.05  # 300 users: the luck two configurations must differ by
 
 
 def test_report_round_trips_through_flyte_types():

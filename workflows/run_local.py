@@ -47,8 +47,9 @@ def main() -> None:
               f"{m.ndcg:>9.4f}{m.map:>8.4f}{m.coverage:>10.3f}")  # fmt: skip
     tuned = out.tuning
     if tuned.table:
-        print(f"\ntuning: {tuned.trials} Ray Tune trials in {tuned.seconds:.0f} s, best "
-              f"{tuned.best_model}, validation {tuned.metric} {tuned.best_score:.4f}")  # fmt: skip
+        print(f"\ntuning: {tuned.trials} Ray Tune trials in {tuned.seconds:.0f} s, "
+              f"{tuned.best_model} at validation {tuned.metric} {tuned.best_score:.4f}: "
+              f"{tuned.decision}")  # fmt: skip
     status = "now the champion" if decision.promoted else "not promoted"
     print(f"\nregistered: {decision.model_name} version {decision.version} ({status}): "
           f"{decision.reason}")  # fmt: skip

@@ -5,8 +5,10 @@ side by side on whatever Ray cluster the caller has (the training task's cluster
 under `make run`). After every epoch a trial reports NDCG@k on the validation split (the same
 computation as the final evaluation, on a seeded sample of validation users), which lets the
 ASHA scheduler stop unpromising trials early. The search is random (seeded), its first trials are
-the given parameters, so the result is never worse on validation than not tuning; it stops at
-`trials` or when the time budget runs out, whichever comes first.
+the given parameters, and they stay unless a trial beats them by more than the standard error of
+their validation score (so the result is never worse on validation than not tuning, and a small
+validation split's luck does not pick the model); it stops at `trials` or when the time budget
+runs out, whichever comes first.
 
     result = tune_recommender(train, validation, n_users, n_items, "funksvd",
                               FunkSVDParams(...), IALSParams(), TuningConfig(trials=12))
@@ -31,7 +33,7 @@ from ray import tune
 from flyray import decks
 from flyray.recsys import ials
 from flyray.recsys.distributed import Ratings
-from flyray.recsys.evaluate import ndcg_in_process
+from flyray.recsys.evaluate import ndcg_with_error
 from flyray.recsys.funksvd import FunkSVD, FunkSVDParams
 from flyray.recsys.ials import IALSParams
 
@@ -117,8 +119,9 @@ class TuningReport:
     best_model: str = ""
     best_score: float = float("nan")
     best_params: dict = field(default_factory=dict)
-    table: list[dict] = field(default_factory=list)  # trial, model, params, score, epochs
+    table: list[dict] = field(default_factory=list)  # trial, model, params, score, se, epochs
     curves: dict[str, list[float]] = field(default_factory=dict)  # trial -> metric per epoch
+    decision: str = ""  # why the winner won, in a sentence
 
     def deck(self) -> list[str]:
         if not self.table:
@@ -131,6 +134,7 @@ class TuningReport:
                     "model": self.best_model,
                     f"validation {self.metric}": self.best_score,
                     **self.best_params,
+                    "decision": self.decision,
                 },
                 f"Best of {self.trials} trials ({self.seconds:.0f} s)",
             ),  # fmt: skip
@@ -178,8 +182,10 @@ def _trial(config: dict, data: dict) -> None:
     train, n_users, n_items = data["train"], data["n_users"], data["n_items"]
 
     def report(model: FunkSVD, epoch: int) -> None:
-        score = ndcg_in_process(model, data["validation"], data["k"], data["users"], data["seed"])
-        tune.report({"score": score, "epoch": epoch})
+        score, error = ndcg_with_error(
+            model, data["validation"], data["k"], data["users"], data["seed"]
+        )
+        tune.report({"score": score, "se": error, "epoch": epoch})
 
     if family == "ials":
         ials.fit_local(train, n_users, n_items, replace(data["ials"], **config["ials"]), report)
@@ -212,6 +218,28 @@ def _without_cloud_credentials():
         yield
     finally:
         os.environ.update(saved)
+
+
+def _winner(report: TuningReport) -> dict:
+    """The best trial, unless the given parameters are within one standard error of it (the
+    one-standard-error rule): on a few hundred validation users the best of many trials is
+    largely luck, and the given parameters are the ones known to hold up elsewhere."""
+    best = max(report.table, key=lambda row: row["score"])
+    given = next((row for row in report.table if row["given"]), None)
+    if given is None or best is given:
+        report.decision = f"best of {report.trials} trials"
+        return best
+    if best["score"] - given["score"] <= given["se"]:
+        report.decision = (
+            f"kept the given parameters: the best trial ({best['score']:.4f}) is within one "
+            f"standard error ({given['se']:.4f}) of them ({given['score']:.4f})"
+        )
+        return given
+    report.decision = (
+        f"best of {report.trials} trials, {best['score'] - given['score']:.4f} above the given "
+        f"parameters (standard error {given['se']:.4f})"
+    )
+    return best
 
 
 def tune_recommender(
@@ -271,25 +299,32 @@ def tune_recommender(
         for n, result in enumerate(finished):
             family = result.config["model"]
             params = {k: _plain(v) for k, v in result.config[family].items()}
-            curve = [float(v) for v in result.metrics_dataframe["score"]]
+            frame = result.metrics_dataframe
+            curve = [float(v) for v in frame["score"]]
+            best_epoch = int(np.argmax(curve))
             name = f"{n}:{family}"
             report.curves[name] = curve
-            report.table.append({"trial": name, "model": family, **params, "score": max(curve),
-                                 "best epoch": int(np.argmax(curve)) + 1,
-                                 "epochs run": len(curve)})  # fmt: skip
-    best = max(report.table, key=lambda row: row["score"])
-    family = best["model"]
+            report.table.append({"trial": name, "model": family, **params,
+                                 "score": curve[best_epoch],
+                                 "se": float(frame["se"].iloc[best_epoch]),
+                                 "best epoch": best_epoch + 1, "epochs run": len(curve),
+                                 "given": result.config == points[0]})  # fmt: skip
     report.trials, report.seconds = len(report.table), time.perf_counter() - began
+    best = _winner(report)
+    family = best["model"]
     report.best_model, report.best_score = family, best["score"]
     report.best_params = {k: v for k, v in best.items() if k in space[family]}
-    # Early stopping: a trial that ran every epoch and peaked before the last one sets the final
-    # training's epochs (a trial cut short by the budget or ASHA says nothing about later ones).
+    # Early stopping: a trial that ran every epoch and peaked before the last one, by more than
+    # the score's standard error, sets the final training's epochs (a trial cut short by the
+    # budget or ASHA says nothing about later ones).
     given = funksvd.n_epochs if family == "funksvd" else ials_params.n_epochs
-    if best["epochs run"] == given:
+    last = report.curves[best["trial"]][-1]
+    if best["epochs run"] == given and best["score"] - last > best["se"]:
         report.best_params["n_epochs"] = best["best epoch"]
+        report.decision += f"; {best['best epoch']} of {given} epochs (early stopping)"
     log.info(
-        "tuning: %d trials in %.0f s, best %s %s = %.4f %s", report.trials, report.seconds,
-        family, config.metric, report.best_score, report.best_params,
+        "tuning: %d trials in %.0f s, %s %s = %.4f %s (%s)", report.trials, report.seconds,
+        family, config.metric, report.best_score, report.best_params, report.decision,
     )  # fmt: skip
     if family == "ials":
         return TuningResult(family, funksvd, replace(ials_params, **report.best_params), report)
