@@ -14,7 +14,13 @@ from flyray.recsys import FunkSVDParams
 from flyray.recsys.distributed import Ratings
 from flyray.recsys.evaluate import ndcg_with_error
 from flyray.recsys.ials import IALSParams, fit_local
-from flyray.recsys.tuning import TuningConfig, TuningReport, _winner, tune_recommender
+from flyray.recsys.tuning import (
+    TuningConfig,
+    TuningReport,
+    _GivenRunsOut,
+    _winner,
+    tune_recommender,
+)
 
 # Deliberately poor given parameters: too slow a learning rate to learn in a few epochs.
 GIVEN = FunkSVDParams(n_factors=8, n_epochs=6, lr=1e-4, reg=0.05, negatives=1, rating_min=0.0)
@@ -73,6 +79,7 @@ def test_search_on_ray_reports_every_epoch_and_returns_the_winner(tmp_path):
     # standard error of their score, so the best trial wins.
     first = report.table[0]
     assert first["model"] == "funksvd" and first["lr"] == GIVEN.lr and first["given"]
+    assert first["epochs run"] == GIVEN.n_epochs  # ASHA never stops them: the yardstick
     assert not any(row["given"] for row in report.table[1:])
     assert report.best_score == max(row["score"] for row in report.table)
     assert report.best_score - first["score"] > first["se"] > 0
@@ -128,6 +135,30 @@ def test_the_reported_standard_error_is_the_spread_of_per_user_ndcg():
     assert 0 < mean == pytest.approx(np.mean(per_user))
     assert error == pytest.approx(np.std(per_user, ddof=1) / np.sqrt(len(per_user)))
     assert 0.005 < error < 0.05  # 300 users: the luck two configurations must differ by
+
+
+def test_asha_never_stops_the_given_parameters_but_stops_others_that_trail():
+    from ray.tune.experiment import Trial
+
+    given = {"model": "ials", "ials": {"reg": 1.0}}
+    scheduler = _GivenRunsOut([given], metric="score", mode="max", max_t=16, grace_period=1,
+                              reduction_factor=2)  # fmt: skip
+    leaders = [Trial("t", config={"model": "ials", "ials": {"reg": r}}, stub=True) for r in (5, 3)]
+    trailing = [Trial("t", config=dict(given), stub=True),
+                Trial("t", config={"model": "ials", "ials": {"reg": 0.1}}, stub=True)]  # fmt: skip
+    for trial in leaders + trailing:
+        scheduler.on_trial_add(None, trial)
+    for trial in leaders:
+        for epoch in (1, 2):
+            scheduler.on_trial_result(None, trial, {"training_iteration": epoch, "score": 0.5})
+    actions = {
+        trial.config["ials"]["reg"]: [
+            scheduler.on_trial_result(None, trial, {"training_iteration": e, "score": 0.1})
+            for e in (1, 2)
+        ]
+        for trial in trailing
+    }
+    assert actions == {1.0: ["CONTINUE", "CONTINUE"], 0.1: ["STOP", "STOP"]}
 
 
 def test_report_round_trips_through_flyte_types():
