@@ -11,7 +11,8 @@ scored on test exactly as the pipeline's evaluation does (NDCG, recall and catal
 - flyray FunkSVD and iALS, with the pipeline's parameters and tuned by flyray.recsys.tuning
   (Ray Tune; fit seconds are the final training's, the search's own time in `tune s`);
 - implicit's ALS and BPR (the library a practitioner would pick), a small grid of their
-  hyperparameters, the grid point best on validation;
+  hyperparameters, the grid point best on validation; and flyray's iALS over implicit's ALS
+  grid, chosen the same way (the implementations compared under one search);
 - on generated data, the oracle: every item scored by log popularity + user . item taste, from
   the ground truth written beside the events (the ceiling a model of this data can approach).
 
@@ -98,31 +99,41 @@ def oracle(data: dict, truth: Path) -> FunkSVD:
 
 
 def implicit_grid(data: dict, n_users: int, n_items: int, factors: int, seeds: int) -> list:
-    """implicit's ALS and BPR over a small grid; each family's best point on validation (seed
-    0), scored on test over `seeds` seeds."""
+    """implicit's ALS and BPR over a small grid, and flyray's iALS over implicit's ALS grid (the
+    same search on both implementations); each one's best point on validation (seed 0), scored
+    on test over `seeds` seeds."""
     from implicit.cpu.als import AlternatingLeastSquares
     from implicit.cpu.bpr import BayesianPersonalizedRanking
 
     train = data["train"]
     matrix = sp.csr_matrix((train.values, (train.users, train.items)), (n_users, n_items))
-    grids = {
-        "implicit ALS": (AlternatingLeastSquares,
-                         {"regularization": [0.01, 0.1, 1.0], "alpha": [1.0, 10.0]},
-                         {"iterations": 15}),
-        "implicit BPR": (BayesianPersonalizedRanking,
-                         {"learning_rate": [0.01, 0.05], "regularization": [0.01, 0.001]},
-                         {"iterations": 100}),
-    }  # fmt: skip
-    rows = []
-    for name, (cls, grid, fixed) in grids.items():
 
-        def fit(seed: int, params: dict, cls=cls, fixed=fixed):
+    def library(cls, **fixed):
+        def fit(seed: int, params: dict):
             algo = cls(factors=factors, random_state=seed, **fixed, **params)
             began = time.perf_counter()
             algo.fit(matrix, show_progress=False)
             seconds = time.perf_counter() - began
             return factor_model(algo.user_factors, algo.item_factors, train), seconds
 
+        return fit
+
+    def flyray_ials(seed: int, params: dict):
+        ials_params = IALSParams(n_factors=factors, n_epochs=15, seed=seed,
+                                 reg=params["regularization"], alpha=params["alpha"])  # fmt: skip
+        began = time.perf_counter()
+        model = ials.train(train, n_users, n_items, ials_params, DistributedConfig(workers=2))
+        return model, time.perf_counter() - began
+
+    als_grid = {"regularization": [0.01, 0.1, 1.0], "alpha": [1.0, 10.0]}
+    grids = {
+        "implicit ALS": (library(AlternatingLeastSquares, iterations=15), als_grid),
+        "implicit BPR": (library(BayesianPersonalizedRanking, iterations=100),
+                         {"learning_rate": [0.01, 0.05], "regularization": [0.01, 0.001]}),
+        "flyray ials (implicit's grid)": (flyray_ials, als_grid),
+    }  # fmt: skip
+    rows = []
+    for name, (fit, grid) in grids.items():
         best = None
         for values in itertools.product(*grid.values()):
             params = dict(zip(grid, values, strict=True))
@@ -264,18 +275,22 @@ def _save(results: dict, path: Path) -> None:
     storage.write_atomic(storage.filesystem(str(path))[0], str(path.absolute()), data)
 
 
-def datasets(events: list[int]) -> list[tuple[str, Path, Path | None]]:
+def datasets(events: list[int], only: str = "") -> list[tuple[str, Path, Path | None]]:
+    """(name, events file, generator truth or None) of each dataset whose name contains `only`;
+    demo events are generated on first use."""
     out = []
     for n in events:
+        name = f"demo-{n / 1e6:g}M"
         source = DATA / f"events-{n}.jsonl"  # the same file as bench.pipeline
+        if only not in name:
+            continue
         if not source.exists():
             DATA.mkdir(parents=True, exist_ok=True)
             generate(source, GeneratorConfig(n_events=n, seed=0))
-        out.append(
-            (f"demo-{n // 1_000_000}M", source, source.with_name(source.stem + ".truth.npz"))
-        )
+        out.append((name, source, source.with_name(source.stem + ".truth.npz")))
     if REAL.is_dir():
-        out += [(f"real-{p.stem}", p, None) for p in sorted(REAL.glob("*.csv"))]
+        real = [(f"real-{p.stem}", p, None) for p in sorted(REAL.glob("*.csv"))]
+        out += [d for d in real if only in d[0]]
     return out
 
 
@@ -300,9 +315,7 @@ def main() -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / "recsys.json"
     results = json.loads(path.read_text()) if path.exists() else {}
-    for name, source, truth in datasets(args.events):
-        if args.only and args.only not in name:
-            continue
+    for name, source, truth in datasets(args.events, args.only):
         result = run(
             name, source, truth, args.trials, args.budget, not args.skip_implicit, args.seeds
         )
