@@ -269,8 +269,11 @@ def _print(result: dict) -> None:
         print("| " + " | ".join(cells) + " |")
 
 
-def _save(results: dict, path: Path) -> None:
-    """After every dataset, whole or not at all: a long run keeps what it measured."""
+def _save(path: Path, name: str, result: dict) -> None:
+    """`result` under `name` in the results file, the other entries as they are on disk now (runs
+    for different datasets may overlap), written whole or not at all after every dataset."""
+    results = json.loads(path.read_text()) if path.exists() else {}
+    results[name] = result
     data = json.dumps(results, indent=2, default=str).encode()
     storage.write_atomic(storage.filesystem(str(path))[0], str(path.absolute()), data)
 
@@ -314,17 +317,14 @@ def main() -> None:
     ray.init(include_dashboard=False, log_to_driver=False)
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / "recsys.json"
-    results = json.loads(path.read_text()) if path.exists() else {}
     for name, source, truth in datasets(args.events, args.only):
         result = run(
             name, source, truth, args.trials, args.budget, not args.skip_implicit, args.seeds
         )
-        results[name] = result
         _print(result)
-        _save(results, path)
+        _save(path, name, result)
     if args.scaling_ratings:
-        results["ials scaling"] = ials_scaling(args.scaling_ratings, PIPELINE_PARAMS.n_factors)
-        _save(results, path)
+        _save(path, "ials scaling", ials_scaling(args.scaling_ratings, PIPELINE_PARAMS.n_factors))
     print(f"\nwritten {path}")
 
 
