@@ -44,7 +44,7 @@ from flyray.clickstream.ingest import ingest
 from flyray.raytrain import DistributedConfig
 from flyray.recsys import FunkSVD, FunkSVDParams, distributed, ials
 from flyray.recsys.distributed import Ratings
-from flyray.recsys.evaluate import evaluate, ndcg_in_process, popularity_model
+from flyray.recsys.evaluate import evaluate, ndcg_in_process, ndcg_per_user, popularity_model
 from flyray.recsys.ials import IALSParams
 from flyray.recsys.tuning import TuningConfig, tune_recommender
 from workflows.recommendation import IALS_PARAMS, PIPELINE_PARAMS
@@ -149,16 +149,36 @@ def implicit_grid(data: dict, n_users: int, n_items: int, factors: int, seeds: i
 def _row(name, fit, data, seeds, params, validation=None, tune_s=None) -> dict:
     """Test metrics of `fit(seed) -> (model, seconds)`, averaged over seeds 0..seeds-1 (the
     spread of NDCG over seeds in `ndcg sd`): on a few hundred test users one seed's luck moves
-    NDCG@10 by more than the gap between the models."""
-    runs = []
+    NDCG@10 by more than the gap between the models. With several seeds the row also keeps
+    each test user's NDCG (seed-averaged) for `paired`."""
+    runs, per_user = [], []
     for seed in range(seeds):
         model, seconds = fit(seed)
         m = evaluate(model, data["test"], K, name, rating_metrics=False, max_users=USERS)
         runs.append((m.ndcg, m.recall, m.coverage, seconds))
+        if seeds > 1:
+            per_user.append(ndcg_per_user(model, data["test"], K, USERS))
     ndcg, recall, coverage, seconds = np.mean(runs, axis=0)
-    return {"model": name, "ndcg@10": ndcg, "ndcg sd": np.std([r[0] for r in runs]),
-            "recall@10": recall, "coverage@10": coverage, "fit s": seconds, "tune s": tune_s,
-            "validation ndcg@10": validation, "seeds": seeds, "params": params}  # fmt: skip
+    row = {"model": name, "ndcg@10": ndcg, "ndcg sd": np.std([r[0] for r in runs]),
+           "recall@10": recall, "coverage@10": coverage, "fit s": seconds, "tune s": tune_s,
+           "validation ndcg@10": validation, "seeds": seeds, "params": params}  # fmt: skip
+    if per_user:
+        row["_per_user"] = np.mean(per_user, axis=0)
+    return row
+
+
+def paired(rows: list[dict]) -> dict:
+    """flyray's best row against implicit's best, user by user on the same test split: the mean
+    difference of NDCG@10 and its standard error. Small test splits cannot tell close models
+    apart by their means alone; the paired difference says whether the gap is more than luck."""
+    best = lambda prefix: max((r for r in rows if r["model"].startswith(prefix)),  # noqa: E731
+                              key=lambda r: r["ndcg@10"])  # fmt: skip
+    ours, theirs = best("flyray"), best("implicit")
+    diff = ours["_per_user"] - theirs["_per_user"]
+    mean, se = float(diff.mean()), float(diff.std(ddof=1) / np.sqrt(len(diff)))
+    return {"flyray": ours["model"], "implicit": theirs["model"], "users": len(diff),
+            "difference": mean, "se": se,
+            "95% interval": [mean - 1.96 * se, mean + 1.96 * se]}  # fmt: skip
 
 
 def _fixed(model: FunkSVD) -> Callable[[int], tuple[FunkSVD, float]]:
@@ -227,7 +247,9 @@ def run(name: str, source: Path, truth: Path | None, trials: int, budget: float,
     info = {"dataset": name, "users": n_users, "items": n_items, "train": len(train),
             "test users": len(np.unique(data["test"].users)),
             "seconds": time.perf_counter() - began}  # fmt: skip
-    return {**info, "rows": rows}
+    if seeds > 1 and with_implicit:
+        info["flyray vs implicit"] = paired(rows)
+    return {**info, "rows": [{k: v for k, v in row.items() if k != "_per_user"} for row in rows]}
 
 
 def ials_scaling(n_ratings: int, factors: int, iterations: int = 4) -> dict:
@@ -267,6 +289,11 @@ def _print(result: dict) -> None:
         cells = (f"{v:.4f}" if isinstance(v, float) else "" if v is None else str(v)
                  for v in (row[c] for c in columns))  # fmt: skip
         print("| " + " | ".join(cells) + " |")
+    if "flyray vs implicit" in result:
+        p = result["flyray vs implicit"]
+        print(f"\n{p['flyray']} - {p['implicit']}, NDCG@10 paired over {p['users']:,} test users: "
+              f"{p['difference']:+.4f} (standard error {p['se']:.4f}, 95% interval "
+              f"{p['95% interval'][0]:+.4f} to {p['95% interval'][1]:+.4f})")  # fmt: skip
 
 
 def _save(path: Path, name: str, result: dict) -> None:

@@ -113,22 +113,23 @@ class _RankingScorer:
     def __call__(self, batch: dict) -> dict:
         rows = batch["row"].astype(np.int64)
         recs, _ = self.model.top_n_indexed(rows, self.k)
-        sums = np.zeros(5)
+        sums = np.zeros(4)
+        ndcg = np.zeros(len(rows))
         for n, row in enumerate(rows):
             relevant = self.items[self.indptr[row] : self.indptr[row + 1]]
             hits = np.isin(recs[n], relevant)
             found = hits.sum()
             ideal = self.discount[: min(len(relevant), self.k)].sum()
             precision_at = np.cumsum(hits) / np.arange(1, self.k + 1)
-            ndcg = (hits * self.discount[: len(hits)]).sum() / ideal
+            ndcg[n] = (hits * self.discount[: len(hits)]).sum() / ideal
             sums += (
                 found / self.k,
                 found / len(relevant),
-                ndcg,
+                ndcg[n],
                 (precision_at * hits).sum() / min(len(relevant), self.k),
-                ndcg * ndcg,  # for the standard error of NDCG
             )
-        return {"sums": sums[None, :], "users": np.array([len(rows)]), "shown": [np.unique(recs)]}
+        return {"sums": sums[None, :], "users": np.array([len(rows)]), "shown": [np.unique(recs)],
+                "ndcg": [ndcg]}  # fmt: skip
 
 
 def evaluate(
@@ -212,15 +213,24 @@ def ndcg_with_error(
     """(NDCG@k, its standard error over the users ranked), in this process: what a tuning trial
     reports after every epoch from inside its own Ray task. The error says how far apart two
     scores must be before the difference is more than the luck of which users were held out."""
+    ndcg = ndcg_per_user(model, test, k, max_users, seed)
+    return float(ndcg.mean()), float(ndcg.std(ddof=1) / np.sqrt(len(ndcg))) if len(
+        ndcg
+    ) > 1 else 0.0
+
+
+def ndcg_per_user(
+    model: FunkSVD, test: Ratings, k: int = 10, max_users: int = 5_000, seed: int = 0
+) -> np.ndarray:
+    """NDCG@k of each user ranked (the seeded sample, in user order), in this process: two
+    models' arrays on the same test split compare user by user (a paired difference)."""
     if len(test) == 0:
         raise EvaluationError("the validation split is empty: nothing to tune on")
     _, users, relevant = _ranked_users(model, test, max_users, seed)
     scorer = _RankingScorer(model, relevant, k)
-    sums = sum(scorer({"row": users[s : s + 1024]})["sums"][0] for s in range(0, len(users), 1024))
-    n = len(users)
-    mean = sums[2] / n
-    variance = max(0.0, sums[4] / n - mean * mean) * n / max(1, n - 1)
-    return float(mean), float(np.sqrt(variance / n))
+    return np.concatenate(
+        [scorer({"row": users[s : s + 1024]})["ndcg"][0] for s in range(0, len(users), 1024)]
+    )
 
 
 def _rows(values: np.ndarray, rows: np.ndarray) -> np.ndarray:
