@@ -214,9 +214,8 @@ def ndcg_with_error(
     reports after every epoch from inside its own Ray task. The error says how far apart two
     scores must be before the difference is more than the luck of which users were held out."""
     ndcg = ndcg_per_user(model, test, k, max_users, seed)
-    return float(ndcg.mean()), float(ndcg.std(ddof=1) / np.sqrt(len(ndcg))) if len(
-        ndcg
-    ) > 1 else 0.0
+    error = ndcg.std(ddof=1) / np.sqrt(len(ndcg)) if len(ndcg) > 1 else 0.0
+    return float(ndcg.mean()), float(error)
 
 
 def ndcg_per_user(
