@@ -13,12 +13,12 @@ RUN_ENV := TMPDIR=$(CURDIR)/.data/tmp RAY_TMPDIR=/tmp
 
 # The cluster path (see docs/deploy.md). Versions are pinned here and in k8s/.
 KUBERAY_VERSION := 1.7.0
-FLYTE_VERSION   := v1.16.9
+FLYTE_VERSION   := v1.16.8
 FLYTE_PROJECT   ?= flyray
 FLYTE_DOMAIN    ?= development
 VERSION         ?= $(shell git rev-parse --short=12 HEAD 2>/dev/null || echo dev)
 
-.PHONY: setup run ui serve test test-quick lint format bench package register images clean distclean cluster-check
+.PHONY: setup run ui serve test test-quick lint format bench package register images clean distclean cluster-check rehearse
 
 setup: $(STAMP)
 
@@ -80,6 +80,13 @@ package: setup
 # registered Ray task, validate them against KubeRay $(KUBERAY_VERSION)'s CRDs and Kubernetes' schemas.
 cluster-check: setup
 	$(BIN)/python -m k8s.check
+
+# The cluster path run for real on this machine, without Kubernetes (docs/cluster.md): the
+# platform from k8s/'s manifests and the packaged workflows, each Ray task on a Ray cluster of its
+# own, in a network namespace that names the cluster's Services. Needs root; installs Debian's
+# postgresql package when absent.
+rehearse: package
+	@$(BIN)/python -m k8s.rehearse
 
 # Needs a Flyte cluster (~/.flyte/config.yaml or FLYTECTL_CONFIG) and Docker to build images.
 register: setup

@@ -61,7 +61,7 @@ serve = _spec(
 mlflow_server = ImageSpec(
     name="flyray-mlflow-server",
     python_version="3.11",
-    packages=[p for p in _DEPS if p.startswith("mlflow")] + ["psycopg2-binary>=2.9", "boto3>=1.34"],
+    packages=[p for p in _DEPS if p.startswith("mlflow")] + ["psycopg[binary]>=3.2", "boto3>=1.34"],
     registry=_REGISTRY,
     tag_format=_TAG_FORMAT,
 )

@@ -1,0 +1,164 @@
+"""`make rehearse`: the cluster path run for real on this machine (docs/cluster.md).
+
+    python -m k8s.rehearse [--archive dist/flyray-flyte.tgz] [--keep]
+
+In a network namespace of its own whose /etc/hosts names the cluster's Services, it starts the
+platform of k8s/ from its rendered manifests (Postgres, MinIO, MLflow), then runs the
+recommendation workflow that `make package` serialized node by node, every Ray task as the
+RayJob Flyte's Ray plugin creates on a Ray cluster of its own, and checks what it registered
+through MLflow's Service name. A summary table comes last. Needs root (unshare, Postgres);
+exit status 1 when any step fails.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import secrets
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from k8s import render
+from k8s.rehearse.pods import (
+    Hosts,
+    Objects,
+    RehearsalError,
+    enter_namespace,
+    inside_namespace,
+    mount_hosts,
+)
+
+REPO = Path(__file__).resolve().parents[2]
+# The recommendation run rehearsed: the default launch plan with a smaller demo window, a short
+# search and a smaller ranking sample, so that the whole rehearsal fits a CI run; every other
+# input is the launch plan's.
+RECOMMENDATION = "workflows.recommendation.recommendation_pipeline"
+MODEL = "flyray-funksvd"  # what it registers (the workflow's default RegistryConfig)
+
+
+def _parse(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--archive", type=Path, default=REPO / "dist" / "flyray-flyte.tgz")
+    parser.add_argument("--keep", action="store_true", help="keep the rehearsal's folder")
+    parser.add_argument("--demo-events", type=int, default=30_000)
+    parser.add_argument("--no-faults", action="store_true", help="skip the fault rehearsals")
+    return parser.parse_args(argv)
+
+
+def deployment_secrets() -> dict[str, str]:
+    """Fresh values for every secret the manifests take (never printed, gone with the run)."""
+    return {name: secrets.token_hex(16) for name in render.SECRETS}
+
+
+def recommendation_inputs(plan, demo_events: int):
+    from flyray.recsys.tuning import TuningConfig
+    from k8s.rehearse.flyte import launch_inputs, literals
+    from workflows.recommendation import recommendation_pipeline
+
+    overrides = {
+        "demo_events": demo_events,
+        "ranking_users": 2_000,
+        "tuning": TuningConfig(trials=2, time_budget_s=30, validation_users=1_000),
+    }
+    return launch_inputs(plan, literals(overrides, recommendation_pipeline.python_interface.inputs))
+
+
+def main(argv: list[str]) -> int:
+    args = _parse(argv)
+    if not inside_namespace():  # the package registry is not reachable from inside
+        from k8s.rehearse.stack import install_postgres
+
+        print(f"postgres: {install_postgres()}", flush=True)
+    enter_namespace(argv)
+    if not args.archive.exists():
+        print(f"rehearse: {args.archive} is missing: run `make package` first", file=sys.stderr)
+        return 2
+    root = Path(tempfile.mkdtemp(prefix="frh-", dir="/tmp"))  # short: Ray's socket paths
+    root.chmod(0o755)  # the postgres user reaches its data folder through it
+    from k8s.rehearse.faults import Faults
+    from k8s.rehearse.flyte import Execution, NodeFailed, Package, Row, Store
+    from k8s.rehearse.stack import MinIO, MLflow, Postgres
+
+    hosts = Hosts(root / "hosts")
+    mount_hosts(hosts.path)
+    env = deployment_secrets()
+    objects = Objects(render.render([REPO / "k8s" / f for f in render.PLATFORM], env=env))
+    rows: list[Row] = []
+    postgres = Postgres(objects, hosts, root / "postgres")
+    minio = MinIO(objects, hosts, root / "minio")
+    mlflow = MLflow(objects, hosts, root / "mlflow")
+    failed = False
+    try:
+        for part in (postgres, minio, mlflow):
+            began = time.monotonic()
+            part.start()
+            rows.append(
+                Row(
+                    type(part).__name__.lower(),
+                    "process (its manifest's command)",
+                    time.monotonic() - began,
+                    "ready",
+                )
+            )
+        began = time.monotonic()
+        mlflow.check_api()
+        rows.append(Row("mlflow API by Service name", "HTTP", time.monotonic() - began, "200"))
+        package = Package(args.archive)
+        store = Store(
+            minio.client(env["FLYRAY_S3_ACCESS_KEY"], env["FLYRAY_S3_SECRET_KEY"]), minio.bucket
+        )
+        faults = None if args.no_faults else Faults(mlflow, postgres)
+        execution = Execution(package, store, objects, hosts, root, RECOMMENDATION, hook=faults)
+        inputs = recommendation_inputs(
+            package.launch_plans["recommendation_default"], args.demo_events
+        )
+        try:
+            execution.run(inputs)
+        except NodeFailed as err:
+            failed = True
+            print(f"rehearse: {err}", file=sys.stderr)
+        rows += execution.rows
+        if not failed:
+            began = time.monotonic()
+            found = mlflow.registry(MODEL)
+            rows.append(
+                Row(
+                    f"registry: {MODEL}",
+                    "MLflow over Postgres, by Service name",
+                    time.monotonic() - began,
+                    found,
+                )
+            )
+        if faults is not None and not failed:
+            rows += [
+                faults.trainer_outcome(execution),
+                faults.mlflow_outcome(execution),
+                faults.postgres_outcome(MODEL),
+            ]
+        failed = failed or any(r.outcome.startswith(("FAILED", "LOST")) for r in rows)
+    except RehearsalError as err:
+        failed = True
+        print(f"rehearse: {err}", file=sys.stderr)
+    finally:
+        for part in (mlflow, minio, postgres):
+            part.stop()
+        if not args.keep:
+            shutil.rmtree(root, ignore_errors=True)
+    print_table(rows)
+    print(json.dumps({"failed": failed, "rows": len(rows)}))
+    return 1 if failed else 0
+
+
+def print_table(rows) -> None:
+    width = max([len(r.node) for r in rows] + [4])
+    how = max([len(r.how) for r in rows] + [3])
+    print(f"\n{'node':<{width}}  {'how it ran':<{how}}  {'seconds':>7}  outcome")
+    for r in rows:
+        print(f"{r.node:<{width}}  {r.how:<{how}}  {r.seconds:>7.1f}  {r.outcome}")
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

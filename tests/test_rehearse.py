@@ -1,0 +1,161 @@
+"""The cluster rehearsal (k8s/rehearse, `make rehearse`) and the defects it found, each with a
+regression test that needs no namespace: MLflow refused its own Service name (Host-header check,
+MLflow >= 3.5), and its Postgres URI named a driver the image did not install."""
+
+from __future__ import annotations
+
+import importlib.util
+import re
+import subprocess
+import sys
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+from conftest import REPO, _free_port, serve
+
+import images
+from k8s import render
+from k8s.rehearse.pods import Objects, namespace_unavailable
+
+SECRETS = {name: f"dummy-{name.lower()}" for name in render.SECRETS}
+
+
+def _mlflow_container() -> dict:
+    docs = render.render([REPO / "k8s" / "mlflow.yaml"], env=SECRETS)
+    [deployment] = [d for d in docs if d["kind"] == "Deployment"]
+    [container] = deployment["spec"]["template"]["spec"]["containers"]
+    return container
+
+
+def _service_names(name: str = "mlflow", namespace: str = "flyray") -> list[str]:
+    return [
+        name,
+        f"{name}.{namespace}",
+        f"{name}.{namespace}.svc",
+        f"{name}.{namespace}.svc.cluster.local",
+    ]
+
+
+def test_mlflow_allows_every_service_name_and_no_wildcard():
+    env = Objects([]).env(_mlflow_container(), "flyray")
+    allowed = env["ALLOWED_HOSTS"].split(",")
+    assert "*" not in allowed and not any("*" in a for a in allowed)
+    assert {f"{n}:5000" for n in _service_names()} <= set(allowed)
+    # what the tasks' ConfigMap gives every client is among them
+    assert '--allowed-hosts "$ALLOWED_HOSTS"' in " ".join(_mlflow_container()["args"])
+
+
+@pytest.mark.slow
+def test_mlflow_with_the_manifests_hosts_answers_its_service_name(tmp_path):
+    """A real `mlflow server` with the manifest's --allowed-hosts: requests that reach it as the
+    cluster does (Host: the Service's name) get 200, a foreign Host header 403."""
+    allowed = Objects([]).env(_mlflow_container(), "flyray")["ALLOWED_HOSTS"]
+    port = _free_port()
+    proc = serve(
+        [
+            sys.executable,
+            "-m",
+            "mlflow",
+            "server",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--backend-store-uri",
+            f"sqlite:///{tmp_path / 'db.sqlite'}",
+            "--workers",
+            "1",
+            "--allowed-hosts",
+            allowed,
+        ],
+        port,
+        f"http://127.0.0.1:{port}/health",
+    )
+    try:
+        url = f"http://127.0.0.1:{port}/api/2.0/mlflow/experiments/search?max_results=1"
+
+        def status(host: str) -> int:
+            request = urllib.request.Request(url, headers={"Host": host})
+            try:
+                return urllib.request.urlopen(request, timeout=10).status
+            except urllib.error.HTTPError as err:
+                return err.code
+
+        for name in _service_names():
+            assert status(f"{name}:5000") == 200, name
+        assert status("attacker.example:5000") == 403
+    finally:
+        proc.terminate()
+        proc.wait(timeout=20)
+
+
+def test_mlflow_backend_uri_names_a_driver_the_image_installs():
+    """The backend store URI names its SQLAlchemy driver, and that driver is installed both in
+    images.mlflow_server and here (the rehearsal runs the manifest's command)."""
+    args = " ".join(_mlflow_container()["args"])
+    uri = re.search(r"--backend-store-uri (\S+)", args).group(1)
+    scheme = uri.split("://")[0]
+    assert scheme == "postgresql+psycopg", uri
+    assert any(p.startswith("psycopg[binary]") for p in images.mlflow_server.packages)
+    assert importlib.util.find_spec("psycopg") is not None
+
+
+@pytest.mark.slow
+def test_rehearsal(tmp_path):
+    """`make rehearse`: the platform from its manifests and the packaged recommendation
+    workflow, every Ray task a RayJob on a Ray cluster of its own, ending with a version
+    registered and promoted in the Postgres-backed MLflow, reached by its Service name."""
+    reason = namespace_unavailable()
+    if reason:
+        pytest.skip(f"the rehearsal needs a network namespace: {reason}")
+    archive = tmp_path / "flyray-flyte.tgz"
+    subprocess.run(
+        [
+            str(Path(sys.executable).parent / "pyflyte"),
+            "--pkgs",
+            "workflows",
+            "package",
+            "--fast",
+            "--force",
+            "--output",
+            str(archive),
+        ],
+        cwd=REPO,
+        check=True,
+        capture_output=True,
+    )
+    done = subprocess.run(
+        [sys.executable, "-m", "k8s.rehearse", "--archive", str(archive)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=1800,
+    )
+    print(done.stdout[-6000:])
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
+    table = done.stdout[done.stdout.index("\nnode ") :]
+    ray_nodes = [
+        "ingest_clickstream",
+        "build_ratings",
+        "tune_params",
+        "fit_funksvd",
+        "evaluate_model",
+        "recommend_users",
+    ]
+    for name in ray_nodes:
+        [line] = [row for row in table.splitlines() if f" {name} " in row]
+        assert "Ray job on" in line and "succeeded" in line, line
+    for name in ["resolve_source", "data_window", "train_funksvd", "register_model"]:
+        [line] = [row for row in table.splitlines() if f" {name} " in row]
+        assert "process" in line and "succeeded" in line, line
+    assert "champion -> version 1" in table
+    # the faults: the trainer's next attempt resumed from its checkpoint on S3; the registration
+    # outlived an MLflow restart; a Postgres restart lost nothing
+    [lost] = [row for row in table.splitlines() if "fault: worker + head" in row]
+    assert re.search(r"attempt [1-9] resumed from epoch [1-9]", lost), lost
+    [restart] = [row for row in table.splitlines() if "fault: MLflow restarted" in row]
+    assert "succeeded" in restart, restart
+    [pg] = [row for row in table.splitlines() if "fault: Postgres restarted" in row]
+    assert "nothing lost" in pg and "champion -> version 1" in pg, pg
