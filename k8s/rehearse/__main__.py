@@ -32,11 +32,11 @@ from k8s.rehearse.pods import (
 )
 
 REPO = Path(__file__).resolve().parents[2]
-# The recommendation run rehearsed: the default launch plan with a smaller demo window, a short
-# search and a smaller ranking sample, so that the whole rehearsal fits a CI run; every other
-# input is the launch plan's.
+# The recommendation run rehearsed: the default launch plan with a smaller demo window and
+# ranking sample, so that the whole rehearsal fits a CI run (recommendation_inputs).
 RECOMMENDATION = "workflows.recommendation.recommendation_pipeline"
 MODEL = "flyray-funksvd"  # what it registers (the workflow's default RegistryConfig)
+TRAINER_EPOCHS = 150  # a few seconds of FunkSVD on the rehearsal's 30,000 demo events
 
 
 def _parse(argv: list[str]) -> argparse.Namespace:
@@ -54,14 +54,20 @@ def deployment_secrets() -> dict[str, str]:
 
 
 def recommendation_inputs(plan, demo_events: int):
+    """The default launch plan's inputs, smaller: the trainer runs TRAINER_EPOCHS epochs of the
+    pipeline's parameters (tuning's Ray job runs without trials, so its search cannot shorten
+    them), long enough for the lost-trainer fault to land mid-training."""
+    from dataclasses import replace
+
     from flyray.recsys.tuning import TuningConfig
     from k8s.rehearse.flyte import launch_inputs, literals
-    from workflows.recommendation import recommendation_pipeline
+    from workflows.recommendation import PIPELINE_PARAMS, recommendation_pipeline
 
     overrides = {
         "demo_events": demo_events,
         "ranking_users": 2_000,
-        "tuning": TuningConfig(trials=2, time_budget_s=30, validation_users=1_000),
+        "tuning": TuningConfig(trials=0),
+        "params": replace(PIPELINE_PARAMS, n_epochs=TRAINER_EPOCHS),
     }
     return launch_inputs(plan, literals(overrides, recommendation_pipeline.python_interface.inputs))
 

@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import re
 import signal
 import threading
 import time
@@ -18,6 +19,7 @@ from k8s.rehearse.flyte import DOMAIN, PROJECT, Row
 
 TRAINER, REGISTER = "fit_funksvd", "register_model"
 MLFLOW_RESTART_AFTER = 5.0  # seconds into the registration's first attempt
+CHECKPOINT_WATCH = 600.0  # seconds the trainer's first attempt is watched for a checkpoint
 
 
 @dataclass
@@ -26,23 +28,39 @@ class Faults:
     postgres: object
     rows: list[Row] = field(default_factory=list)
     trainer_lost_at: float = 0.0
+    killed_after_epoch: int = 0
     mlflow_restart: threading.Thread | None = None
 
     def __call__(self, execution, node, task, attempt, seconds, cluster) -> None:
         if task == TRAINER and attempt == 0 and cluster is not None and not self.trainer_lost_at:
-            checkpoints = (
-                f"s3://{execution.store.bucket}/flyray-checkpoints/{PROJECT}/{DOMAIN}/"
-                f"{execution.name}/{node}/"
-            )
-            if execution.store.keys(checkpoints):
-                cluster.kill_worker(0)
-                time.sleep(2)
-                cluster.head.signal(signal.SIGKILL)
-                self.trainer_lost_at = seconds
+            self._lose_trainer_at_first_checkpoint(execution, node, cluster, seconds)
         restart = task == REGISTER and attempt == 0 and seconds >= MLFLOW_RESTART_AFTER
         if restart and self.mlflow_restart is None:
             self.mlflow_restart = threading.Thread(target=self.mlflow.restart, daemon=True)
             self.mlflow_restart.start()
+
+    def _lose_trainer_at_first_checkpoint(self, execution, node, cluster, seconds) -> None:
+        """Watch the node's checkpoint folder closely (epochs of a small run take well under a
+        second) and lose the worker, then the head, as soon as a checkpoint is there."""
+        checkpoints = (
+            f"s3://{execution.store.bucket}/flyray-checkpoints/{PROJECT}/{DOMAIN}/"
+            f"{execution.name}/{node}/"
+        )
+        began = time.monotonic()
+        while time.monotonic() - began < CHECKPOINT_WATCH:
+            epochs = re.findall(
+                r"/epoch-(\d+)/state\.json$", "\n".join(execution.store.keys(checkpoints)), re.M
+            )
+            if epochs:
+                self.killed_after_epoch = max(int(e) for e in epochs)
+                cluster.kill_worker(0)
+                time.sleep(2)
+                cluster.head.send(signal.SIGKILL)
+                self.trainer_lost_at = seconds + time.monotonic() - began
+                return
+            if not cluster.head.alive():
+                return
+            time.sleep(0.1)
 
     def trainer_outcome(self, execution) -> Row:
         """Where Flyte's next attempt of the trainer started (its TrainingReport)."""
@@ -69,10 +87,10 @@ class Faults:
             TrainingReport,
         )
         attempt = done[-1].split("/")[-2]
-        ok = attempt != "0" and report.resumed_from_epoch > 0
+        ok = attempt != "0" and 0 < report.resumed_from_epoch < report.epochs[-1]
         outcome = (
-            f"attempt {attempt} resumed from epoch {report.resumed_from_epoch}, trained "
-            f"to epoch {report.epochs[-1]}"
+            f"killed after epoch {self.killed_after_epoch} was on S3; attempt {attempt} resumed "
+            f"from epoch {report.resumed_from_epoch}, trained to epoch {report.epochs[-1]}"
         )
         return Row(
             f"fault: worker + head of {TRAINER} killed at {self.trainer_lost_at:.0f} s",

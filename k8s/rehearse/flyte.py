@@ -122,7 +122,6 @@ class Execution:
     # Called about once a second while a node runs: hook(execution, node, task name, attempt,
     # seconds since the attempt began, its Ray cluster or None); the fault rehearsals use it.
     hook: object = None
-    only: tuple[str, ...] = ()  # run just these nodes' tasks (by task name), e.g. one trainer
 
     def __post_init__(self) -> None:
         self.meta = f"s3://{self.store.bucket}/metadata/propeller/{PROJECT}-{DOMAIN}-{self.name}"
@@ -177,8 +176,6 @@ class Execution:
     ) -> literals_pb2.LiteralMap:
         template = template or self.package.tasks[task]
         short = task.split(".")[-1]
-        if self.only and short not in self.only and template.type != "python-task":
-            raise RehearsalError(f"{node} {short}: not among the rehearsed nodes {self.only}")
         self.store.put(f"{self.meta}/{node}/data/inputs.pb", inputs.SerializeToString())
         retries = template.metadata.retries.retries
         began, failures = time.monotonic(), []

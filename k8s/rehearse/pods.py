@@ -207,7 +207,7 @@ class Process:
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
 
-    def signal(self, sig: int) -> None:
+    def send(self, sig: int) -> None:
         """Signal the whole session: a pod's processes go together."""
         if self.proc is not None:
             with contextlib.suppress(ProcessLookupError):
@@ -227,14 +227,14 @@ def stop_all(processes: list[Process], sig: int = signal.SIGTERM, timeout: float
     any of them after `timeout` (the termination grace period)."""
     processes = [p for p in processes if p.proc is not None]
     for p in processes:
-        p.signal(sig)
+        p.send(sig)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline and any(_group_alive(p.proc.pid) for p in processes):
         for p in processes:
             p.proc.poll()  # reap the leader, or the group never looks empty
         time.sleep(0.2)
     for p in processes:
-        p.signal(signal.SIGKILL)
+        p.send(signal.SIGKILL)
         with contextlib.suppress(subprocess.TimeoutExpired):
             p.proc.wait(timeout=10)
 

@@ -221,7 +221,7 @@ class RayCluster:
 
     def kill_worker(self, index: int = 0) -> None:
         """A lost worker pod: SIGKILL its every process, nothing drains."""
-        self.workers[index].signal(signal.SIGKILL)
+        self.workers[index].send(signal.SIGKILL)
 
     def stop(self) -> None:
         """shutdownAfterJobFinishes: the pods are deleted together (SIGTERM, then SIGKILL)."""
