@@ -36,7 +36,6 @@ REPO = Path(__file__).resolve().parents[2]
 # ranking sample, so that the whole rehearsal fits a CI run (recommendation_inputs).
 RECOMMENDATION = "workflows.recommendation.recommendation_pipeline"
 MODEL = "flyray-funksvd"  # what it registers (the workflow's default RegistryConfig)
-TRAINER_EPOCHS = 150  # a few seconds of FunkSVD on the rehearsal's 30,000 demo events
 
 
 def _parse(argv: list[str]) -> argparse.Namespace:
@@ -54,20 +53,17 @@ def deployment_secrets() -> dict[str, str]:
 
 
 def recommendation_inputs(plan, demo_events: int):
-    """The default launch plan's inputs, smaller: the trainer runs TRAINER_EPOCHS epochs of the
-    pipeline's parameters (tuning's Ray job runs without trials, so its search cannot shorten
-    them), long enough for the lost-trainer fault to land mid-training."""
-    from dataclasses import replace
-
+    """The default launch plan's inputs, smaller. Tuning's Ray job runs without trials, so the
+    trainer runs the pipeline's parameters (25 epochs, a few seconds here) and the lost-trainer
+    fault lands mid-training."""
     from flyray.recsys.tuning import TuningConfig
     from k8s.rehearse.flyte import launch_inputs, literals
-    from workflows.recommendation import PIPELINE_PARAMS, recommendation_pipeline
+    from workflows.recommendation import recommendation_pipeline
 
     overrides = {
         "demo_events": demo_events,
         "ranking_users": 2_000,
         "tuning": TuningConfig(trials=0),
-        "params": replace(PIPELINE_PARAMS, n_epochs=TRAINER_EPOCHS),
     }
     return launch_inputs(plan, literals(overrides, recommendation_pipeline.python_interface.inputs))
 

@@ -54,7 +54,7 @@ class Faults:
             if epochs:
                 self.killed_after_epoch = max(int(e) for e in epochs)
                 cluster.kill_worker(0)
-                time.sleep(2)
+                time.sleep(0.5)
                 cluster.head.send(signal.SIGKILL)
                 self.trainer_lost_at = seconds + time.monotonic() - began
                 return

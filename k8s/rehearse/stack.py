@@ -273,7 +273,10 @@ class MLflow:
             raise RehearsalError(f"no version of {model} registered in {self.uri}")
         aliases = client.get_registered_model(model).aliases
         named = ", ".join(f"{a} -> version {v}" for a, v in sorted(aliases.items()))
-        return f"versions {versions}, {named or 'no alias'}"
+        if not named:  # the gate's reason, as the version's tag holds it
+            tags = client.get_model_version(model, str(versions[-1])).tags
+            named = f"no alias ({tags.get('promotion_reason', 'no reason recorded')})"
+        return f"versions {versions}, {named}"
 
     def restart(self) -> None:
         self.process.stop(signal.SIGTERM)
