@@ -149,10 +149,10 @@ def test_rehearsal(tmp_path):
         "recommend_users",
     ]
     for name in ray_nodes:
-        [line] = [row for row in table.splitlines() if f" {name} " in row]
+        line = _node_row(table, name)
         assert "Ray job on" in line and "succeeded" in line, line
     for name in ["resolve_source", "data_window", "train_funksvd", "register_model"]:
-        [line] = [row for row in table.splitlines() if f" {name} " in row]
+        line = _node_row(table, name)
         assert "process" in line and "succeeded" in line, line
     assert "champion -> version 1" in table
     # the faults: the trainer's next attempt resumed from its checkpoint on S3; the registration
@@ -164,3 +164,9 @@ def test_rehearsal(tmp_path):
     assert "succeeded" in restart, restart
     [pg] = [row for row in table.splitlines() if "fault: Postgres restarted" in row]
     assert "nothing lost" in pg and "champion -> version 1" in pg, pg
+
+
+def _node_row(table: str, task: str) -> str:
+    """The summary row of the node that ran `task` (rows of nodes start with the node's id)."""
+    [line] = [row for row in table.splitlines() if re.match(rf"n[\w-]* {task} ", row)]
+    return line

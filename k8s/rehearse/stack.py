@@ -256,7 +256,17 @@ class MLflow:
     def check_api(self) -> None:
         """What every client does first, by the Service name the ConfigMap gives them (the
         readiness probe's /health is not behind the Host-header check: it cannot see this)."""
-        status, body = http_get(f"{self.uri}/api/2.0/mlflow/experiments/search?max_results=1")
+        answers: list[tuple[int, str]] = []
+        url = f"{self.uri}/api/2.0/mlflow/experiments/search?max_results=1"
+        # A fresh server's first request may be slow on a loaded machine: a time-out is "not
+        # ready yet", any answer is the answer.
+        wait_for(
+            "mlflow API",
+            lambda: answers.append(http_get(url, timeout=30)) or True,
+            180,
+            self.process,
+        )
+        status, body = answers[-1]
         if status != 200:
             raise RehearsalError(
                 f"MLflow's API refuses its own Service name {self.uri} "
