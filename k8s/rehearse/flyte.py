@@ -42,7 +42,7 @@ class Package:
         with tarfile.open(archive) as tar:
             for member in tar.getmembers():
                 data = tar.extractfile(member).read() if member.isfile() else b""
-                name = member.name.lstrip("./")
+                name = member.name.removeprefix("./")
                 if name.startswith("fast") and name.endswith(".tar.gz"):
                     self.fast_name, self.fast = name, data
                 elif name.endswith("_1.pb"):
