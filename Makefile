@@ -44,12 +44,13 @@ serve: setup
 	@mkdir -p .data/tmp
 	@$(RUN_ENV) $(BIN)/python -m flyray.serve
 
+# Every test; the slowest are listed last.
 test: setup
 	$(BIN)/python -m pytest
 
-# The quick loop: everything but the multi-second end-to-end scenarios.
+# The quick loop: everything but the end-to-end tests (@pytest.mark.e2e).
 test-quick: setup
-	$(BIN)/python -m pytest -m "not slow"
+	$(BIN)/python -m pytest -m "not e2e"
 
 lint: setup
 	$(BIN)/ruff check .

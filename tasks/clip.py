@@ -14,9 +14,15 @@ from flyray import registry, storage
 from flyray.clip import report as clip
 from flyray.clip.classifier import ClassifierParams, TrainedClassifier, train_classifier
 from flyray.clip.config import EmbedConfig, SplitConfig
-from flyray.clip.embed import EmbeddingResult, cache_key, embed_folder, resolve_model
+from flyray.clip.embed import (
+    EmbeddingResult,
+    cache_key,
+    check_model,
+    embed_folder,
+    resolve_model,
+)
 from flyray.clip.evaluate import EvaluationReport, evaluate
-from flyray.clip.generate import generate_shapes
+from flyray.clip.generate import demo_inputs
 from flyray.clip.images import split_embeddings
 from flyray.clip.report import TrainingReport
 from flyray.images import list_images
@@ -40,6 +46,7 @@ WORKER_GPUS = int(os.environ.get("FLYRAY_CLIP_WORKER_GPUS", "0"))
 class ImageSource(NamedTuple):
     root: str
     fingerprint: str
+    model: str  # the CLIP model every later task loads
 
 
 class EmbedOutputs(NamedTuple):
@@ -68,18 +75,18 @@ def _write(table, uri: str) -> StructuredDataset:
 
 @flyray_task(images.clip, timeout=minutes(30))
 def resolve_images(source: str, model: str, demo_per_class: int, demo_seed: int) -> ImageSource:
-    """The image folder and a fingerprint of its content and the model's (never cached, so
-    edits of either are seen, and embed_images is cached on content, not names); an empty
-    `source` generates the coloured-shapes demo set: locally always into the same folder of the
-    data directory (same bytes, same fingerprint, so a re-run reuses its embeddings), on a
-    cluster under the execution's output prefix."""
-    root = source
-    if not root:
-        out = new_output_dir()
-        demo = registry.data_dir() / "clip-demo" / f"shapes-{demo_per_class}-{demo_seed}"
-        root = storage.join(out, "shapes") if storage.is_s3(out) else str(demo)
-        generate_shapes(root, per_class=demo_per_class, seed=demo_seed)
-    return ImageSource(root, cache_key(resolve_model(model), list_images(root).fingerprint))
+    """The image folder, the CLIP model, checked here before any actor loads it, and a
+    fingerprint of both (never cached, so edits of either are seen, and embed_images is cached
+    on content, not names). An empty `source` generates the coloured-shapes demo set and an
+    empty `model` with it means the tiny demo CLIP, so the defaults run offline: locally always
+    into the same folders of the data directory (same bytes, same fingerprint, so a re-run
+    reuses its embeddings), on a cluster under the execution's output prefix."""
+    out, local = new_output_dir(), str(registry.data_dir() / "clip-demo")
+    demo = storage.join(out, "demo") if storage.is_s3(out) else local
+    root, model = demo_inputs(source, model, demo, demo_per_class, demo_seed)
+    model = resolve_model(model)
+    check_model(model)
+    return ImageSource(root, cache_key(model, list_images(root).fingerprint), model)
 
 
 @flyray_task(images.clip, ray=True, worker_gpus=WORKER_GPUS, cache="clip-embed-1", deck=True,

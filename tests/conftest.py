@@ -1,4 +1,7 @@
-"""Shared fixtures: one local Ray per test session, an S3 server on loopback, small inputs."""
+"""Shared fixtures: one local Ray per test session, an S3 server on loopback, small inputs.
+
+End-to-end tests (whole pipelines, CLIs in subprocesses, the cluster rehearsal) are marked
+`@pytest.mark.e2e`; `make test-quick` leaves them out."""
 
 from __future__ import annotations
 

@@ -140,12 +140,12 @@ def xgboost(out: Path, tmp: Path) -> None:
     from flyray.tabular.train import XGBParams, predict, train_distributed
 
     disturber = _Disturber()
-    spec = prepare(generate_table(str(tmp / "table.parquet"), 200_000, 20), str(tmp / "prepared"))
+    spec = prepare(generate_table(str(tmp / "table.parquet"), 60_000, 20), str(tmp / "prepared"))
     x_test, y_test = read_split(split_uri(str(tmp / "prepared"), "test"), spec)
-    params = XGBParams(num_boost_round=150, max_depth=8, early_stopping_rounds=0)
+    params = XGBParams(num_boost_round=60, max_depth=8, early_stopping_rounds=0)
 
     def fit(name: str):
-        config = DistributedConfig(checkpoint_every=15, checkpoint_uri=str(tmp / name))
+        config = DistributedConfig(checkpoint_every=10, checkpoint_uri=str(tmp / name))
         booster, report = train_distributed(
             split_uri(str(tmp / "prepared"), "train"),
             split_uri(str(tmp / "prepared"), "validation"), spec, params, config,
@@ -183,7 +183,7 @@ def torch(out: Path, tmp: Path) -> None:
 
     train, validation = blobs(6000), blobs(2000)
     labels = [f"class_{k}" for k in range(len(centres))]
-    params = ClassifierParams(hidden=64, lr=3e-3, epochs=10, batch_size=128, seed=1)
+    params = ClassifierParams(hidden=64, lr=3e-3, epochs=6, batch_size=128, seed=1)
     disturber = _Disturber()
 
     def fit(name: str):

@@ -185,7 +185,7 @@ def test_tabular_champion_scores_the_challengers_rows_in_its_own_encoding(tracki
 # ---------------------------------------------------------------------------------- CNN
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_cnn_champion_accuracy_is_its_accuracy_on_the_challengers_images(tracking):
     from flyray.vision.data import ImageSet
     from flyray.vision.evaluate import champion_accuracy

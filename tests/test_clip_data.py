@@ -20,15 +20,17 @@ from flyray import storage
 from flyray.clip.classifier import use_gpu
 from flyray.clip.embed import (
     ClipEmbedder,
+    ModelUnavailable,
     PoolPlan,
     cache_key,
+    check_model,
     embed_folder,
     embed_paths,
     matrix,
     pick_device,
     plan_pool,
 )
-from flyray.clip.generate import generate_shapes
+from flyray.clip.generate import demo_inputs, generate_shapes
 from flyray.clip.images import split_embeddings
 from flyray.images import decode, list_images
 
@@ -127,6 +129,45 @@ def test_embed_folder_on_s3(s3_env, tmp_path, tiny_clip):  # noqa: F811
     assert result.rejected_files[0].startswith("s3://clip-data/shapes/red_circle/broken.png")
     assert embed_folder("s3://clip-data/shapes", "s3://clip-data/tiny",
                         "s3://clip-data/cache").reused  # fmt: skip
+    with pytest.raises(
+        ModelUnavailable,
+        match=r"s3://clip-data/shapes: no config.json in that folder; pass --model",
+    ):
+        embed_folder("s3://clip-data/shapes", "s3://clip-data/shapes", "s3://clip-data/cache")
+
+
+def test_a_model_that_cannot_load_fails_once_before_any_actor_naming_what_to_pass(tmp_path):
+    images = tmp_path / "images"
+    generate_shapes(str(images), classes=CLASSES[:2], per_class=2)
+    cache = tmp_path / "cache"
+    # No hub here (HF_HUB_OFFLINE, as on a cluster pod without egress): the driver's config
+    # load fails, so no actor is started and nothing is written.
+    with pytest.raises(ModelUnavailable) as hub:
+        embed_folder(str(images), "openai/clip-vit-base-patch32", str(cache))
+    message = str(hub.value)
+    assert message.startswith("CLIP model openai/clip-vit-base-patch32 cannot be loaded")
+    assert "--model a folder written by save_pretrained or an s3:// prefix" in message
+    assert "\n" not in message and not cache.exists()
+    with pytest.raises(ModelUnavailable, match=r"\./no-such-model: not a folder; pass --model"):
+        check_model("./no-such-model")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ModelUnavailable, match="empty: no config.json in that folder"):
+        check_model(str(tmp_path / "empty"))
+
+
+def test_demo_defaults_need_nothing_downloaded(tmp_path):
+    from transformers import CLIPModel
+
+    root, model = demo_inputs("", "", str(tmp_path / "demo"), per_class=2, seed=0)
+    assert root == str(tmp_path / "demo" / "shapes-2-0")
+    assert len(list_images(root).paths) == 2 * 4
+    check_model(model)
+    assert CLIPModel.from_pretrained(model).config.projection_dim == 32
+    built = (Path(model) / "model.safetensors").stat().st_mtime_ns
+    assert demo_inputs("", "", str(tmp_path / "demo"), 2, 0)[1] == model  # built once
+    assert (Path(model) / "model.safetensors").stat().st_mtime_ns == built
+    with pytest.raises(ModelUnavailable, match="--source /data/dogs needs --model"):
+        demo_inputs("/data/dogs", "", str(tmp_path / "demo"), 2, 0)
 
 
 def test_gpu_is_used_only_when_visible():

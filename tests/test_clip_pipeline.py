@@ -25,7 +25,7 @@ from workflows.clip import clip_pipeline
 SMALL = ClassifierParams(hidden=32, epochs=10, lr=0.005, batch_size=16)
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_pipeline_embeds_trains_evaluates_and_registers(
     tmp_path,
     monkeypatch,

@@ -79,7 +79,7 @@ def test_bad_log_level_names_the_variable(tmp_path):
     assert "FLYRAY_LOG_LEVEL='LOUD'" in proc.stderr and "DEBUG, INFO, WARNING" in proc.stderr
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_make_run_prints_a_short_summary_with_the_log_and_the_deck_page(tmp_path):
     """`make run`'s entry point on a small demo: at most 40 lines, every task's start and end,
     the summary; the log file it names holds the epochs; the deck page links existing decks."""

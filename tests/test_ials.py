@@ -69,7 +69,7 @@ def test_cg_residual_is_zero_when_solved():
     assert again < 1e-6 < left or left < 1e-6
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_local_fit_ranks_held_out_clicks_far_above_popularity():
     data = taste_clicks(seed=2)
     rng = np.random.default_rng(0)
@@ -140,7 +140,7 @@ def test_bad_parameters_are_refused():
         IALSParams(alpha=0)
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_registered_pyfunc_serves_an_ials_model(clicks, tmp_path, monkeypatch):
     import mlflow
     import pandas as pd

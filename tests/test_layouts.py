@@ -275,7 +275,7 @@ def test_every_preset_is_documented():
         assert f"`{name}`" in text and f'"layout": "{name}"' in text
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 @pytest.mark.parametrize("preset, path, events, by_type", SAMPLES, ids=IDS)
 def test_prepare_data_on_each_sample_with_auto_and_its_preset(
     flyte_cache, preset, path, events, by_type

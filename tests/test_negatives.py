@@ -99,7 +99,7 @@ def test_dsgd_trains_on_the_same_number_of_negatives_as_one_process():
     assert model.global_mean == pytest.approx(0.25)
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_resumed_dsgd_draws_the_negatives_an_uninterrupted_run_draws(tmp_path):
     u, i = clicks()
     ratings = Ratings(u, i, np.ones(len(u), np.float32))

@@ -29,7 +29,7 @@ def _scenario(name: str, tmp_path) -> dict:
     return json.loads(out.read_text())
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_funksvd_dsgd_survives_losing_a_node(tmp_path):
     result = _scenario("funksvd", tmp_path)
     assert result["killed_after"] is not None
@@ -47,21 +47,21 @@ def _within_one_percent(result: dict) -> None:
     assert abs(got - ref) / ref < 0.01, (ref, got)
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_xgboost_resumes_from_its_checkpoint_after_losing_a_node(tmp_path):
     result = _scenario("xgboost", tmp_path)
     assert result["killed_after"] is not None
-    assert result["restored_from"] in range(15, 150, 15)  # a checkpoint round, not round 0
-    assert result["rounds"] == [150, 150]
+    assert result["restored_from"] in range(10, 60, 10)  # a checkpoint round, not round 0
+    assert result["rounds"] == [60, 60]
     assert result["workers"] == [2, 1]  # finished on the node left, no replacement needed
     _within_one_percent(result)  # test AUC
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_torch_classifier_resumes_from_its_checkpoint_after_losing_a_node(tmp_path):
     result = _scenario("torch", tmp_path)
     assert result["killed_after"] is not None
-    assert 1 <= result["restored_from"] < 10
-    assert result["epochs"] == list(range(1, 11))
+    assert 1 <= result["restored_from"] < 6
+    assert result["epochs"] == list(range(1, 7))
     assert result["workers"] == [2, 1]
     _within_one_percent(result)  # validation accuracy

@@ -1,10 +1,7 @@
-"""The main job end to end: flytekit local execution, and a `pyflyte run` subprocess."""
+"""The main job end to end in flytekit's local execution (`pyflyte run` as a subprocess:
+test_secrets.py; `make run`: test_console.py; the packaged workflow on a cluster: the rehearsal)."""
 
 from __future__ import annotations
-
-import os
-import subprocess
-import sys
 
 import mlflow
 import pandas as pd
@@ -18,7 +15,7 @@ SMALL = FunkSVDParams(n_factors=16, n_epochs=8, lr=0.01, reg=0.05, negatives=3, 
 UNTUNED = TuningConfig(trials=0)  # these runs check training and registration (tuning: run_local)
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_pipeline_registers_evaluates_and_recommends(tmp_path, monkeypatch, flyte_cache):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.setenv("FLYRAY_DATA_DIR", str(tmp_path / "data"))
@@ -53,28 +50,3 @@ def test_pipeline_registers_evaluates_and_recommends(tmp_path, monkeypatch, flyt
     # (both runs came from the same data and seed) scores exactly the challenger's figure.
     assert second.champion_version == "1"
     assert second.champion_value == pytest.approx(again.evaluation.model.ndcg, rel=1e-6)
-
-
-@pytest.mark.slow
-def test_pyflyte_run_subprocess(tmp_path):
-    env = {
-        **os.environ,
-        "FLYRAY_DATA_DIR": str(tmp_path / "data"),
-        "TMPDIR": str(tmp_path),
-        "RAY_TMPDIR": "/tmp",
-        "RAY_DATA_DISABLE_PROGRESS_BARS": "1",
-    }
-    env.pop("MLFLOW_TRACKING_URI", None)
-    params = '{"n_factors": 8, "n_epochs": 3, "negatives": 2, "rating_min": 0.0}'
-    proc = subprocess.run(
-        [sys.executable, "-m", "flytekit.clis.sdk_in_container.pyflyte", "run",
-         "workflows/recommendation.py", "recommendation_pipeline",
-         "--demo_events", "20000", "--params", params],
-        capture_output=True, text=True, timeout=600, env=env,
-        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-    )  # fmt: skip
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "PipelineOutputs" in proc.stdout
-    client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'data' / 'mlflow' / 'mlflow.db'}")
-    versions = client.search_model_versions("name='flyray-funksvd'")
-    assert [int(v.version) for v in versions] == [1]

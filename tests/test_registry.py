@@ -112,7 +112,7 @@ def _race(name: str, values: tuple[float, float], small_model) -> dict:
     return decisions
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_concurrent_registrations_end_with_the_better_champion(tracking, small_model):
     """Both versions exist and the better one holds the alias, whichever gate wrote last."""
     client = mlflow.MlflowClient(tracking)

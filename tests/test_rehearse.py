@@ -51,7 +51,7 @@ def test_mlflow_allows_every_service_name_and_no_wildcard():
     assert '--allowed-hosts "$ALLOWED_HOSTS"' in " ".join(_mlflow_container()["args"])
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_mlflow_with_the_manifests_hosts_answers_its_service_name(tmp_path):
     """A real `mlflow server` with the manifest's --allowed-hosts: requests that reach it as the
     cluster does (Host: the Service's name) get 200, a foreign Host header 403."""
@@ -106,11 +106,15 @@ def test_mlflow_backend_uri_names_a_driver_the_image_installs():
     assert importlib.util.find_spec("psycopg") is not None
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
+@pytest.mark.timeout(3000)
 def test_rehearsal(tmp_path):
     """`make rehearse`: the platform from its manifests and the packaged recommendation
     workflow, every Ray task a RayJob on a Ray cluster of its own, ending with a version
-    registered and promoted in the Postgres-backed MLflow, reached by its Service name."""
+    registered and promoted in the Postgres-backed MLflow, reached by its Service name, and
+    served by the RayService; the training node of every other workload; the faults. A Flyte
+    retry of every trainer resumes from its checkpoint here (this replaced the per-trainer
+    pyflyte-execute scenarios of test_retry_resume.py)."""
     reason = namespace_unavailable()
     if reason:
         pytest.skip(f"the rehearsal needs a network namespace: {reason}")
@@ -135,11 +139,15 @@ def test_rehearsal(tmp_path):
         cwd=REPO,
         capture_output=True,
         text=True,
-        timeout=1800,
+        timeout=2700,
     )
     print(done.stdout[-6000:])
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
-    table = done.stdout[done.stdout.index("\nnode ") :]
+    check_table(done.stdout[done.stdout.index("\nnode ") :])
+
+
+def check_table(table: str) -> None:
+    """What the rehearsal's summary table must say."""
     ray_nodes = [
         "ingest_clickstream",
         "build_ratings",
@@ -155,15 +163,40 @@ def test_rehearsal(tmp_path):
         line = _node_row(table, name)
         assert "process" in line and "succeeded" in line, line
     assert "champion -> version 1" in table
-    # the faults: the trainer's next attempt resumed from its checkpoint on S3; the registration
-    # outlived an MLflow restart; a Postgres restart lost nothing
-    [lost] = [row for row in table.splitlines() if "fault: worker + head" in row]
-    resumed = re.search(r"attempt [1-9] resumed from epoch (\d+), trained to epoch (\d+)", lost)
-    assert resumed and 0 < int(resumed.group(1)) < int(resumed.group(2)), lost
+    # the faults: every trainer (FunkSVD, XGBoost, CNN, CLIP): its pods lost at its first checkpoint on S3,
+    # Flyte's next attempt resumed from that checkpoint and trained to the end
+    lost = {
+        trainer: row
+        for row in table.splitlines()
+        for trainer in re.findall(r"^fault: worker \+ head of (\w+) killed", row)
+    }
+    assert set(lost) == {"fit_funksvd", "fit_xgboost", "fit_cnn", "fit_clip_classifier"}, lost
+    for row in lost.values():
+        resumed = re.search(r"attempt [1-9] resumed from \w+ (\d+), trained to \w+ (\d+)", row)
+        assert resumed and 0 < int(resumed.group(1)) < int(resumed.group(2)), row
+    # the registration outlived an MLflow restart; a Postgres restart lost nothing
     [restart] = [row for row in table.splitlines() if "fault: MLflow restarted" in row]
     assert "succeeded" in restart, restart
     [pg] = [row for row in table.splitlines() if "fault: Postgres restarted" in row]
     assert "nothing lost" in pg and "champion -> version 1" in pg, pg
+    # the RayService serves the champion through its Service name; its dashboard wants the token
+    [service] = [row for row in table.splitlines() if row.startswith("rayservice flyray-serve")]
+    assert "4 applications RUNNING" in service, service
+    [recommend] = [row for row in table.splitlines() if row.startswith("recommend via")]
+    assert "200: [5, 5] items for 2 users from version 1" in recommend, recommend
+    [unpromoted] = [row for row in table.splitlines() if row.startswith("flyray-xgboost via")]
+    assert " 503 (" in unpromoted, unpromoted
+    [dashboard] = [row for row in table.splitlines() if row.startswith("Ray dashboard without")]
+    assert "(refused)" in dashboard, dashboard
+    # the training node of every other workload, as its RayJob, after the nodes it needs; the
+    # CLIP model comes from S3, where resolve_images put the demo model
+    for name in ["fit_xgboost", "fit_cnn", "embed_images", "fit_clip_classifier"]:
+        line = _node_row(table, name)
+        assert "Ray job on" in line and "succeeded" in line, line
+    for name in ["resolve_table", "train_xgboost", "train_distributed", "resolve_images"]:
+        assert "succeeded" in _node_row(table, name)
+    [clip] = [row for row in table.splitlines() if row.startswith("clip model ")]
+    assert re.search(r" s3://flyray/raw/\S+/demo/tiny-clip$", clip), clip
 
 
 def _node_row(table: str, task: str) -> str:

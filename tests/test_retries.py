@@ -66,7 +66,7 @@ def _execute(task, inputs: dict, workdir: Path, endpoint: str):
 INPUTS = {"source": "s3://clicks/day/", "demo_events": 0, "demo_seed": 0, "run_date": None}
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_a_store_outage_is_retried_and_the_retry_succeeds(tmp_path):
     port = _free_port()
     endpoint = f"http://127.0.0.1:{port}"
@@ -94,7 +94,7 @@ def test_a_store_outage_is_retried_and_the_retry_succeeds(tmp_path):
     assert outputs.literals["fingerprint"].scalar.primitive.string_value
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_bad_input_is_not_retried_and_says_why(tmp_path, s3_env):
     error, _ = _execute(clickstream.resolve_source,
                         {**INPUTS, "source": "s3://no-such-bucket/day/"}, tmp_path / "run", s3_env)  # fmt: skip

@@ -41,7 +41,7 @@ def _leaks(root: Path) -> list[str]:
     return found
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_no_secret_reaches_logs_decks_outputs_or_mlflow(
     tmp_path, s3_server, mlflow_server, mlflow_root, monkeypatch
 ):
@@ -98,7 +98,9 @@ def test_no_secret_reaches_logs_decks_outputs_or_mlflow(
     [experiment] = [e for e in client.search_experiments() if e.name == "secret-check"]
     [run] = client.search_runs([experiment.experiment_id])
     texts = [*run.data.params.items(), *run.data.tags.items(), *run.data.metrics]
-    for version in client.search_model_versions("name='secret-check'"):
+    versions = client.search_model_versions("name='secret-check'")
+    assert [int(v.version) for v in versions] == [1]  # `pyflyte run` registered one version
+    for version in versions:
         texts += list(version.tags.items()) + [version.source or ""]
     flat = repr(texts)
     assert "model.n_factors" in flat  # the params were read

@@ -202,7 +202,7 @@ def recommender(server, tmp_path_factory):
     return server("serve-funksvd") + "/serve-funksvd", model, version, tmp
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_champions_found_and_served_one_route_per_name(recommender, tracking):
     url, _, version, _ = recommender
     found = models.champions(tracking)
@@ -212,7 +212,7 @@ def test_champions_found_and_served_one_route_per_name(recommender, tracking):
     assert answer["routes"] == ["/serve-funksvd/recommend", "/serve-funksvd/score"]
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_recommend_and_score_answer_as_the_registered_model(recommender):
     url, model, version, _ = recommender
     known = model.user_ids[:3].tolist()
@@ -238,7 +238,7 @@ def test_recommend_and_score_answer_as_the_registered_model(recommender):
                                model.predict(known, items), rtol=1e-6)  # fmt: skip
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_bad_requests_get_a_4xx_naming_the_field(recommender):
     url = recommender[0]
     cases = [
@@ -258,7 +258,7 @@ def test_bad_requests_get_a_4xx_naming_the_field(recommender):
     assert (got, answer["field"]) == (405, "method")
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_a_promotion_switches_versions_under_load_without_a_failed_request(recommender, experiment):
     """Clients keep asking while a better version is registered and promoted: every request
     answers 200, the version changes once from old to new, and the new answers are the new
@@ -303,7 +303,7 @@ def test_a_promotion_switches_versions_under_load_without_a_failed_request(recom
     assert len(answers) > 20
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_a_name_without_a_champion_answers_503_until_one_is_promoted(recommender, experiment):
     """As a RayService lists every workload's name before its first pipeline has run."""
     url = recommender[0].replace("/serve-funksvd", "")
@@ -321,7 +321,7 @@ def test_a_name_without_a_champion_answers_503_until_one_is_promoted(recommender
     assert status == 200 and answer["model_version"] == "1"
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_xgboost_probabilities_from_raw_rows(server, experiment, tmp_path):
     from flyray.tabular.report import log_model
 
@@ -342,7 +342,7 @@ def test_xgboost_probabilities_from_raw_rows(server, experiment, tmp_path):
     assert (status, answer["field"]) == (422, "rows[0].num")
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_cnn_classifies_an_uploaded_image(server, experiment, tmp_path):
     from flyray.vision.model import CNNParams, build_cnn
     from flyray.vision.report import log_model
@@ -383,7 +383,7 @@ def test_cnn_classifies_an_uploaded_image(server, experiment, tmp_path):
     assert (status, answer["field"]) == (422, "image")
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_clip_classifies_an_image(server, experiment, tmp_path, tiny_clip):  # noqa: F811
     import torch
 

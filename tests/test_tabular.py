@@ -39,7 +39,7 @@ from flyray.tabular.train import XGBParams, load_model, predict, train_distribut
 from tasks.platform import uri
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_pipeline_trains_evaluates_and_registers(tmp_path, monkeypatch, flyte_cache):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.setenv("FLYRAY_DATA_DIR", str(tmp_path / "data"))
@@ -121,7 +121,7 @@ def bucket(s3_env):
     return f"s3://{name}"
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_lost_worker_resumes_from_the_s3_checkpoint(bucket, tmp_path):
     """Prepare and train entirely on s3://; a worker failing after round 30 restarts the group,
     which resumes from the round-30 checkpoint and finishes all rounds."""

@@ -66,7 +66,7 @@ def test_zero_trials_keeps_the_given_parameters_without_searching():
     assert result.report.table == [] and "off" in result.report.deck()[0]
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_search_on_ray_reports_every_epoch_and_returns_the_winner(tmp_path):
     train, val = splits()
     config = TuningConfig(trials=5, time_budget_s=120, models="funksvd,ials", grace_epochs=2,

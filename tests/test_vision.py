@@ -239,7 +239,7 @@ def _exit_rank_1_after_two_checkpoints(monkeypatch, storage_dir, marker) -> None
     monkeypatch.setattr(rtt, "TensorflowTrainer", FlakyTrainer)
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_cnn_benchmark_end_to_end_through_a_worker_failure(tmp_path, monkeypatch, flyte_cache):
     """Both runs on the digits demo (3 epochs), the report and the registered model; a Ray
     worker dies after epoch 2 and the run resumes from its checkpoint instead of starting over."""

@@ -1,8 +1,8 @@
 """CLIP image classification: class folders -> CLIP embeddings (Ray Data actors) -> classifier
 (Ray Train, DDP) -> batch-inference evaluation -> MLflow registry behind the champion gate.
 
-pyflyte run workflows/clip.py clip_pipeline --source s3://bucket/dogs/          # real CLIP
-pyflyte run workflows/clip.py clip_pipeline --model .data/clip/tiny             # offline demo
+pyflyte run workflows/clip.py clip_pipeline                                     # offline demo
+pyflyte run workflows/clip.py clip_pipeline --source s3://bucket/dogs/ --model s3://bucket/clip/
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from flytekit.types.directory import FlyteDirectory
 
 from flyray.clip.classifier import ClassifierParams
 from flyray.clip.config import EmbedConfig, SplitConfig
-from flyray.clip.embed import DEFAULT_MODEL, EmbeddingResult
+from flyray.clip.embed import EmbeddingResult
 from flyray.clip.evaluate import EvaluationReport
 from flyray.clip.report import TrainingReport
 from flyray.raytrain import DistributedConfig
@@ -42,7 +42,7 @@ class ClipOutputs(NamedTuple):
 @workflow
 def clip_pipeline(
     source: str = "",
-    model: str = DEFAULT_MODEL,
+    model: str = "",
     demo_per_class: int = 60,
     demo_seed: int = 0,
     embed_config: EmbedConfig = EmbedConfig(),
@@ -52,17 +52,19 @@ def clip_pipeline(
     registration: RegistryConfig = DEFAULT_REGISTRATION,
 ) -> ClipOutputs:
     """`source`: a folder of class folders (local or s3://; empty = generated coloured shapes);
-    `model`: a CLIP hub id or a saved model directory (local or s3://)."""
+    `model`: a saved CLIP folder (local or s3://) or a hub id (empty = the tiny demo CLIP,
+    with the demo images only)."""
     images = resolve_images(
         source=source, model=model, demo_per_class=demo_per_class, demo_seed=demo_seed
     )
     data = embed_images(
-        root=images.root, fingerprint=images.fingerprint, model=model, config=embed_config,
+        root=images.root, fingerprint=images.fingerprint, model=images.model, config=embed_config,
         split=split_config,
     )  # fmt: skip
     trained = train_clip_classifier(
-        train=data.train, validation=data.validation, labels=data.labels, embedding_model=model,
-        params=params, config=training, experiment=registration.experiment,
+        train=data.train, validation=data.validation, labels=data.labels,
+        embedding_model=images.model, params=params, config=training,
+        experiment=registration.experiment,
     )  # fmt: skip
     evaluation = evaluate_clip_classifier(model=trained.model, test=data.test, train=data.train)
     registered = register_clip_classifier(

@@ -27,7 +27,7 @@ from flyray import storage
 from flyray.images import REJECTS_SCHEMA, UNDECODABLE, list_images, read_image, reject
 
 log = logging.getLogger(__name__)
-DEFAULT_MODEL = "openai/clip-vit-base-patch32"
+HUB_MODEL = "openai/clip-vit-base-patch32"  # the real CLIP, where the hub can be reached
 FORMAT = "1"  # part of the cache key: bump when the embeddings' content changes
 NAMED_REJECTS = 100  # rejected files named in the result; all of them are in rejects.parquet
 
@@ -76,6 +76,39 @@ def local_model(model: str, filesystem: pafs.FileSystem | None = None) -> str:
     return target
 
 
+class ModelUnavailable(ValueError):
+    """The CLIP model named by `--model` cannot be loaded where the task runs."""
+
+
+def check_model(model: str) -> None:
+    """Load the model's config here, once, before any actor starts: a hub id that this machine
+    cannot reach (a cluster pod usually cannot) or a folder without a saved CLIP then fails
+    with one message naming what to pass, not with a traceback from every actor's retries."""
+    from transformers import CLIPConfig
+
+    hint = (
+        "pass --model a folder written by save_pretrained or an s3:// prefix holding one "
+        "(`python -m flyray.clip.generate DIR --tiny-model MODEL_DIR` writes an offline demo "
+        "model; leave --model empty with the demo images)"
+    )
+    fs, path = storage.filesystem(model)
+    if storage.is_s3(model) or Path(model).is_dir():
+        if fs.get_file_info(f"{path.rstrip('/')}/config.json").type != pafs.FileType.File:
+            raise ModelUnavailable(f"CLIP model {model}: no config.json in that folder; {hint}")
+        if storage.is_s3(model):
+            return  # each actor copies it whole; the config alone is checked here
+        source = str(Path(model).absolute())
+    elif Path(model).exists() or model.startswith((".", "/", "~")):
+        raise ModelUnavailable(f"CLIP model {model}: not a folder; {hint}")
+    else:
+        source = model
+    try:
+        CLIPConfig.from_pretrained(source)
+    except (OSError, ValueError) as exc:
+        cause = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelUnavailable(f"CLIP model {model} cannot be loaded ({cause}); {hint}") from None
+
+
 def model_fingerprint(model: str) -> str:
     """Content digest of a model directory (local or s3://); a hub id stands for itself."""
     fs, path = storage.filesystem(model)
@@ -89,7 +122,7 @@ class ClipEmbedder:
 
     def __init__(
         self,
-        model: str = DEFAULT_MODEL,
+        model: str = HUB_MODEL,
         device: str | None = None,
         filesystem: pafs.FileSystem | None = None,
     ):
@@ -186,13 +219,14 @@ def cache_key(model: str, image_fingerprint: str) -> str:
 
 def embed_folder(
     root: str,
-    model: str = DEFAULT_MODEL,
+    model: str,
     cache_uri: str = ".data/clip-embeddings",
     batch_size: int = 64,
     max_actors: int = 0,
     in_process: bool = False,
 ) -> EmbeddingResult:
     """Embed every image of `root/<class>/` once per (model, image set) content."""
+    check_model(model)
     listing = list_images(root)
     cache_dir = storage.join(cache_uri, cache_key(model, listing.fingerprint))
     fs, cache_path = storage.filesystem(cache_dir)

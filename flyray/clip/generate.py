@@ -11,12 +11,15 @@ from __future__ import annotations
 
 import argparse
 import io
+import tempfile
 from pathlib import Path
 
 import numpy as np
+import pyarrow.fs as pafs
 from PIL import Image, ImageDraw
 
 from flyray import storage
+from flyray.clip.embed import ModelUnavailable
 
 COLOURS = {
     "red": (220, 40, 40),
@@ -122,6 +125,39 @@ def build_random_clip(
 def build_tiny_clip(directory: str, seed: int = 0) -> str:
     """32-pixel input, 32-dimensional embeddings, about 50k parameters: for tests and demos."""
     return build_random_clip(directory, seed=seed)
+
+
+def demo_model(directory: str) -> str:
+    """The tiny CLIP at `directory` (local or s3://), built once and marked complete: the model
+    of the demo images when `--model` is left empty, so the workflow's defaults run offline."""
+    if storage.is_complete(directory):
+        return directory
+    if storage.is_s3(directory):
+        with tempfile.TemporaryDirectory() as local:
+            build_tiny_clip(local)
+            fs, path = storage.filesystem(directory)
+            pafs.copy_files(local, path, destination_filesystem=fs)
+    else:
+        build_tiny_clip(directory)
+    storage.mark_complete(directory)
+    return directory
+
+
+def demo_inputs(
+    source: str, model: str, demo_root: str, per_class: int, seed: int
+) -> tuple[str, str]:
+    """(image folder, model) of a run: an empty `source` is the demo shapes, generated under
+    `demo_root`, and an empty `model` the tiny demo CLIP beside them, which knows nothing of
+    real images: a real `source` must name its model."""
+    if not model and source:
+        raise ModelUnavailable(
+            f"--source {source} needs --model: a saved CLIP folder, an s3:// prefix holding "
+            "one, or a hub id (the empty default is the demo's untrained tiny CLIP)"
+        )
+    root = source or storage.join(demo_root, f"shapes-{per_class}-{seed}")
+    if not source:
+        generate_shapes(root, per_class=per_class, seed=seed)
+    return root, model or demo_model(storage.join(demo_root, "tiny-clip"))
 
 
 def main() -> None:

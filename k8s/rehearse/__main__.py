@@ -1,13 +1,16 @@
 """`make rehearse`: the cluster path run for real on this machine (docs/cluster.md).
 
-    python -m k8s.rehearse [--archive dist/flyray-flyte.tgz] [--keep]
+    python -m k8s.rehearse [--archive dist/flyray-flyte.tgz] [--keep] [--no-faults]
+                           [--workloads recommendation,xgboost,cnn,clip]
 
 In a network namespace of its own whose /etc/hosts names the cluster's Services, it starts the
 platform of k8s/ from its rendered manifests (Postgres, MinIO, MLflow), then runs the
 recommendation workflow that `make package` serialized node by node, every Ray task as the
-RayJob Flyte's Ray plugin creates on a Ray cluster of its own, and checks what it registered
-through MLflow's Service name. A summary table comes last. Needs root (unshare, Postgres);
-exit status 1 when any step fails.
+RayJob Flyte's Ray plugin creates on a Ray cluster of its own, checks what it registered
+through MLflow's Service name and serves it with the RayService; then the training node of
+every other workload. Every trainer loses its first attempt at its first checkpoint. One line
+per node as it ends, a summary table last. Needs root (unshare, Postgres); exit status 1 when
+any step fails.
 """
 
 from __future__ import annotations
@@ -36,6 +39,26 @@ REPO = Path(__file__).resolve().parents[2]
 # ranking sample, so that the whole rehearsal fits a CI run (recommendation_inputs).
 RECOMMENDATION = "workflows.recommendation.recommendation_pipeline"
 MODEL = "flyray-funksvd"  # what it registers (the workflow's default RegistryConfig)
+# The training node of each other workload, with the nodes it needs, on its launch plan's
+# defaults (the demo inputs each generates) made smaller, its trainer lost at its first
+# checkpoint as FunkSVD's is (long enough that the loss lands mid-training): workflow, launch
+# plan, training task, trainer, overrides (a dataclass: (module, class, fields)).
+_RAY = "flyray.raytrain"
+TRAINING = {
+    "xgboost": ("workflows.tabular.xgboost_pipeline", "xgboost_default", "train_xgboost",
+     "fit_xgboost",
+     {"params": ("flyray.tabular.train", "XGBParams",
+                 {"num_boost_round": 400, "eta": 0.02, "early_stopping_rounds": 0}),
+      "training": (_RAY, "DistributedConfig", {"checkpoint_every": 10})}),
+    "cnn": ("workflows.image_classification.cnn_benchmark", "cnn_benchmark_default",
+     "train_distributed", "fit_cnn",
+     {"params": ("flyray.vision.model", "CNNParams", {"epochs": 4})}),
+    "clip": ("workflows.clip.clip_pipeline", "clip_default", "train_clip_classifier",
+     "fit_clip_classifier",
+     {"demo_per_class": 20,
+      "params": ("flyray.clip.classifier", "ClassifierParams", {"epochs": 12})}),
+}  # fmt: skip
+WORKLOADS = ("recommendation", *TRAINING)
 
 
 def _parse(argv: list[str]) -> argparse.Namespace:
@@ -44,7 +67,16 @@ def _parse(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--keep", action="store_true", help="keep the rehearsal's folder")
     parser.add_argument("--demo-events", type=int, default=30_000)
     parser.add_argument("--no-faults", action="store_true", help="skip the fault rehearsals")
-    return parser.parse_args(argv)
+    parser.add_argument(
+        "--workloads", default=",".join(WORKLOADS),
+        help=f"comma-separated, of {', '.join(WORKLOADS)} (the RayService comes with "
+        "recommendation, whose champion it serves)",
+    )  # fmt: skip
+    args = parser.parse_args(argv)
+    unknown = set(args.workloads.split(",")) - set(WORKLOADS)
+    if unknown:
+        parser.error(f"--workloads: unknown {sorted(unknown)}; expected some of {WORKLOADS}")
+    return args
 
 
 def deployment_secrets() -> dict[str, str]:
@@ -68,6 +100,74 @@ def recommendation_inputs(plan, demo_events: int):
     return launch_inputs(plan, literals(overrides, recommendation_pipeline.python_interface.inputs))
 
 
+def training_inputs(plan, workflow: str, overrides: dict):
+    """A launch plan's inputs with `overrides`; a dataclass override is (module, class, fields)."""
+    import importlib
+
+    from k8s.rehearse.flyte import launch_inputs, literals
+
+    module, name = workflow.rsplit(".", 1)
+    entity = getattr(importlib.import_module(module), name)
+    values = {
+        k: getattr(importlib.import_module(v[0]), v[1])(**v[2]) if isinstance(v, tuple) else v
+        for k, v in overrides.items()
+    }
+    return launch_inputs(plan, literals(values, entity.python_interface.inputs))
+
+
+def recommendation(args, package, store, objects, hosts, root, mlflow, postgres, rows) -> bool:
+    """The recommendation workflow, all of it, with its faults; True when it failed."""
+    from k8s.rehearse.faults import Faults
+    from k8s.rehearse.flyte import Execution, NodeFailed, Row
+
+    faults = None if args.no_faults else Faults(mlflow, postgres)
+    execution = Execution(package, store, objects, hosts, root, RECOMMENDATION, hook=faults)
+    inputs = recommendation_inputs(package.launch_plans["recommendation_default"], args.demo_events)
+    failed = False
+    try:
+        execution.run(inputs)
+    except NodeFailed as err:
+        failed = True
+        print(f"rehearse: {err}", file=sys.stderr)
+    rows += execution.rows
+    if failed:
+        return True
+    began = time.monotonic()
+    found = mlflow.registry(MODEL)
+    where = "MLflow over Postgres, by Service name"
+    rows.append(Row(f"registry: {MODEL}", where, time.monotonic() - began, found))
+    if faults is not None:
+        rows += [
+            faults.trainer_outcome(execution),
+            faults.mlflow_outcome(execution),
+            faults.postgres_outcome(MODEL),
+        ]
+    return False
+
+
+def training(args, workload, package, store, objects, hosts, root, rows) -> bool:
+    """A workload's training node and what it needs, its trainer lost once; True when failed."""
+    from k8s.rehearse.faults import TrainerLoss
+    from k8s.rehearse.flyte import Execution, NodeFailed, Row
+
+    workflow, plan, task, trainer, overrides = workload
+    loss = None if args.no_faults else TrainerLoss(trainer)
+    run = Execution(package, store, objects, hosts, root, workflow, hook=loss)
+    try:
+        run.run(training_inputs(package.launch_plans[plan], workflow, overrides), task)
+    except NodeFailed as err:
+        print(f"rehearse: {err}", file=sys.stderr)
+        rows += run.rows
+        return True
+    rows += run.rows
+    if loss is not None:
+        rows.append(loss.outcome(run))
+    if "resolve_images" in run.outputs:  # where every CLIP actor loaded its model from
+        model = run.outputs["resolve_images"].literals["model"].scalar.primitive
+        rows.append(Row("clip model", "resolve_images' output", 0.0, model.string_value))
+    return False
+
+
 def main(argv: list[str]) -> int:
     args = _parse(argv)
     if not inside_namespace():  # the package registry is not reachable from inside
@@ -80,14 +180,16 @@ def main(argv: list[str]) -> int:
         return 2
     root = Path(tempfile.mkdtemp(prefix="frh-", dir="/tmp"))  # short: Ray's socket paths
     root.chmod(0o755)  # the postgres user reaches its data folder through it
-    from k8s.rehearse.faults import Faults
-    from k8s.rehearse.flyte import Execution, NodeFailed, Package, Row, Store
+    from k8s.rehearse import serve
+    from k8s.rehearse.flyte import Package, Row, Store
+    from k8s.rehearse.raycluster import wait_deleted
     from k8s.rehearse.stack import MinIO, MLflow, Postgres
 
     hosts = Hosts(root / "hosts")
     mount_hosts(hosts.path)
     env = deployment_secrets()
-    objects = Objects(render.render([REPO / "k8s" / f for f in render.PLATFORM], env=env))
+    manifests = [*render.PLATFORM, "ray/raycluster.yaml", "ray/rayservice.yaml"]
+    objects = Objects(render.render([REPO / "k8s" / f for f in manifests], env=env))
     rows: list[Row] = []
     postgres = Postgres(objects, hosts, root / "postgres")
     minio = MinIO(objects, hosts, root / "minio")
@@ -112,39 +214,24 @@ def main(argv: list[str]) -> int:
         store = Store(
             minio.client(env["FLYRAY_S3_ACCESS_KEY"], env["FLYRAY_S3_SECRET_KEY"]), minio.bucket
         )
-        faults = None if args.no_faults else Faults(mlflow, postgres)
-        execution = Execution(package, store, objects, hosts, root, RECOMMENDATION, hook=faults)
-        inputs = recommendation_inputs(
-            package.launch_plans["recommendation_default"], args.demo_events
-        )
-        try:
-            execution.run(inputs)
-        except NodeFailed as err:
-            failed = True
-            print(f"rehearse: {err}", file=sys.stderr)
-        rows += execution.rows
-        if not failed:
-            began = time.monotonic()
-            found = mlflow.registry(MODEL)
-            rows.append(
-                Row(
-                    f"registry: {MODEL}",
-                    "MLflow over Postgres, by Service name",
-                    time.monotonic() - began,
-                    found,
-                )
+        chosen = [w.strip() for w in args.workloads.split(",") if w.strip()]
+        if "recommendation" in chosen:
+            failed = recommendation(
+                args, package, store, objects, hosts, root, mlflow, postgres, rows
             )
-        if faults is not None and not failed:
-            rows += [
-                faults.trainer_outcome(execution),
-                faults.mlflow_outcome(execution),
-                faults.postgres_outcome(MODEL),
-            ]
+            if not failed:
+                rows += serve.rehearse(objects, hosts, root, MODEL)
+        for workload in chosen:
+            if workload in TRAINING:
+                failed |= training(
+                    args, TRAINING[workload], package, store, objects, hosts, root, rows
+                )
         failed = failed or any(r.outcome.startswith(("FAILED", "LOST")) for r in rows)
     except RehearsalError as err:
         failed = True
         print(f"rehearse: {err}", file=sys.stderr)
     finally:
+        wait_deleted()
         for part in (mlflow, minio, postgres):
             part.stop()
         if not args.keep:

@@ -119,6 +119,7 @@ class Execution:
     workflow: str
     name: str = field(default_factory=lambda: "f" + f"{random.getrandbits(76):019x}")
     rows: list[Row] = field(default_factory=list)
+    outputs: dict[str, literals_pb2.LiteralMap] = field(default_factory=dict)  # by task name
     # Called about once a second while a node runs: hook(execution, node, task name, attempt,
     # seconds since the attempt began, its Ray cluster or None); the fault rehearsals use it.
     hook: object = None
@@ -139,14 +140,19 @@ class Execution:
 
     # -------------------------------------------------------------------------- workflows
 
-    def run(self, inputs: literals_pb2.LiteralMap) -> literals_pb2.LiteralMap:
+    def run(self, inputs: literals_pb2.LiteralMap, until: str = "") -> literals_pb2.LiteralMap:
+        """Every node, or with `until` (a task's short name) only the node that runs it and the
+        nodes it needs; then the outputs of that node, not the workflow's."""
         spec = self.package.workflows[self.workflow]
         subs = {w.id.name: w for w in spec.sub_workflows}
-        return self._workflow(spec.template, inputs, "", subs)
+        return self._workflow(spec.template, inputs, "", subs, until)
 
-    def _workflow(self, template: core_wf.WorkflowTemplate, inputs, parent: str, subs):
+    def _workflow(self, template: core_wf.WorkflowTemplate, inputs, parent: str, subs, until=""):
         outputs: dict[str, literals_pb2.LiteralMap] = {"": inputs, "start-node": inputs}
         pending = list(template.nodes)
+        if until:
+            [target] = [n for n in pending if _task_name(n) == until]
+            pending = _with_upstream(target, pending)
         while pending:
             ready = [n for n in pending if all(d in outputs for d in _needs(n))]
             if not ready:
@@ -167,7 +173,7 @@ class Execution:
                 raise RehearsalError(
                     f"{template.id.name}.{node.id}: {kind} nodes are not rehearsed"
                 )
-        return bind(template.outputs, outputs)
+        return outputs[target.id] if until else bind(template.outputs, outputs)
 
     # -------------------------------------------------------------------------- tasks
 
@@ -183,22 +189,31 @@ class Execution:
             how, result = self._attempt(node, template, attempt)
             if result.status == "succeeded":
                 break
-            failures.append(f"attempt {attempt}: {result.status}: {_short(result.message)}")
+            failures.append(f"attempt {attempt}: {result.status}: {_short(_gist(result.message))}")
             if result.status == "failed":
                 break
         seconds = time.monotonic() - began
         if result.status != "succeeded":
-            self.rows.append(Row(f"{node} {short}", how, seconds, "FAILED; " + "; ".join(failures)))
+            self._row(Row(f"{node} {short}", how, seconds, "FAILED; " + "; ".join(failures)))
             raise NodeFailed(f"{node} {short} failed: {'; '.join(failures)}")
         outcome = "succeeded" + (
             f" on attempt {attempt} ({'; '.join(failures)})" if attempt else ""
         )
-        self.rows.append(Row(f"{node} {short}", how, seconds, outcome))
+        self._row(Row(f"{node} {short}", how, seconds, outcome))
         if result.dynamic is not None:
-            return self._dynamic(node, result.dynamic, attempt)
-        return literals_pb2.LiteralMap.FromString(
-            self.store.get(f"{self.output_prefix(node, attempt)}/outputs.pb")
-        )
+            found = self._dynamic(node, result.dynamic, attempt)
+        else:
+            found = literals_pb2.LiteralMap.FromString(
+                self.store.get(f"{self.output_prefix(node, attempt)}/outputs.pb")
+            )
+        self.outputs[short] = found
+        return found
+
+    def _row(self, row: Row) -> None:
+        """Kept for the summary, and one line now: the rehearsal runs for minutes."""
+        self.rows.append(row)
+        line = f"{row.node}: {_short(row.outcome, 100)} ({row.how}, {row.seconds:.0f} s)"
+        print(line, flush=True)
 
     def output_prefix(self, node: str, attempt: int) -> str:
         return f"{self.meta}/{node}/data/{attempt}"
@@ -377,10 +392,42 @@ def _value(data: literals_pb2.BindingData, outputs) -> literals_pb2.Literal:
         items = {k: _value(b, outputs) for k, b in data.map.bindings.items()}
         return literals_pb2.Literal(map=literals_pb2.LiteralMap(literals=items))
     if kind == "promise":
-        if data.promise.attr_path:
-            raise RehearsalError(f"attribute access on {data.promise.var} is not rehearsed")
-        return outputs[data.promise.node_id].literals[data.promise.var]
+        literal = outputs[data.promise.node_id].literals[data.promise.var]
+        return _attribute(literal, data.promise.attr_path) if data.promise.attr_path else literal
     raise RehearsalError(f"binding of kind {kind} is not rehearsed")
+
+
+def _task_name(node) -> str:
+    return node.task_node.reference_id.name.split(".")[-1] if node.HasField("task_node") else ""
+
+
+def _with_upstream(target, nodes: list) -> list:
+    """`target` and every node it needs, directly or not, in their order in `nodes`."""
+    by_id = {n.id: n for n in nodes}
+    keep, todo = set(), [target.id]
+    while todo:
+        node = todo.pop()
+        if node in by_id and node not in keep:
+            keep.add(node)
+            todo += _needs(by_id[node])
+    return [n for n in nodes if n.id in keep]
+
+
+def _attribute(literal: literals_pb2.Literal, path) -> literals_pb2.Literal:
+    """`promise.attr` of a dataclass (msgpack) literal, resolved as propeller resolves it: the
+    value at the path, again as msgpack (flytekit's transformers read it back)."""
+    import msgpack
+
+    binary = literal.scalar.binary
+    if binary.tag != "msgpack":
+        raise RehearsalError(f"attribute access on a {literal.WhichOneof('value')} literal")
+    value = msgpack.unpackb(binary.value)
+    for step in path:
+        value = value[
+            step.string_value if step.WhichOneof("value") == "string_value" else step.int_value
+        ]
+    packed = literals_pb2.Binary(value=msgpack.packb(value), tag="msgpack")
+    return literals_pb2.Literal(scalar=literals_pb2.Scalar(binary=packed))
 
 
 def _needs(node) -> set[str]:
@@ -400,6 +447,11 @@ def _needs(node) -> set[str]:
     for b in node.inputs:
         walk(b.binding)
     return found
+
+
+def _gist(message: str) -> str:
+    """The message of a flytekit error document, without its traceback."""
+    return message.rsplit("Message:", 1)[-1].replace("USER:Recoverable: error=", "")
 
 
 def _short(message: str, limit: int = 160) -> str:

@@ -79,6 +79,9 @@ class Objects:
             data.update(doc.get("stringData") or {})
         return {k: str(v) for k, v in data.items()}
 
+    def secret(self, namespace: str, name: str) -> dict[str, str]:
+        return self._data("Secret", namespace, name, optional=False)
+
     def env(self, container: dict, namespace: str) -> dict[str, str]:
         """A container's environment as the kubelet builds it: envFrom sources in order, then
         env (which wins), valueFrom resolved from the namespace's Secrets and ConfigMaps."""
@@ -267,7 +270,18 @@ def http_get(
     url: str, headers: dict[str, str] | None = None, timeout: float = 5
 ) -> tuple[int, str]:
     """(status, body) of a GET, error statuses included."""
-    request = urllib.request.Request(url, headers=headers or {})
+    return http(url, headers=headers, timeout=timeout)
+
+
+def http(
+    url: str,
+    method: str = "GET",
+    body: bytes | None = None,
+    headers: dict[str, str] | None = None,
+    timeout: float = 5,
+) -> tuple[int, str]:
+    """(status, body) of a request, error statuses included."""
+    request = urllib.request.Request(url, data=body, headers=headers or {}, method=method)
     try:
         with urllib.request.urlopen(request, timeout=timeout) as response:
             return response.status, response.read().decode(errors="replace")

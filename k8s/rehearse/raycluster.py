@@ -15,6 +15,9 @@ Where one machine differs from pods, said once:
 - Ports a pod has to itself (the dashboard agent's, metrics) are chosen free per pod.
 - Each pod's folder stands in for its filesystem: its Ray temp dir, its /root (the fast
   registration's --dest-dir, where the driver runs).
+`authOptions` token mode is applied as KubeRay applies it: RAY_AUTH_MODE=token and RAY_AUTH_TOKEN
+(the named Secret's auth_token) in every Ray container; the rehearsal's own calls to the
+dashboard carry the token as the operator's do.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import itertools
 import json
 import signal
 import socket
+import threading
 import time
 from pathlib import Path
 
@@ -43,6 +47,7 @@ OBJECT_STORE_SHARE = 0.3  # of a pod's memory, Ray's and KubeRay's default
 _FLAGS = {"disable-usage-stats", "block", "no-monitor", "head"}
 TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
 _POD_IDS = itertools.count()  # Ray's temp dirs are short: its socket paths have 107 bytes
+_DELETING: list[threading.Thread] = []  # clusters whose pods are still terminating
 
 
 def _free_port(address: str) -> int:
@@ -94,7 +99,13 @@ class RayCluster:
         """`root`: the pods' folders; `temp_root`: a short path for Ray's temp dirs."""
         self.name, self.namespace, self.spec, self.temp_root = name, namespace, spec, temp_root
         self.objects, self.hosts, self.root = objects, hosts, root
-        self.extra_env = extra_env or {}
+        self.extra_env = dict(extra_env or {})
+        self.headers: dict[str, str] = {}
+        auth = spec.get("authOptions") or {}
+        if auth.get("mode") == "token":
+            token = objects.secret(namespace, auth["secretName"])["auth_token"]
+            self.extra_env |= {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token}
+            self.headers = {"authorization": f"Bearer {token}"}
         self.head_service = f"{name}-head-svc.{namespace}.svc.cluster.local"
         self.head: Process | None = None
         self.workers: list[Process] = []
@@ -168,10 +179,10 @@ class RayCluster:
         return 1 + len(self.workers)
 
     def _dashboard_up(self) -> bool:
-        return http_get(f"{self.dashboard}/api/version")[0] == 200
+        return http_get(f"{self.dashboard}/api/version", self.headers)[0] == 200
 
     def alive_nodes(self) -> int:
-        status, body = http_get(f"{self.dashboard}/nodes?view=summary")
+        status, body = http_get(f"{self.dashboard}/nodes?view=summary", self.headers)
         if status != 200:
             return 0
         summary = json.loads(body)["data"]["summary"]
@@ -180,7 +191,7 @@ class RayCluster:
     def client(self):
         from ray.job_submission import JobSubmissionClient
 
-        return JobSubmissionClient(self.dashboard)
+        return JobSubmissionClient(self.dashboard, headers=self.headers or None)
 
     def submit(self, submission_id: str, entrypoint: str, runtime_env: dict | None = None) -> str:
         return self.client().submit_job(
@@ -224,5 +235,15 @@ class RayCluster:
         self.workers[index].send(signal.SIGKILL)
 
     def stop(self) -> None:
-        """shutdownAfterJobFinishes: the pods are deleted together (SIGTERM, then SIGKILL)."""
-        stop_all([p for p in [self.head, *self.workers] if p is not None], timeout=15)
+        """shutdownAfterJobFinishes: the pods are deleted together (SIGTERM, then SIGKILL after
+        the grace period) while the workflow goes on: propeller does not wait for deletions."""
+        pods = [p for p in [self.head, *self.workers] if p is not None]
+        deleting = threading.Thread(target=stop_all, args=(pods,), kwargs={"timeout": 15})
+        deleting.start()
+        _DELETING.append(deleting)
+
+
+def wait_deleted() -> None:
+    """Every cluster's pods gone (before the platform they talk to stops)."""
+    while _DELETING:
+        _DELETING.pop().join()
