@@ -138,7 +138,7 @@ def recommendation(args, package, store, objects, hosts, root, mlflow, postgres,
     rows.append(Row(f"registry: {MODEL}", where, time.monotonic() - began, found))
     if faults is not None:
         rows += [
-            faults.trainer_outcome(execution),
+            faults.trainer.outcome(execution),
             faults.mlflow_outcome(execution),
             faults.postgres_outcome(MODEL),
         ]

@@ -120,9 +120,6 @@ class Faults:
             self.mlflow_restart = threading.Thread(target=self.mlflow.restart, daemon=True)
             self.mlflow_restart.start()
 
-    def trainer_outcome(self, execution) -> Row:
-        return self.trainer.outcome(execution)
-
     def mlflow_outcome(self, execution) -> Row:
         if self.mlflow_restart is None:
             return Row("fault: MLflow restarted", "restart", 0, "FAILED: registration too quick")

@@ -266,13 +266,6 @@ def wait_for(what: str, ready: Callable[[], bool], timeout: float, process: Proc
     raise RehearsalError(f"{what} not ready after {timeout:.0f} s{tail}")
 
 
-def http_get(
-    url: str, headers: dict[str, str] | None = None, timeout: float = 5
-) -> tuple[int, str]:
-    """(status, body) of a GET, error statuses included."""
-    return http(url, headers=headers, timeout=timeout)
-
-
 def http(
     url: str,
     method: str = "GET",

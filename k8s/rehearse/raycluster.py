@@ -35,7 +35,7 @@ from k8s.rehearse.pods import (
     Hosts,
     Objects,
     Process,
-    http_get,
+    http,
     quantity,
     stop_all,
     wait_for,
@@ -179,10 +179,10 @@ class RayCluster:
         return 1 + len(self.workers)
 
     def _dashboard_up(self) -> bool:
-        return http_get(f"{self.dashboard}/api/version", self.headers)[0] == 200
+        return http(f"{self.dashboard}/api/version", headers=self.headers)[0] == 200
 
     def alive_nodes(self) -> int:
-        status, body = http_get(f"{self.dashboard}/nodes?view=summary", self.headers)
+        status, body = http(f"{self.dashboard}/nodes?view=summary", headers=self.headers)
         if status != 200:
             return 0
         summary = json.loads(body)["data"]["summary"]

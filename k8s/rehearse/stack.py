@@ -25,7 +25,7 @@ from k8s.rehearse.pods import (
     Objects,
     Process,
     RehearsalError,
-    http_get,
+    http,
     wait_for,
 )
 
@@ -211,7 +211,7 @@ class MinIO:
         self.process = Process(
             "minio", argv, {"PATH": IMAGE_PATH}, self.root, self.root / "minio.log"
         ).start()
-        wait_for("minio", lambda: http_get(self.endpoint)[0] < 500, 60, self.process)
+        wait_for("minio", lambda: http(self.endpoint)[0] < 500, 60, self.process)
         job = self.objects.find("Job", NAMESPACE, "minio-buckets")
         [container] = job["spec"]["template"]["spec"]["containers"]
         env = self.objects.env(container, NAMESPACE)
@@ -251,7 +251,7 @@ class MLflow:
         argv = [*self.container["command"], *self.container["args"]]
         self.process = Process("mlflow", argv, env, self.root, self.root / "mlflow.log").start()
         probe = self.container["readinessProbe"]["httpGet"]["path"]
-        wait_for("mlflow", lambda: http_get(self.uri + probe)[0] == 200, 180, self.process)
+        wait_for("mlflow", lambda: http(self.uri + probe)[0] == 200, 180, self.process)
 
     def check_api(self) -> None:
         """What every client does first, by the Service name the ConfigMap gives them (the
@@ -262,7 +262,7 @@ class MLflow:
         # ready yet", any answer is the answer.
         wait_for(
             "mlflow API",
-            lambda: answers.append(http_get(url, timeout=30)) or True,
+            lambda: answers.append(http(url, timeout=30)) or True,
             180,
             self.process,
         )
