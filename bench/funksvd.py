@@ -27,7 +27,8 @@ import ray
 from bench import gradient_averaging
 from flyray.raytrain import DistributedConfig
 from flyray.recsys import FunkSVD, FunkSVDParams
-from flyray.recsys.distributed import Ratings, train
+from flyray.recsys.distributed import train
+from flyray.recsys.model import Ratings
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO / ".data" / "bench"
@@ -69,11 +70,10 @@ def vs_surprise(train_df, test_df, params: FunkSVDParams) -> dict:
     preds = np.array([algo.predict(u, i).est for u, i in pairs])
     rows["surprise"] = _row(fit, len(train_df) * params.n_epochs, preds, test_df)
     FunkSVD(FunkSVDParams(**{**params.__dict__, "n_epochs": 1})).fit(train_df.head(1000))  # jit
-    model = FunkSVD(params)
     began = time.perf_counter()
-    model.fit(train_df)
+    model = FunkSVD(params).fit(train_df)
     fit = time.perf_counter() - began
-    rows["flyray"] = _row(fit, len(train_df) * params.n_epochs, model.predict(
+    rows["flyray"] = _row(fit, len(train_df) * params.n_epochs, model.score(
         test_df.user_id, test_df.item_id), test_df)  # fmt: skip
     rows["flyray"]["speedup_vs_surprise"] = (
         rows["flyray"]["updates_per_s"] / rows["surprise"]["updates_per_s"]

@@ -15,15 +15,14 @@ import numba
 import numpy as np
 import ray
 
-from flyray.recsys.distributed import Ratings
 from flyray.recsys.funksvd import (
-    EpochMetrics,
-    FunkSVD,
     FunkSVDParams,
     TrainingSet,
-    init_factors,
     negative_weights,
+    new_model,
+    rmse,
 )
+from flyray.recsys.model import EpochMetrics, FactorModel, Ratings
 
 
 @numba.njit(nogil=True, fastmath=True, cache=True)
@@ -88,17 +87,14 @@ def train(
     params: FunkSVDParams,
     workers: int = 2,
     validation: Ratings | None = None,
-) -> FunkSVD:
+) -> FactorModel:
     """FunkSVD fitted by `params.n_epochs` averaged gradient steps over `workers` actors."""
     p = params
-    model = FunkSVD(p)
-    model.user_ids, model.item_ids = np.arange(n_users), np.arange(n_items)
-    model.set_seen(ratings.users, ratings.items)
     weights = negative_weights(ratings.items, n_items, p.negative_beta)
     drawn = TrainingSet(ratings.users, ratings.items, ratings.values, n_users, weights, p).at(1)
+    model = new_model(p, np.arange(n_users), np.arange(n_items), ratings.users, ratings.items,
+                      float(drawn.ratings.mean(dtype=np.float64)))  # fmt: skip
     ratings = Ratings(drawn.users, drawn.items, drawn.ratings)  # negatives drawn once here
-    model.global_mean = float(ratings.values.mean(dtype=np.float64))
-    model.P, model.Q, model.bu, model.bi = init_factors(p, n_users, n_items)
     chunks = np.array_split(np.random.default_rng(p.seed).permutation(len(ratings)), workers)
     actors = [
         GradientWorker.remote(
@@ -121,7 +117,8 @@ def train(
                 model.bi += p.lr * sum(g[3] for g in grads) / n_i
             val = None
             if validation is not None:
-                val = model.rmse_indexed(validation.users, validation.items, validation.values)
+                val = rmse(model.score_indexed(validation.users, validation.items),
+                           validation.values)  # fmt: skip
             sse = sum(g[4]["sse"] for g in grads)
             model.history.append(EpochMetrics(
                 epoch, float(np.sqrt(sse / len(ratings))), val, time.perf_counter() - began,

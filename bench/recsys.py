@@ -42,10 +42,10 @@ from flyray.clickstream.features import build_features
 from flyray.clickstream.generate import GeneratorConfig, generate
 from flyray.clickstream.ingest import ingest
 from flyray.raytrain import DistributedConfig
-from flyray.recsys import FunkSVD, FunkSVDParams, distributed, ials
-from flyray.recsys.distributed import Ratings
-from flyray.recsys.evaluate import evaluate, ndcg_in_process, ndcg_per_user, popularity_model
+from flyray.recsys import FactorModel, FunkSVDParams, baselines, distributed, ials
+from flyray.recsys.evaluate import evaluate, ndcg_per_user, ndcg_with_error
 from flyray.recsys.ials import IALSParams
+from flyray.recsys.model import Ratings
 from flyray.recsys.tuning import TuningConfig, tune_recommender
 from workflows.recommendation import IALS_PARAMS, PIPELINE_PARAMS
 
@@ -79,23 +79,21 @@ def prepare(name: str, source: Path) -> dict:
     return splits
 
 
-def factor_model(P: np.ndarray, Q: np.ndarray, train: Ratings) -> FunkSVD:
+def factor_model(P: np.ndarray, Q: np.ndarray, train: Ratings, name: str) -> FactorModel:
     """Factors that rank by their dot product, in the files and scorer every model uses."""
-    model = FunkSVD(FunkSVDParams(n_factors=P.shape[1], biased=False, rating_min=0.0))
-    model.user_ids, model.item_ids = np.arange(len(P)), np.arange(len(Q))
+    model = FactorModel.empty(np.arange(len(P)), np.arange(len(Q)), P.shape[1],
+                              trainer={"name": name, "params": {}})  # fmt: skip
     model.P, model.Q = np.ascontiguousarray(P, np.float32), np.ascontiguousarray(Q, np.float32)
-    model.bu, model.bi = np.zeros(len(P), np.float32), np.zeros(len(Q), np.float32)
-    model.set_seen(train.users, train.items)
-    return model
+    return model.set_seen(train.users, train.items)
 
 
-def oracle(data: dict, truth: Path) -> FunkSVD:
+def oracle(data: dict, truth: Path) -> FactorModel:
     """The generator's truth: log popularity + user . item taste (ids are truth rows + 1)."""
     t = np.load(truth)
     users, items = data["user_ids"] - 1, data["item_ids"] - 1
     P = np.hstack([t["user_factors"][users], np.ones((len(users), 1))])
     Q = np.hstack([t["item_factors"][items], np.log(t["item_popularity"][items])[:, None]])
-    return factor_model(P, Q, data["train"])
+    return factor_model(P, Q, data["train"], "oracle")
 
 
 def implicit_grid(data: dict, n_users: int, n_items: int, factors: int, seeds: int) -> list:
@@ -114,7 +112,7 @@ def implicit_grid(data: dict, n_users: int, n_items: int, factors: int, seeds: i
             began = time.perf_counter()
             algo.fit(matrix, show_progress=False)
             seconds = time.perf_counter() - began
-            return factor_model(algo.user_factors, algo.item_factors, train), seconds
+            return factor_model(algo.user_factors, algo.item_factors, train, "implicit"), seconds
 
         return fit
 
@@ -138,7 +136,7 @@ def implicit_grid(data: dict, n_users: int, n_items: int, factors: int, seeds: i
         for values in itertools.product(*grid.values()):
             params = dict(zip(grid, values, strict=True))
             first = fit(0, params)
-            score = ndcg_in_process(first[0], data["validation"], K, USERS)
+            score = ndcg_with_error(first[0], data["validation"], K, USERS)[0]
             if best is None or score > best[0]:
                 best = (score, params, first)
         score, params, first = best
@@ -184,7 +182,7 @@ def paired(rows: list[dict]) -> dict:
             "95% interval": [mean - 1.96 * se, mean + 1.96 * se]}  # fmt: skip
 
 
-def _fixed(model: FunkSVD) -> Callable[[int], tuple[FunkSVD, float]]:
+def _fixed(model: FactorModel) -> Callable[[int], tuple[FactorModel, float]]:
     """A deterministic model as a `fit` for `_row`."""
     return lambda seed: (model, 0.0)
 
@@ -217,7 +215,7 @@ def flyray_rows(data: dict, n_users: int, n_items: int, trials: int, budget: flo
         fit = fitter(model, PIPELINE_PARAMS, IALS_PARAMS)
         params = asdict(PIPELINE_PARAMS if model == "funksvd" else IALS_PARAMS)
         first = fit(0)
-        score = ndcg_in_process(first[0], data["validation"], K, USERS)
+        score = ndcg_with_error(first[0], data["validation"], K, USERS)[0]
         rows.append(_row(f"flyray {model} (defaults)", _reuse(first, fit), data, seeds, params,
                          score))  # fmt: skip
         if not trials:
@@ -244,7 +242,7 @@ def run(name: str, source: Path, truth: Path | None, trials: int, budget: float,
     n_users, n_items = len(data["user_ids"]), len(data["item_ids"])
     train = data["train"]
     seeds = seeds if len(np.unique(data["test"].users)) < SMALL else 1
-    pop = popularity_model(train, n_users, n_items)
+    pop = baselines.popularity(train, n_users, n_items)
     rows = [_row("popularity", _fixed(pop), data, 1, {})]
     rows += flyray_rows(data, n_users, n_items, trials, budget, seeds)
     if with_implicit:

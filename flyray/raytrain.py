@@ -11,6 +11,16 @@ from dataclasses import dataclass
 from flyray import console, storage
 
 
+def require_ray() -> None:
+    """Library code starts nothing: the task, CLI, bench or test that calls it starts Ray (and
+    says where), so a library function never starts a second, differently configured one."""
+    import ray
+
+    if not ray.is_initialized():
+        raise RuntimeError("Ray is not started: call ray.init() first (flyray's tasks, CLIs "
+                           "and benchmarks do)")  # fmt: skip
+
+
 @dataclass
 class DistributedConfig:
     """How a training run spreads over Ray and survives failures: one knob per concept.

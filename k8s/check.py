@@ -245,24 +245,30 @@ def workflow_entities() -> list:
     return found
 
 
-def serialized_tasks() -> list:
-    """The task templates registration sends (TaskTemplate models), one per task: those of the
-    workflows, and the Ray trainers that their sizing @dynamic starts at run time."""
-    from collections import OrderedDict
-
+def serialization_settings():
+    """The settings every serialization of flyray uses (a registration's project and domain)."""
     from flytekit.configuration import ImageConfig, SerializationSettings
-    from flytekit.core.base_task import PythonTask
-    from flytekit.models.task import TaskSpec
-    from flytekit.tools.translator import get_serializable
 
-    import tasks
-
-    settings = SerializationSettings(
+    return SerializationSettings(
         image_config=ImageConfig.auto_default_image(),
         project="flyray",
         domain="development",
         version="check",
     )
+
+
+def serialize() -> dict:
+    """Every entity registration sends, by id (flytekit models): the workflows and launch plans
+    of workflows/, their tasks, and the Ray trainers that their sizing @dynamic starts at run
+    time."""
+    from collections import OrderedDict
+
+    from flytekit.core.base_task import PythonTask
+    from flytekit.tools.translator import get_serializable
+
+    import tasks
+
+    settings = serialization_settings()
     out: OrderedDict = OrderedDict()
     for entity in workflow_entities():
         get_serializable(out, settings, entity)
@@ -271,7 +277,14 @@ def serialized_tasks() -> list:
         for obj in vars(module).values():
             if isinstance(obj, PythonTask) and obj.task_type == "ray":
                 get_serializable(out, settings, obj)
-    return [v.template for v in out.values() if isinstance(v, TaskSpec)]
+    return out
+
+
+def serialized_tasks() -> list:
+    """The task templates registration sends (TaskTemplate models), one per task."""
+    from flytekit.models.task import TaskSpec
+
+    return [v.template for v in serialize().values() if isinstance(v, TaskSpec)]
 
 
 def _integral(node):

@@ -12,11 +12,10 @@ from flyray import storage
 from flyray.clickstream.config import FeatureConfig
 from flyray.clickstream.reports import DataProfile
 from flyray.raytrain import DistributedConfig
-from flyray.recsys import FunkSVD, FunkSVDParams, ials
+from flyray.recsys import FactorModel, FunkSVDParams, Ratings, baselines, trainers
 from flyray.recsys import report as rec
 from flyray.recsys.batch import recommend_all
-from flyray.recsys.distributed import Ratings, train
-from flyray.recsys.evaluate import biases_model, evaluate, popularity_model
+from flyray.recsys.evaluate import evaluate
 from flyray.recsys.ials import IALSParams
 from flyray.recsys.report import EvaluationReport, TrainingReport
 from flyray.recsys.tuning import TuningConfig, TuningReport, tune_recommender
@@ -83,10 +82,10 @@ def tune_params(
 
 
 @flyray_task(
-    images.recommender, ray=DistributedConfig(), cache="train-3", deck=True, checkpoints="funksvd",
-    timeout=minutes(240),
+    images.recommender, ray=DistributedConfig(), cache="train-4", deck=True,
+    checkpoints="recommender", timeout=minutes(240),
 )  # fmt: skip
-def fit_funksvd(
+def fit_recommender(
     train_ratings: RatingsDataset,
     validation_ratings: RatingsDataset,
     id_maps: FlyteDirectory,
@@ -95,30 +94,23 @@ def fit_funksvd(
     model: str = "funksvd",
     ials_params: IALSParams = _UNUSED_IALS,
 ) -> TrainOutputs:
-    """The recommender over Ray workers: FunkSVD (dsgd) or, with model="ials", implicit ALS
-    (both saved as FunkSVD files); a Flyte retry resumes from the failed attempt's last
-    checkpoint."""
+    """The trainer `model` picks (FunkSVD by DSGD, or iALS) over Ray workers; a Flyte retry
+    resumes from the failed attempt's last checkpoint."""
     users, items = _ids(id_maps, "users", "user_id"), _ids(id_maps, "items", "item_id")
-    if model == "ials":
-        fitted = ials.train(_ratings(train_ratings), len(users), len(items), ials_params, config,
-                            users, items)  # fmt: skip
-    else:
-        fitted = train(
-            _ratings(train_ratings), len(users), len(items), params, config,
-            _ratings(validation_ratings), users, items,
-        )  # fmt: skip
+    fitted = trainers.fit(
+        model, _ratings(train_ratings), _ratings(validation_ratings), users, items,
+        trainers.params_of(model, params, ials_params), config,
+    )  # fmt: skip
     out = fitted.save(storage.join(new_output_dir(), "model"))
-    report = TrainingReport.of(fitted, fitted.resumed_from_epoch)
-    workers = fitted.history[-1].workers if fitted.history else []
-    shown = (ials_params, "iALS") if model == "ials" else (params, "FunkSVD")
-    publish("training", *rec.training_deck(report, workers, *shown))
+    report = TrainingReport.of(fitted)
+    publish("training", *rec.training_deck(report, fitted))
     return TrainOutputs(FlyteDirectory(out, remote_directory=False), report)
 
 
-train_funksvd = sized_by_run(fit_funksvd, "train_funksvd")
+train_recommender = sized_by_run(fit_recommender, "train_recommender")
 
 
-@flyray_task(images.recommender, ray=True, cache="evaluate-3", deck=True, timeout=minutes(60))
+@flyray_task(images.recommender, cache="evaluate-4", deck=True, timeout=minutes(60))
 def evaluate_model(
     model_dir: FlyteDirectory,
     train_ratings: RatingsDataset,
@@ -129,29 +121,27 @@ def evaluate_model(
 ) -> EvaluationReport:
     """Rating and ranking metrics of the model beside biases-only and popularity baselines;
     ranking metrics on at most `ranking_users` test users (0 = all; see flyray.recsys.evaluate)."""
-    model = FunkSVD.load(uri(model_dir))
+    model = FactorModel.load(uri(model_dir))
     train_r, test_r = _ratings(train_ratings), _ratings(test_ratings)
     n_users, n_items = len(model.user_ids), len(model.item_ids)
-    baselines = {
-        "biases": biases_model(train_r, n_users, n_items, params),
-        "popularity": popularity_model(train_r, n_users, n_items),
-    }
+    biases = baselines.biases(train_r, n_users, n_items, params)
+    popularity = baselines.popularity(train_r, n_users, n_items)
     report = EvaluationReport(
         k,
-        evaluate(model, test_r, k, "funksvd", max_users=ranking_users),
-        evaluate(baselines["biases"], test_r, k, "biases", max_users=ranking_users),
-        evaluate(baselines["popularity"], test_r, k, "popularity", rating_metrics=False,
+        evaluate(model, test_r, k, "model", max_users=ranking_users),
+        evaluate(biases, test_r, k, "biases", max_users=ranking_users),
+        evaluate(popularity, test_r, k, "popularity", rating_metrics=False,
                  max_users=ranking_users),
     )  # fmt: skip
     publish("evaluation", *rec.evaluation_deck(report))
     return report
 
 
-@flyray_task(images.recommender, ray=True, cache="recommend-2", timeout=minutes(60))
+@flyray_task(images.recommender, cache="recommend-3", timeout=minutes(60))
 def recommend_users(model_dir: FlyteDirectory, n: int) -> StructuredDataset:
-    """Top-n unseen items for every user (Ray Data), as parquet."""
+    """Top-n unseen items for every user, as parquet (flyray.recsys.batch)."""
     out = storage.join(new_output_dir(), "recommendations")
-    recommend_all(FunkSVD.load(uri(model_dir)), out, n)
+    recommend_all(FactorModel.load(uri(model_dir)), out, n)
     return StructuredDataset(uri=out)
 
 
@@ -163,20 +153,16 @@ def register_model(
     training: TrainingReport,
     evaluation: EvaluationReport,
     profile: DataProfile,
-    params: FunkSVDParams,
     source: str,
     features: FeatureConfig,
     ranking_users: int,
     config: RegistryConfig,
-    model: str = "funksvd",
-    ials_params: IALSParams = _UNUSED_IALS,
     tuning: TuningReport = _NOT_TUNED,
 ) -> Registration:
     """The pyfunc in MLflow with the search that chose it, then the champion gate against
     popularity and the champion, which is scored on this model's own test split (same users)."""
     evidence = rec.candidate(
-        FunkSVD.load(uri(model_dir)), _ratings(train_ratings), _ratings(test_ratings), training,
-        evaluation, profile, ials_params if model == "ials" else params, source, features,
-        ranking_users, config.metric, tuning,
+        FactorModel.load(uri(model_dir)), _ratings(train_ratings), _ratings(test_ratings),
+        training, evaluation, profile, source, features, ranking_users, config.metric, tuning,
     )  # fmt: skip
     return register(config, evidence)

@@ -1,7 +1,12 @@
-"""Shared fixtures: one local Ray per test session, an S3 server on loopback, small inputs.
+"""Shared fixtures and the suite's tiers.
 
-End-to-end tests (whole pipelines, CLIs in subprocesses, the cluster rehearsal) are marked
-`@pytest.mark.e2e`; `make test-quick` leaves them out."""
+Tiers, run in this order (`make test` runs all, `make test-unit` the first alone):
+- unit: no Ray, no server, no subprocess service; most tests. A unit test that starts Ray fails.
+- integration: a test that asks for a service fixture: `ray_cluster` (one local Ray for the
+  session), `s3_server` / `s3_env` (moto on loopback), `mlflow_server` (a real `mlflow server`).
+- e2e: `@pytest.mark.e2e`: whole pipelines, CLIs in subprocesses, the cluster rehearsal.
+A test's tier is set here from its fixtures and marker, so it cannot be mislabelled.
+"""
 
 from __future__ import annotations
 
@@ -12,6 +17,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 
 import mlflow
@@ -38,14 +44,75 @@ def rees46_sample() -> Path:
     return shared_data("clickstream", "rees46-2019-oct-sample.csv")
 
 
-@pytest.fixture(scope="session", autouse=True)
-def ray_session():
-    """One Ray instance for the whole session; Flyte's Ray plugin reuses it (ignore_reinit)."""
+TIERS = ("unit", "integration", "e2e")
+SERVICES = {"ray_cluster", "s3_server", "mlflow_server"}
+_TIER = pytest.StashKey[str]()
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    """Mark each test with its tier and run the tiers in order (unit tests before anything
+    starts Ray, so the guard below sees a unit test that does)."""
+    for item in items:
+        if item.get_closest_marker("e2e"):
+            tier = "e2e"
+        elif SERVICES & set(getattr(item, "fixturenames", ())):
+            tier = "integration"
+        else:
+            tier = "unit"
+        item.stash[_TIER] = tier
+        item.add_marker(getattr(pytest.mark, tier))
+    items.sort(key=lambda item: TIERS.index(item.stash[_TIER]))
+
+
+@pytest.fixture(autouse=True)
+def _unit_tests_start_nothing(request):
+    """A unit test must not start Ray (library code never does; a Flyte Ray task would)."""
+    started_before = ray.is_initialized()
+    yield
+    if request.node.stash.get(_TIER, "") == "unit" and ray.is_initialized() and not started_before:
+        ray.shutdown()
+        pytest.fail("this unit test started Ray: ask for the ray_cluster fixture (integration)")
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """One local Ray for the session (2 CPUs); Flyte's Ray plugin reuses it (ignore_reinit)."""
     os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
     # address="local": always a new instance, never another Ray already running on the host.
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def serialized() -> dict:
+    """Every workflow, launch plan and task as registration serializes them (k8s.check),
+    serialized once for the session: what every cluster-path test reads."""
+    from k8s import check
+
+    return check.serialize()
+
+
+@pytest.fixture(scope="session")
+def task_templates(serialized) -> Callable[..., dict]:
+    """`task_templates("clip")`: the task templates of tasks/clip.py by short name (no
+    argument: every task's)."""
+    from flytekit.models.task import TaskSpec
+
+    def of(*modules: str) -> dict:
+        prefixes = tuple(f"tasks.{m}." for m in modules) or ("tasks.",)
+        return {v.template.id.name.split(".")[-1]: v.template for v in serialized.values()
+                if isinstance(v, TaskSpec) and v.template.id.name.startswith(prefixes)}  # fmt: skip
+
+    return of
+
+
+@pytest.fixture(scope="session")
+def launch_plans(serialized) -> dict:
+    """The serialized launch plans by name."""
+    from flytekit.models.launch_plan import LaunchPlan
+
+    return {v.id.name: v for v in serialized.values() if isinstance(v, LaunchPlan)}
 
 
 @pytest.fixture(autouse=True)

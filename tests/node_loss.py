@@ -99,7 +99,8 @@ class _Messages(logging.Handler):
 def funksvd(out: Path, tmp: Path) -> None:
     from flyray.raytrain import DistributedConfig
     from flyray.recsys import FunkSVDParams
-    from flyray.recsys.distributed import Ratings, train
+    from flyray.recsys.distributed import train
+    from flyray.recsys.model import Ratings
     from tests.test_funksvd import synthetic
 
     df = synthetic(n_users=3000, n_items=1000, n=300_000)

@@ -87,6 +87,7 @@ LENIENT = IngestConfig(max_reject_fraction=1.0)
 @pytest.mark.timeout(180)
 @pytest.mark.parametrize("name, filename, content, reasons, bad_line", REJECTS,
                          ids=[c[0] for c in REJECTS])  # fmt: skip
+@pytest.mark.usefixtures("ray_cluster")
 def test_bad_records_are_counted_and_kept(tmp_path, name, filename, content, reasons, bad_line):
     src = tmp_path / filename
     src.write_bytes(content)
@@ -102,6 +103,7 @@ def test_bad_records_are_counted_and_kept(tmp_path, name, filename, content, rea
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("name, filename, content, error, message", ERRORS,
                          ids=[c[0] for c in ERRORS])  # fmt: skip
+@pytest.mark.usefixtures("ray_cluster")
 def test_unusable_inputs_are_clear_errors(tmp_path, name, filename, content, error, message):
     src = tmp_path / filename
     src.write_bytes(content)
@@ -120,6 +122,7 @@ def test_missing_inputs_are_clear_errors(tmp_path):
         ingest(str(tmp_path / "empty-dir"), str(tmp_path / "o2"))
 
 
+@pytest.mark.usefixtures("ray_cluster")
 def test_duplicated_rows_are_removed_and_counted(tmp_path):
     src = tmp_path / "dups.jsonl"
     other = line(user_id=7, item_id=9, timestamp="2024-01-02T00:00:00Z")

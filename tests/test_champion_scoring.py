@@ -21,11 +21,11 @@ from flyray import registry
 from flyray.clip import evaluate as clip_eval
 from flyray.clip.classifier import ClassifierParams, ClipClassifier, TrainedClassifier
 from flyray.clip.pyfunc import log_pyfunc as log_clip
-from flyray.recsys import FunkSVD
-from flyray.recsys.distributed import Ratings
-from flyray.recsys.evaluate import align, evaluate
+from flyray.recsys import FactorModel, FunkSVD
 from flyray.recsys.evaluate import champion_metrics as recsys_champion
+from flyray.recsys.evaluate import evaluate
 from flyray.recsys.funksvd import rmse
+from flyray.recsys.model import Ratings
 from flyray.recsys.pyfunc import log_pyfunc
 from flyray.tabular import evaluate as tab_eval
 from flyray.tabular.data import TableSpec, encode_features
@@ -49,7 +49,7 @@ def _split(frame: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
     return train, test[keep]
 
 
-def _ratings(model: FunkSVD, frame: pd.DataFrame) -> Ratings:
+def _ratings(model: FactorModel, frame: pd.DataFrame) -> Ratings:
     """Raw ids as the model's dense rows (its id maps in any order)."""
     users = pd.Index(model.user_ids).get_indexer(frame.user_id)
     items = pd.Index(model.item_ids).get_indexer(frame.item_id)
@@ -87,9 +87,9 @@ def test_recommender_champion_with_the_same_id_maps_scores_as_itself(champion_ur
 def test_recommender_champion_on_a_shuffled_id_map_ranks_the_same(champion_uri, recsys_data):
     champion, (train, test), _ = recsys_data
     rng = np.random.default_rng(0)
-    shuffled = FunkSVD()
-    shuffled.user_ids = rng.permutation(champion.user_ids)
-    shuffled.item_ids = rng.permutation(champion.item_ids)
+    shuffled = FactorModel.empty(
+        rng.permutation(champion.user_ids), rng.permutation(champion.item_ids), 1
+    )
     got = recsys_champion(
         champion_uri, shuffled, _ratings(shuffled, train), _ratings(shuffled, test), 5, 0
     )
@@ -108,17 +108,17 @@ def test_recommender_champion_on_another_window_scores_shared_pairs_identically(
     got = recsys_champion(champion_uri, challenger, train_r, test_r, k=5, max_users=20)
     own = evaluate(challenger, test_r, 5, max_users=20)
     assert (got.users, got.test_users, got.k) == (own.users, own.test_users, own.k)
-    assert got.rmse == rmse(champion.predict(test.user_id, test.item_id), test_r.values)
+    assert got.rmse == rmse(champion.score(test.user_id, test.item_id), test_r.values)
 
     # Every (user, item) of the challenger's rows, in any order of its id maps: the champion's
     # own score, its biases (or the global mean) for ids it never saw.
     rng = np.random.default_rng(0)
     users, items = rng.permutation(challenger.user_ids), rng.permutation(challenger.item_ids)
-    aligned = align(champion, users, items)
+    aligned = champion.aligned(users, items)
     u, i = np.meshgrid(np.arange(len(users)), np.arange(len(items)), indexing="ij")
     np.testing.assert_array_equal(
-        aligned._predict_indexed(u.ravel(), i.ravel()),
-        champion.predict(users[u.ravel()], items[i.ravel()]),
+        aligned.score_indexed(u.ravel(), i.ravel()),
+        champion.score(users[u.ravel()], items[i.ravel()]),
     )
     unseen = ~np.isin(users, champion.user_ids)
     assert unseen.any() and not aligned.P[unseen].any() and not aligned.bu[unseen].any()
@@ -186,6 +186,7 @@ def test_tabular_champion_scores_the_challengers_rows_in_its_own_encoding(tracki
 
 
 @pytest.mark.e2e
+@pytest.mark.usefixtures("ray_cluster")
 def test_cnn_champion_accuracy_is_its_accuracy_on_the_challengers_images(tracking):
     from flyray.vision.data import ImageSet
     from flyray.vision.evaluate import champion_accuracy

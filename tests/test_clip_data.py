@@ -56,6 +56,7 @@ def test_decode_names_what_is_wrong():
     assert decode(buf.getvalue()).getpixel((5, 5)) == (10, 200, 30)
 
 
+@pytest.mark.usefixtures("ray_cluster")
 def test_embed_folder_counts_rejects_and_reuses_its_cache(tmp_path, tiny_clip):  # noqa: F811
     images = tmp_path / "images"
     expected = shapes_with_bad_files(images, per_class=8)

@@ -26,6 +26,7 @@ SMALL = ClassifierParams(hidden=32, epochs=10, lr=0.005, batch_size=16)
 
 
 @pytest.mark.e2e
+@pytest.mark.usefixtures("ray_cluster")
 def test_pipeline_embeds_trains_evaluates_and_registers(
     tmp_path,
     monkeypatch,

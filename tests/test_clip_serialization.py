@@ -2,37 +2,22 @@
 
 from __future__ import annotations
 
-from collections import OrderedDict
-
 import pytest
-from flytekit.configuration import ImageConfig, SerializationSettings
-from flytekit.models.launch_plan import LaunchPlan
-from flytekit.models.task import TaskSpec
-from flytekit.tools.translator import get_serializable
 
 import images
-import workflows.clip as clip
 from tasks.platform import ray_job
-
-SETTINGS = SerializationSettings(
-    image_config=ImageConfig.auto_default_image(), project="flyray", domain="development",
-    version="test",
-)  # fmt: skip
 
 
 @pytest.fixture(scope="module")
-def tasks() -> dict:
-    out: OrderedDict = OrderedDict()
-    for entity in (clip.clip_pipeline, clip.clip_default):
-        get_serializable(out, SETTINGS, entity)
-    assert any(isinstance(v, LaunchPlan) and v.id.name == "clip_default" for v in out.values())
-    return {v.template.id.name.split(".")[-1]: v.template for v in out.values()
-            if isinstance(v, TaskSpec)}  # fmt: skip
+def tasks(task_templates, launch_plans) -> dict:
+    assert "clip_default" in launch_plans
+    return task_templates("clip")
 
 
 def test_every_task_names_the_torch_image(tasks):
     assert set(tasks) == {"resolve_images", "embed_images", "train_clip_classifier",
-                          "evaluate_clip_classifier", "register_clip_classifier"}  # fmt: skip
+                          "fit_clip_classifier", "evaluate_clip_classifier",
+                          "register_clip_classifier"}  # fmt: skip
     expected = images.clip.image_name()
     assert expected.startswith("localhost:30000/flyray-torch:")
     for name, template in tasks.items():
@@ -40,9 +25,10 @@ def test_every_task_names_the_torch_image(tasks):
 
 
 def test_ray_tasks_carry_head_and_worker_groups(tasks):
-    ray_tasks = {n: t for n, t in tasks.items() if t.type == "ray"}
+    ray_tasks = {n: t for n, t in tasks.items() if t.type == "ray" and n != "fit_clip_classifier"}
     # train_clip_classifier sizes fit_clip_classifier's cluster per run (tests/test_platform.py)
     assert set(ray_tasks) == {"embed_images", "evaluate_clip_classifier"}
+    assert tasks["fit_clip_classifier"].type == "ray"
     for name, template in ray_tasks.items():
         job = template.custom
         assert job["shutdownAfterJobFinishes"] is True, name
@@ -57,7 +43,7 @@ def test_ray_tasks_carry_head_and_worker_groups(tasks):
 def test_cache_versions_and_retries(tasks):
     versions = {n: t.metadata.discovery_version for n, t in tasks.items()
                 if t.metadata.discoverable}  # fmt: skip
-    assert versions == {"embed_images": "clip-embed-1",
+    assert versions == {"embed_images": "clip-embed-1", "fit_clip_classifier": "clip-train-2",
                         "evaluate_clip_classifier": "clip-evaluate-1"}  # fmt: skip
     assert not tasks["resolve_images"].metadata.discoverable  # must see changed images
     assert not tasks["register_clip_classifier"].metadata.discoverable

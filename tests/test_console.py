@@ -93,7 +93,7 @@ def test_make_run_prints_a_short_summary_with_the_log_and_the_deck_page(tmp_path
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = [line for line in (proc.stderr + proc.stdout).splitlines() if line.strip()]
     assert len(lines) <= 40, "\n".join(lines)
-    for name in ("ingest_clickstream", "build_ratings", "train_funksvd", "evaluate_model",
+    for name in ("ingest_clickstream", "build_ratings", "train_recommender", "evaluate_model",
                  "register_model", "recommend_users"):  # fmt: skip
         assert f"{name} ..." in lines
         assert any(re.fullmatch(rf"{name} done in \d+\.\d s", line) for line in lines), name
@@ -113,6 +113,7 @@ def test_shared_data_skips_with_the_missing_path():
         shared_data("clickstream", "no-such-sample.csv")
 
 
+@pytest.mark.usefixtures("ray_cluster")
 def test_training_progress_counts_every_ray_train_report(monkeypatch):
     """The bar lives in the driver while Ray Train reports from its controller actor."""
     import ray.train

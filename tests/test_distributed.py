@@ -13,9 +13,10 @@ from test_funksvd import synthetic
 
 from bench import gradient_averaging
 from flyray.raytrain import DistributedConfig
-from flyray.recsys import FunkSVDParams
+from flyray.recsys import FunkSVDParams, harness
 from flyray.recsys import distributed as dist
-from flyray.recsys.distributed import Ratings, balanced_blocks, train
+from flyray.recsys.distributed import train
+from flyray.recsys.model import Ratings
 
 PARAMS = FunkSVDParams(n_factors=16, n_epochs=30, lr=0.01, reg=0.05, seed=4)
 
@@ -37,6 +38,7 @@ def _fit(data, params=PARAMS, **cfg):
     )
 
 
+@pytest.mark.usefixtures("ray_cluster")
 def test_dsgd_with_two_workers_matches_one_worker(data):
     one = _fit(data, workers=1)
     two = _fit(data, workers=2)
@@ -46,12 +48,14 @@ def test_dsgd_with_two_workers_matches_one_worker(data):
     assert sum(w["ratings"] for w in two.history[0].workers) == 20_000
 
 
+@pytest.mark.usefixtures("ray_cluster")
 def test_dsgd_is_deterministic_for_a_seed(data):
     a, b = _fit(data, workers=2), _fit(data, workers=2)
     np.testing.assert_array_equal(a.P, b.P)
     np.testing.assert_array_equal(a.Q, b.Q)
 
 
+@pytest.mark.usefixtures("ray_cluster")
 def test_resume_continues_from_the_last_checkpoint(data, tmp_path):
     uri = str(tmp_path / "ckpt")
     short = FunkSVDParams(**{**PARAMS.__dict__, "n_epochs": 3})
@@ -69,6 +73,7 @@ def test_resume_continues_from_the_last_checkpoint(data, tmp_path):
     np.testing.assert_array_equal(cont.P, uninterrupted.P)  # same as never stopping
 
 
+@pytest.mark.usefixtures("ray_cluster")
 def test_checkpoint_from_other_settings_is_refused(data, tmp_path):
     uri = str(tmp_path / "ckpt")
     _fit(data, FunkSVDParams(n_factors=4, n_epochs=1), workers=1, checkpoint_uri=uri)
@@ -76,6 +81,7 @@ def test_checkpoint_from_other_settings_is_refused(data, tmp_path):
         _fit(data, FunkSVDParams(n_factors=8, n_epochs=2), workers=1, checkpoint_uri=uri)
 
 
+@pytest.mark.usefixtures("ray_cluster")
 def test_lost_worker_resumes_from_checkpoint(data, monkeypatch, caplog):
     handles = []
     original = dist._DSGDWorker
@@ -88,18 +94,18 @@ def test_lost_worker_resumes_from_checkpoint(data, monkeypatch, caplog):
 
         return SimpleNamespace(remote=remote)
 
-    end_epoch = dist._end_epoch
+    checkpoint = harness.checkpoint
     killed = []
 
     def kill_after_epoch_five(model, epoch, *args):
-        end_epoch(model, epoch, *args)
+        checkpoint(model, epoch, *args)
         if epoch == 5 and not killed:
             killed.append(epoch)
             ray.kill(handles[-1])  # a worker dies between epochs
 
     monkeypatch.setattr(dist, "_DSGDWorker", SimpleNamespace(options=options))
-    monkeypatch.setattr(dist, "_end_epoch", kill_after_epoch_five)
-    caplog.set_level(logging.INFO, logger=dist.__name__)
+    monkeypatch.setattr(harness, "checkpoint", kill_after_epoch_five)
+    caplog.set_level(logging.INFO, logger=harness.__name__)
     model = _fit(data, workers=2)  # no checkpoint_uri: checkpoints in a temporary folder
     assert killed == [5] and len(handles) == 4  # two workers, started twice
     assert any(m.endswith("at epoch 5") for m in caplog.messages if "resuming" in m)
@@ -108,6 +114,7 @@ def test_lost_worker_resumes_from_checkpoint(data, monkeypatch, caplog):
     assert [h.epoch for h in model.history] == list(range(1, PARAMS.n_epochs + 1))
 
 
+@pytest.mark.usefixtures("ray_cluster")
 def test_gradient_averaging_learns_slowly(data):
     train_r, val_r, users, items = data
     ga = gradient_averaging.train(train_r, len(users), len(items), PARAMS, 2, val_r)
@@ -119,15 +126,18 @@ def test_gradient_averaging_learns_slowly(data):
 
 def test_blocks_are_balanced():
     counts = np.random.default_rng(0).zipf(1.5, 10_000).clip(max=5_000)
-    blocks = balanced_blocks(counts, 4)
+    blocks, _, _ = harness.block_rows(counts, 4)
     loads = np.bincount(blocks, weights=counts)
     assert loads.max() / loads.min() < 1.05
 
 
+@pytest.mark.usefixtures("ray_cluster")
 def test_elastic_runs_take_the_workers_the_cluster_can_place():
     free = int(ray.available_resources()["CPU"])
     assert 1 <= free < 4  # the test session's cluster has 2 CPUs
-    assert dist._worker_count(DistributedConfig(workers=4)) == free  # elastic, 1..4
-    assert dist._worker_count(DistributedConfig(workers=4, min_workers=3)) == 3  # at least
-    assert dist._worker_count(DistributedConfig(workers=4, min_workers=0)) == 4  # fixed
-    assert dist._worker_count(DistributedConfig(workers=4, cpus_per_worker=2)) == max(1, free // 2)
+    assert harness.worker_count(DistributedConfig(workers=4)) == free  # elastic, 1..4
+    assert harness.worker_count(DistributedConfig(workers=4, min_workers=3)) == 3  # at least
+    assert harness.worker_count(DistributedConfig(workers=4, min_workers=0)) == 4  # fixed
+    assert harness.worker_count(DistributedConfig(workers=4, cpus_per_worker=2)) == max(
+        1, free // 2
+    )

@@ -7,18 +7,14 @@ import math
 import numpy as np
 import pytest
 
-from flyray.recsys import FunkSVD, FunkSVDParams
-from flyray.recsys.distributed import Ratings
-from flyray.recsys.evaluate import EvaluationError, evaluate, popularity_model
+from flyray.recsys import FactorModel, Ratings, baselines
+from flyray.recsys.evaluate import EvaluationError, evaluate
 
 
-def _fixed_model(item_scores: list[float], n_users: int) -> FunkSVD:
+def _fixed_model(item_scores: list[float], n_users: int) -> FactorModel:
     """Every user ranks items by item_scores (biases only); user 0 has seen item 0."""
-    model = FunkSVD(FunkSVDParams(n_factors=1, rating_min=0.0, rating_max=10.0))
-    model.user_ids, model.item_ids = np.arange(n_users), np.arange(len(item_scores))
-    model.P = np.zeros((n_users, 1), np.float32)
-    model.Q = np.zeros((len(item_scores), 1), np.float32)
-    model.bu = np.zeros(n_users, np.float32)
+    model = FactorModel.empty(np.arange(n_users), np.arange(len(item_scores)), 1,
+                              score_min=0.0, score_max=10.0)  # fmt: skip
     model.bi = np.array(item_scores, np.float32)
     model.set_seen(np.array([0]), np.array([0]))
     return model
@@ -44,18 +40,17 @@ def test_metrics_match_hand_computation():
 
 def test_popularity_ranks_by_interactions_and_empty_test_is_an_error():
     train = Ratings(np.array([0, 1, 2, 0]), np.array([3, 3, 3, 1]), np.ones(4))
-    pop = popularity_model(train, 4, 5)
+    pop = baselines.popularity(train, 4, 5)
     items, _ = pop.top_n_indexed(np.array([3]), 2)
     assert items[0].tolist() == [3, 1]
     with pytest.raises(EvaluationError, match="test split is empty"):
         evaluate(pop, Ratings(np.zeros(0), np.zeros(0), np.zeros(0)))
 
 
-def _random_model(n_users: int, n_items: int, seed: int = 0) -> tuple[FunkSVD, Ratings]:
+def _random_model(n_users: int, n_items: int, seed: int = 0) -> tuple[FactorModel, Ratings]:
     """Random factors and a random held-out split in which every user has 3 items."""
     rng = np.random.default_rng(seed)
-    model = FunkSVD(FunkSVDParams(n_factors=4))
-    model.user_ids, model.item_ids = np.arange(n_users), np.arange(n_items)
+    model = FactorModel.empty(np.arange(n_users), np.arange(n_items), 4)
     model.P = rng.normal(0, 1, (n_users, 4)).astype(np.float32)
     model.Q = rng.normal(0, 1, (n_items, 4)).astype(np.float32)
     model.bu, model.bi = np.zeros(n_users, np.float32), np.zeros(n_items, np.float32)
@@ -77,12 +72,12 @@ def test_ranking_metrics_on_a_seeded_sample_of_users():
 
 
 def test_top_n_is_the_same_whatever_block_of_scores_is_ranked_at_once(monkeypatch):
-    import flyray.recsys.funksvd as funksvd
+    import flyray.recsys.model as factor_model
 
     model, _ = _random_model(500, 300)
     rows = np.array([*range(500), -1])  # -1: an unknown user
     want = model.top_n_indexed(rows, 7)
-    monkeypatch.setattr(funksvd, "_SCORE_BLOCK", 300 * 3)  # 3 users at a time
+    monkeypatch.setattr(factor_model, "_SCORE_BLOCK", 300 * 3)  # 3 users at a time
     got = model.top_n_indexed(rows, 7)
     np.testing.assert_array_equal(got[0], want[0])
     np.testing.assert_array_equal(got[1], want[1])

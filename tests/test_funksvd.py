@@ -1,4 +1,4 @@
-"""FunkSVD library: the compiled kernel against a reference, accuracy, API, persistence."""
+"""FunkSVD, the SGD trainer: the compiled kernel against a reference, accuracy, its model."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from flyray.recsys import FunkSVD, FunkSVDParams
-from flyray.recsys.funksvd import VisitOrder, init_factors
+from flyray.recsys import FactorModel, FunkSVD, FunkSVDParams
+from flyray.recsys.funksvd import VisitOrder, init_factors, rmse
 
 
 def synthetic(n_users=400, n_items=200, n=30_000, noise=0.3, seed=0):
@@ -48,9 +48,8 @@ def test_kernel_matches_reference_sgd():
     items = rng.integers(0, 5, 40).astype(np.int32)
     ratings = rng.uniform(1, 5, 40).astype(np.float32)
     params = FunkSVDParams(n_factors=4, n_epochs=3, lr=0.05, reg=0.1, seed=3)
-    model = FunkSVD(params)
-    model.user_ids, model.item_ids = np.arange(6), np.arange(5)
-    model.fit_indexed(users, items, ratings)
+    model = FunkSVD(params).fit_indexed(users, items, ratings)
+    assert (len(model.user_ids), len(model.item_ids)) == (6, 5)
     P, Q, bu, bi = reference_sgd(users, items, ratings, params, 6, 5, 3)
     for got, want in ((model.P, P), (model.Q, Q), (model.bu, bu), (model.bi, bi)):
         np.testing.assert_allclose(got, want, atol=1e-6, rtol=0)
@@ -64,7 +63,7 @@ def test_converges_far_beyond_biases_on_ground_truth():
     biases = FunkSVD(n_factors=1, n_epochs=30, lr=0.01, reg=0.05, init_std=0.0).fit(train)
 
     def rmse(m):
-        return float(np.sqrt(np.mean((m.predict(test.user_id, test.item_id) - test.rating) ** 2)))  # noqa: E731
+        return float(np.sqrt(np.mean((m.score(test.user_id, test.item_id) - test.rating) ** 2)))  # noqa: E731
 
     assert rmse(model) < 0.55 < rmse(biases) - 0.1
     assert model.history[-1].validation_rmse == pytest.approx(rmse(model), abs=1e-4)
@@ -78,7 +77,7 @@ def test_unknown_users_and_items_fall_back_to_biases():
     known_user, known_item = int(data.user_id[0]), int(data.item_id[0])
     u_row = np.searchsorted(model.user_ids, known_user)
     i_row = np.searchsorted(model.item_ids, known_item)
-    preds = model.predict([known_user, -5, known_user, -5], [-9, known_item, known_item, -9])
+    preds = model.score([known_user, -5, known_user, -5], [-9, known_item, known_item, -9])
     mean = model.global_mean
     np.testing.assert_allclose(preds[0], np.clip(mean + model.bu[u_row], 1, 5), rtol=1e-5)
     np.testing.assert_allclose(preds[1], np.clip(mean + model.bi[i_row], 1, 5), rtol=1e-5)
@@ -97,9 +96,9 @@ def test_recommend_never_returns_seen_items_and_ranks_by_score():
         assert not set(group.item_id) & seen[user]
         assert group["rank"].tolist() == list(range(1, 16))
         assert (np.diff(group.score.to_numpy()) <= 1e-6).all()
-        want = model.predict(np.full(15, user), group.item_id.to_numpy())
+        want = model.score(np.full(15, user), group.item_id.to_numpy())
         np.testing.assert_allclose(group.score, want, rtol=1e-4)
-    cold = model.recommend([-1], n=5, exclude_seen=True)
+    cold = model.recommend([-1], n=5, filter_seen=True)
     top_bias = model.item_ids[np.argsort(-model.bi)[:5]]
     assert cold.item_id.tolist() == top_bias.tolist()
 
@@ -109,15 +108,16 @@ def test_save_load_round_trip(tmp_path):
     model = FunkSVD(n_factors=6, n_epochs=4, seed=5).fit(data)
     model.save(str(tmp_path / "m"))
     assert sorted(p.name for p in (tmp_path / "m").iterdir()) == ["meta.json", "model.npz"]
-    loaded = FunkSVD.load(str(tmp_path / "m"))
-    assert loaded.params == model.params and len(loaded.history) == 4
+    loaded = FactorModel.load(str(tmp_path / "m"))
+    assert loaded.trainer == model.trainer and len(loaded.history) == 4
+    assert loaded.trainer["params"]["seed"] == 5
     np.testing.assert_array_equal(loaded.P, model.P)
     users, items = data.user_id[:100].to_numpy(), data.item_id[:100].to_numpy()
-    np.testing.assert_array_equal(loaded.predict(users, items), model.predict(users, items))
+    np.testing.assert_array_equal(loaded.score(users, items), model.score(users, items))
     pd.testing.assert_frame_equal(loaded.recommend(users[:5]), model.recommend(users[:5]))
     (tmp_path / "m" / "meta.json").write_text('{"format": "other"}')
-    with pytest.raises(ValueError, match="not a flyray FunkSVD model"):
-        FunkSVD.load(str(tmp_path / "m"))
+    with pytest.raises(ValueError, match="not a flyray factor model"):
+        FactorModel.load(str(tmp_path / "m"))
 
 
 def test_bad_input_is_refused():
@@ -136,5 +136,6 @@ def test_kernel_rmse_helper_agrees_with_numpy():
     model = FunkSVD(n_factors=4, n_epochs=2).fit(data)
     u = np.searchsorted(model.user_ids, data.user_id.to_numpy())
     i = np.searchsorted(model.item_ids, data.item_id.to_numpy())
-    want = np.sqrt(np.mean((model.predict(data.user_id, data.item_id) - data.rating) ** 2))
-    assert model.rmse_indexed(u, i, data.rating.to_numpy()) == pytest.approx(want, rel=1e-5)
+    want = np.sqrt(np.mean((model.score(data.user_id, data.item_id) - data.rating) ** 2))
+    got = rmse(model.score_indexed(u, i), data.rating.to_numpy())
+    assert got == pytest.approx(want, rel=1e-5)

@@ -1,5 +1,5 @@
 """Implicit ALS: the CG kernel against the dense closed form, Ray workers against one worker,
-checkpoints and resume, ranking quality, and the FunkSVD files that serve it."""
+checkpoints and resume, ranking quality, and the factor-model files that serve it."""
 
 from __future__ import annotations
 
@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 
 from flyray.raytrain import DistributedConfig
-from flyray.recsys import FunkSVD, ials, kernels
-from flyray.recsys.distributed import Ratings
-from flyray.recsys.evaluate import evaluate, popularity_model
+from flyray.recsys import FactorModel, baselines, ials, kernels
+from flyray.recsys.evaluate import evaluate
 from flyray.recsys.ials import IALSParams, Rows, gramian
+from flyray.recsys.model import Ratings
 
 
 def taste_clicks(n_users=400, n_items=150, per_user=15, seed=0):
@@ -80,7 +80,7 @@ def test_local_fit_ranks_held_out_clicks_far_above_popularity():
     losses = [h.train_rmse for h in model.history]
     assert losses[-1] < losses[0]
     ours = evaluate(model, test_r, 10, "ials", rating_metrics=False).ndcg
-    popular = evaluate(popularity_model(train_r, 400, 150), test_r, 10, "pop", False).ndcg
+    popular = evaluate(baselines.popularity(train_r, 400, 150), test_r, 10, "pop", False).ndcg
     assert ours > 1.3 * popular
 
 
@@ -96,6 +96,7 @@ def _train(data, params, **cfg):
 PARAMS = IALSParams(n_factors=12, n_epochs=4, reg=0.05, alpha=5.0)
 
 
+@pytest.mark.usefixtures("ray_cluster")
 def test_two_workers_give_the_factors_of_one(clicks):
     one = _train(clicks, PARAMS, workers=1)
     two = _train(clicks, PARAMS, workers=2)
@@ -106,6 +107,7 @@ def test_two_workers_give_the_factors_of_one(clicks):
     np.testing.assert_allclose(local.Q, one.Q, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.usefixtures("ray_cluster")
 def test_resume_continues_from_the_last_checkpoint(clicks, tmp_path):
     uri = str(tmp_path / "ckpt")
     short = IALSParams(**{**PARAMS.__dict__, "n_epochs": 2})
@@ -120,10 +122,10 @@ def test_resume_continues_from_the_last_checkpoint(clicks, tmp_path):
         _train(clicks, IALSParams(**{**PARAMS.__dict__, "alpha": 1.0}), checkpoint_uri=uri)
 
 
-def test_fitted_model_is_served_by_the_funksvd_files(clicks, tmp_path):
+def test_fitted_model_is_saved_and_ranked_as_a_factor_model(clicks, tmp_path):
     model = ials.fit_local(clicks, 400, 150, PARAMS)
-    loaded = FunkSVD.load(model.save(str(tmp_path / "model")))
-    assert loaded.trainer["model"] == "ials" and loaded.trainer["alpha"] == PARAMS.alpha
+    loaded = FactorModel.load(model.save(str(tmp_path / "model")))
+    assert loaded.name == "ials" and loaded.trainer["params"]["alpha"] == PARAMS.alpha
     assert not loaded.bu.any() and not loaded.bi.any() and loaded.global_mean == 0.0
     top = loaded.recommend([0, 1], n=5)
     scores = loaded.P[[0, 1]] @ loaded.Q.T
@@ -131,7 +133,7 @@ def test_fitted_model_is_served_by_the_funksvd_files(clicks, tmp_path):
         seen = set(clicks.items[clicks.users == user].tolist())
         ranked = [i for i in np.argsort(-scores[user]) if i not in seen][:5]
         assert frame.item_id.tolist() == ranked
-    pair = loaded.predict([0], [int(top.item_id[0])])[0]
+    pair = loaded.score([0], [int(top.item_id[0])])[0]
     assert 0.0 <= pair <= 1.0
 
 

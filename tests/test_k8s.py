@@ -45,9 +45,9 @@ def flyte_values() -> dict:
 
 
 @pytest.fixture(scope="module")
-def templates() -> dict:
-    """The registered task templates by short name (serialized once for the module)."""
-    return {t.id.name.split(".")[-1]: t for t in check.serialized_tasks()}
+def templates(task_templates) -> dict:
+    """The registered task templates by short name."""
+    return task_templates()
 
 
 def test_kuberay_is_pinned_at_1_7_everywhere(flyte_values):
@@ -298,7 +298,7 @@ def _documented_timeouts() -> dict[str, float]:
 
 
 # The @dynamic that sizes each trainer's Ray cluster per run -> the Ray trainer it starts.
-SIZERS = {"train_funksvd": "fit_funksvd", "train_xgboost": "fit_xgboost",
+SIZERS = {"train_recommender": "fit_recommender", "train_xgboost": "fit_xgboost",
           "train_distributed": "fit_cnn", "train_clip_classifier": "fit_clip_classifier"}  # fmt: skip
 
 

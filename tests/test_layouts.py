@@ -59,6 +59,7 @@ def _by_type(report) -> dict[str, int]:
 
 
 @pytest.mark.parametrize("preset, path, events, by_type", SAMPLES, ids=IDS)
+@pytest.mark.usefixtures("ray_cluster")
 def test_auto_recognises_each_preset_and_reads_it_like_the_preset(
     tmp_path, preset, path, events, by_type
 ):
@@ -117,6 +118,7 @@ def test_diginetica_time_is_date_plus_timeframe_and_anonymous_sessions_stand_in(
     assert real.num_rows == known  # logged-in users keep their own ids
 
 
+@pytest.mark.usefixtures("ray_cluster")
 def test_user_key_session_and_the_fallback_count_in_the_report(tmp_path):
     by_user = ingest(str(diginetica()), str(tmp_path / "u"))
     known = sum(1 for r in diginetica().read_text().splitlines()[1:] if r.split(";")[1] != "NA")
@@ -146,6 +148,7 @@ def test_uuid_sessions_become_stable_users():
     assert min(users[:3]) >= SESSION_USER_BASE and first.session_users == 3
 
 
+@pytest.mark.usefixtures("ray_cluster")
 def test_custom_layout_from_pyflyte_json(tmp_path):
     # Pipe-separated, no header, columns by position, own event names, local wall-clock time.
     src = tmp_path / "shop.tsv"
@@ -170,6 +173,7 @@ def test_custom_layout_from_pyflyte_json(tmp_path):
     assert rows[0]["ts"] == datetime(2024, 3, 1, 0, 0, tzinfo=UTC)  # 08:00 in Shanghai
 
 
+@pytest.mark.usefixtures("ray_cluster")
 def test_every_row_is_a_view_and_named_json_keys(tmp_path):
     src = tmp_path / "clicks.jsonl"
     src.write_text(
@@ -213,6 +217,7 @@ BAD_ROWS = [
 
 
 @pytest.mark.parametrize("preset, name, text, line, reason, field", BAD_ROWS)
+@pytest.mark.usefixtures("ray_cluster")
 def test_bad_records_are_kept_with_file_line_and_reason_in_every_layout(
     tmp_path, preset, name, text, line, reason, field
 ):
@@ -227,6 +232,7 @@ def test_bad_records_are_kept_with_file_line_and_reason_in_every_layout(
         assert reject["raw"] == text.splitlines()[line - 1] and reject["detail"]
 
 
+@pytest.mark.usefixtures("ray_cluster")
 def test_block_parallel_ingest_numbers_lines_across_blocks(tmp_path, monkeypatch):
     lines = diginetica().read_bytes().split(b"\n")
     lines[9000] = b"77;NA;oops;100;2016-05-09"
@@ -240,6 +246,7 @@ def test_block_parallel_ingest_numbers_lines_across_blocks(tmp_path, monkeypatch
     assert (reject["line"], reject["field"]) == (9001, "item_id")
 
 
+@pytest.mark.usefixtures("ray_cluster")
 def test_a_directory_of_mixed_layouts_reports_each(tmp_path):
     (tmp_path / "in").mkdir()
     (tmp_path / "in" / "a.dat").write_bytes(yoochoose().read_bytes())
@@ -277,6 +284,7 @@ def test_every_preset_is_documented():
 
 @pytest.mark.e2e
 @pytest.mark.parametrize("preset, path, events, by_type", SAMPLES, ids=IDS)
+@pytest.mark.usefixtures("ray_cluster")
 def test_prepare_data_on_each_sample_with_auto_and_its_preset(
     flyte_cache, preset, path, events, by_type
 ):

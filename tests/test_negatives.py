@@ -8,8 +8,9 @@ import pytest
 
 from flyray.raytrain import DistributedConfig
 from flyray.recsys import FunkSVD, FunkSVDParams
-from flyray.recsys.distributed import Ratings, split_negatives, train
+from flyray.recsys.distributed import split_negatives, train
 from flyray.recsys.funksvd import TrainingSet, negative_weights
+from flyray.recsys.model import Ratings
 
 
 def clicks(n_users=300, n_items=120, per_user=8, seed=0):
@@ -89,6 +90,7 @@ def test_dsgd_split_follows_block_mass_and_keeps_every_negative():
     assert (np.abs(counts - per_user[:, None] * mass / mass.sum()) < 1).all()
 
 
+@pytest.mark.usefixtures("ray_cluster")
 def test_dsgd_trains_on_the_same_number_of_negatives_as_one_process():
     u, i = clicks()
     params = FunkSVDParams(n_factors=8, n_epochs=2, lr=0.01, negatives=3, rating_min=0.0,
@@ -100,6 +102,7 @@ def test_dsgd_trains_on_the_same_number_of_negatives_as_one_process():
 
 
 @pytest.mark.e2e
+@pytest.mark.usefixtures("ray_cluster")
 def test_resumed_dsgd_draws_the_negatives_an_uninterrupted_run_draws(tmp_path):
     u, i = clicks()
     ratings = Ratings(u, i, np.ones(len(u), np.float32))
@@ -118,15 +121,13 @@ def test_ranking_without_item_bias_leaves_popularity_out():
     u, i = clicks()
     r = np.ones(len(u), np.float32)
     params = FunkSVDParams(n_factors=8, n_epochs=5, negatives=2, rating_min=0.0, lr=0.01)
-    model = FunkSVD(params)
-    model.user_ids, model.item_ids = np.arange(300), np.arange(120)
-    model.fit_indexed(u, i, r)
+    model = FunkSVD(params).fit_indexed(u, i, r, np.arange(300), np.arange(120))
     model.bi[:] = 0
     model.bi[119] = 100.0  # the least popular item, made most "popular" by its bias
     assert (model.top_n_indexed(np.arange(300), 1)[0] == 119).mean() > 0.9
-    model.params.rank_item_bias = False
+    model.rank_item_bias = False
     expected = np.argsort(-(model.P @ model.Q.T), axis=1)
-    got = model.top_n_indexed(np.arange(5), 3, exclude_seen=False)[0]
+    got = model.top_n_indexed(np.arange(5), 3, filter_seen=False)[0]
     np.testing.assert_array_equal(got, expected[:5, :3])
 
 
@@ -139,9 +140,9 @@ def test_popularity_weighted_negatives_rank_held_out_clicks_better_than_none():
     for name, negatives in (("none", 0), ("three", 3)):
         params = FunkSVDParams(n_factors=8, n_epochs=15, lr=0.02, negatives=negatives,
                                rating_min=0.0, negative_beta=0.5)  # fmt: skip
-        model = FunkSVD(params)
-        model.user_ids, model.item_ids = np.arange(400), np.arange(120)
-        model.fit_indexed(u[~held], i[~held], np.ones((~held).sum(), np.float32))
+        model = FunkSVD(params).fit_indexed(
+            u[~held], i[~held], np.ones((~held).sum(), np.float32), np.arange(400), np.arange(120)
+        )
         top = model.top_n_indexed(np.arange(400), 10)[0]
         test = set((u[held].astype(np.int64) * 120 + i[held]).tolist())
         shown = np.repeat(np.arange(400), 10) * 120 + top.ravel()

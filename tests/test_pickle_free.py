@@ -85,7 +85,7 @@ pair = m.predict(pd.DataFrame({{"user_id": [{users[0]}], "item_id": [{item}]}}))
 print(json.dumps({{"top": top.item_id.tolist(), "score": float(pair.score[0])}}))
 """, tracking, tmp_path)  # fmt: skip
     assert answer["top"] == model.recommend(users, n=5).item_id.tolist()
-    assert answer["score"] == pytest.approx(float(model.predict([users[0]], [item])[0]), rel=1e-5)
+    assert answer["score"] == pytest.approx(float(model.score([users[0]], [item])[0]), rel=1e-5)
 
 
 def test_clip_champion_loads_without_pickle_and_answers(tracking, tmp_path, tiny_clip):  # noqa: F811

@@ -16,6 +16,7 @@ UNTUNED = TuningConfig(trials=0)  # these runs check training and registration (
 
 
 @pytest.mark.e2e
+@pytest.mark.usefixtures("ray_cluster")
 def test_pipeline_registers_evaluates_and_recommends(tmp_path, monkeypatch, flyte_cache):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.setenv("FLYRAY_DATA_DIR", str(tmp_path / "data"))

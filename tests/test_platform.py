@@ -24,9 +24,9 @@ from flytekit.tools.translator import get_serializable
 
 import tasks
 from flyray.raytrain import DistributedConfig
+from k8s import check
 from tasks.platform import checkpoint_uri, worker_pods
 from tests.conftest import REPO
-from tests.test_serialization import SETTINGS
 
 # Tasks that touch no object storage, so they request no secret.
 STORAGE_FREE = {"data_window", "compare_runs"}
@@ -48,13 +48,13 @@ def _is_dynamic(task: PythonTask) -> bool:
 
 
 def _template(task: PythonTask):
-    return get_serializable(OrderedDict(), SETTINGS, task).template
+    return get_serializable(OrderedDict(), check.serialization_settings(), task).template
 
 
 def test_every_task_has_the_preamble():
     found = all_tasks()
     assert len(found) >= 28
-    trainers = {"fit_funksvd", "fit_xgboost", "fit_cnn", "fit_clip_classifier"}
+    trainers = {"fit_recommender", "fit_xgboost", "fit_cnn", "fit_clip_classifier"}
     assert trainers <= set(found)
     for name, task in found.items():
         meta = _template(task).metadata
@@ -103,7 +103,7 @@ def _compile_dynamic(task: PythonTask, **inputs):
         execution_id=WorkflowExecutionIdentifier("flyray", "development", "exec"),
     )  # fmt: skip
     with FlyteContextManager.with_context(
-        ctx.with_serialization_settings(SETTINGS).with_execution_state(
+        ctx.with_serialization_settings(check.serialization_settings()).with_execution_state(
             ctx.new_execution_state().with_params(
                 mode=ExecutionState.Mode.TASK_EXECUTION, user_space_params=params
             )
@@ -147,7 +147,7 @@ def test_gpu_pods_hold_one_worker_per_gpu():
 
 def test_every_trainer_is_sized_per_run():
     found = all_tasks()
-    for sizer, trainer in [("train_xgboost", "fit_xgboost"), ("train_funksvd", "fit_funksvd"),
+    for sizer, trainer in [("train_xgboost", "fit_xgboost"), ("train_recommender", "fit_recommender"),
                            ("train_distributed", "fit_cnn"),
                            ("train_clip_classifier", "fit_clip_classifier")]:  # fmt: skip
         assert _is_dynamic(found[sizer]) and found[trainer].task_type == "ray"
@@ -181,3 +181,16 @@ def test_checkpoints_are_found_again_by_a_retry(monkeypatch, tmp_path):
     )
     given = DistributedConfig(checkpoint_uri="s3://mine/ckpt")
     assert checkpoint_uri(given, "xgboost") == "s3://mine/ckpt"
+
+
+def test_only_the_library_is_installed_as_a_package():
+    """tasks/, workflows/ and images/ stay the repository's folders: installing flyray puts no
+    `tasks` or `images` into site-packages where another project's would collide."""
+    import importlib.metadata
+
+    top_level = importlib.metadata.distribution("flyray").read_text("top_level.txt").split()
+    assert top_level == ["flyray"]
+    outside = subprocess.run(
+        [sys.executable, "-c", "import tasks"], cwd="/", capture_output=True, text=True
+    )
+    assert "No module named 'tasks'" in outside.stderr

@@ -56,7 +56,7 @@ def test_pyfunc_answers_in_a_fresh_process(tracking, small_model):
     )  # fmt: skip
     answer = json.loads(out.stdout.strip().splitlines()[-1])
     assert answer["top"] == model.recommend(users, n=5).item_id.tolist()
-    want = model.predict([users[0]], [int(model.item_ids[0])])[0]
+    want = model.score([users[0]], [int(model.item_ids[0])])[0]
     assert answer["score"] == pytest.approx(float(want), rel=1e-5)
 
 

@@ -22,9 +22,9 @@ from flytekit.tools.translator import get_serializable
 
 import tasks.clickstream as clickstream
 from flyray.clickstream.ingest import IngestError
+from k8s import check
 from tasks.platform import is_transient
 from tests.conftest import REPO, _free_port, event, jsonl, serve
-from tests.test_serialization import SETTINGS
 
 RECOVERABLE = errors_pb2.ContainerError.RECOVERABLE
 NON_RECOVERABLE = errors_pb2.ContainerError.NON_RECOVERABLE
@@ -44,7 +44,7 @@ def _upload(endpoint: str) -> None:
 
 def _execute(task, inputs: dict, workdir: Path, endpoint: str):
     """Run one attempt of `task` as Flyte would; return (error document or None, outputs)."""
-    template = get_serializable(OrderedDict(), SETTINGS, task).template
+    template = get_serializable(OrderedDict(), check.serialization_settings(), task).template
     workdir.mkdir(parents=True)
     ctx = FlyteContextManager.current_context()
     literals = TypeEngine.dict_to_literal_map(ctx, inputs, task.python_interface.inputs)

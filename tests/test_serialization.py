@@ -3,65 +3,21 @@ Ray specs, images, cache versions, retries and schedules are what registration w
 
 from __future__ import annotations
 
-import importlib
-import pkgutil
-from collections import OrderedDict
-
 import pytest
-from flytekit.configuration import ImageConfig, SerializationSettings
-from flytekit.core.launch_plan import LaunchPlan as LaunchPlanEntity
-from flytekit.core.workflow import WorkflowBase
-from flytekit.models.launch_plan import LaunchPlan
 from flytekit.models.task import TaskSpec
-from flytekit.tools.translator import get_serializable
 
 import images
-import workflows
-import workflows.recommendation as rec
-
-SETTINGS = SerializationSettings(
-    image_config=ImageConfig.auto_default_image(), project="flyray", domain="development",
-    version="test",
-)  # fmt: skip
-
-
-def workflow_entities() -> list:
-    """Every workflow and launch plan defined in a module of workflows/ (what `pyflyte register
-    workflows` finds), so a new workload joins these tests by existing."""
-    found = []
-    for info in pkgutil.iter_modules(workflows.__path__):
-        module = importlib.import_module(f"workflows.{info.name}")
-        for obj in vars(module).values():
-            if isinstance(obj, WorkflowBase | LaunchPlanEntity) and obj not in found:
-                found.append(obj)
-    return found
 
 
 @pytest.fixture(scope="module")
-def all_entities():
-    out: OrderedDict = OrderedDict()
-    for entity in workflow_entities():
-        get_serializable(out, SETTINGS, entity)
-    return out
+def tasks(task_templates) -> dict:
+    """The recommendation workflow's tasks (its data preparation's too)."""
+    return task_templates("clickstream", "recommender")
 
 
-@pytest.fixture(scope="module")
-def entities():
-    out: OrderedDict = OrderedDict()
-    for entity in (
-        rec.recommendation_pipeline,
-        rec.prepare_data,
-        rec.default_plan,
-        rec.nightly_plan,
-    ):
-        get_serializable(out, SETTINGS, entity)
-    return out
-
-
-def test_every_workflow_and_launch_plan_serializes(all_entities):
-    plans = {v.id.name for v in all_entities.values() if isinstance(v, LaunchPlan)}
-    assert {"recommendation_default", "recommendation_nightly"} <= plans
-    tasks = [v.template for v in all_entities.values() if isinstance(v, TaskSpec)]
+def test_every_workflow_and_launch_plan_serializes(serialized, launch_plans):
+    assert {"recommendation_default", "recommendation_nightly"} <= set(launch_plans)
+    tasks = [v.template for v in serialized.values() if isinstance(v, TaskSpec)]
     family_images = {s.image_name() for s in (images.recommender, images.tabular, images.image,
                                               images.clip)}  # fmt: skip
     for template in tasks:
@@ -74,14 +30,8 @@ def test_every_workflow_and_launch_plan_serializes(all_entities):
             assert job["rayCluster"]["workerGroupSpec"], template.id.name
 
 
-def _tasks(entities) -> dict[str, object]:
-    return {v.template.id.name.split(".")[-1]: v.template for v in entities.values()
-            if isinstance(v, TaskSpec)}  # fmt: skip
-
-
-def test_every_task_names_the_recommender_image(entities):
-    tasks = _tasks(entities)
-    assert set(tasks) >= {"resolve_source", "ingest_clickstream", "build_ratings", "train_funksvd",
+def test_every_task_names_the_recommender_image(tasks):
+    assert set(tasks) >= {"resolve_source", "ingest_clickstream", "build_ratings", "train_recommender",
                           "evaluate_model", "register_model", "recommend_users", "data_window"}  # fmt: skip
     expected = images.recommender.image_name()
     assert expected.startswith("localhost:30000/flyray-recommender:")
@@ -89,11 +39,12 @@ def test_every_task_names_the_recommender_image(entities):
         assert template.container.image == expected, name
 
 
-def test_ray_tasks_carry_head_and_worker_groups(entities):
-    ray_tasks = {n: t for n, t in _tasks(entities).items() if t.type == "ray"}
-    # train_funksvd starts fit_funksvd on a cluster sized per run (tests/test_platform.py)
-    assert set(ray_tasks) == {"ingest_clickstream", "build_ratings", "evaluate_model",
-                              "recommend_users", "tune_params"}  # fmt: skip
+def test_ray_tasks_carry_head_and_worker_groups(tasks):
+    ray_tasks = {n: t for n, t in tasks.items() if t.type == "ray" and n != "fit_recommender"}
+    # train_recommender starts fit_recommender on a cluster sized per run (tests/test_platform.py)
+    # evaluate_model and recommend_users rank in one process (compiled kernels): no Ray cluster.
+    assert set(ray_tasks) == {"ingest_clickstream", "build_ratings", "tune_params"}
+    assert tasks["fit_recommender"].type == "ray"
     for name, template in ray_tasks.items():
         job = template.custom
         assert job["shutdownAfterJobFinishes"] is True, name
@@ -112,22 +63,21 @@ def test_ray_tasks_carry_head_and_worker_groups(entities):
         assert worker["resources"]["requests"] == {"cpu": "2", "memory": "8Gi"}
 
 
-def test_cache_versions_and_retries(entities):
-    tasks = _tasks(entities)
+def test_cache_versions_and_retries(tasks):
     versions = {
         n: t.metadata.discovery_version for n, t in tasks.items() if t.metadata.discoverable
     }
     assert versions == {"ingest_clickstream": "ingest-1", "build_ratings": "features-1",
-                        "evaluate_model": "evaluate-3", "recommend_users": "recommend-2",
-                        "tune_params": "tune-1"}  # fmt: skip
+                        "evaluate_model": "evaluate-4", "recommend_users": "recommend-3",
+                        "tune_params": "tune-1", "fit_recommender": "train-4"}  # fmt: skip
     assert not tasks["resolve_source"].metadata.discoverable  # it must see content changes
     assert not tasks["register_model"].metadata.discoverable  # one MLflow run per execution
-    assert tasks["train_funksvd"].metadata.retries.retries == 2
+    assert tasks["train_recommender"].metadata.retries.retries == 2
     assert tasks["register_model"].metadata.retries.retries == 2
 
 
-def test_launch_plans_and_the_nightly_schedule(entities):
-    plans = {v.id.name: v for v in entities.values() if isinstance(v, LaunchPlan)}
+def test_launch_plans_and_the_nightly_schedule(launch_plans):
+    plans = launch_plans
     assert set(plans) >= {"recommendation_default", "recommendation_nightly"}
     schedule = plans["recommendation_nightly"].spec.entity_metadata.schedule
     assert schedule.cron_schedule.schedule == "0 3 * * *"

@@ -26,7 +26,7 @@ from test_champion_scoring import _encode, _rows, _spec
 from test_funksvd import synthetic
 
 from flyray import registry
-from flyray.recsys import FunkSVD
+from flyray.recsys import FactorModel, FunkSVD
 from flyray.recsys.pyfunc import log_pyfunc
 from flyray.serve import models
 from flyray.serve.models import BadRequest
@@ -56,7 +56,7 @@ def promote(name: str, version: str, value: float) -> None:
     assert decision.promoted, decision.reason
 
 
-def register_funksvd(name: str, seed: int, value: float, tmp) -> tuple[FunkSVD, str]:
+def register_funksvd(name: str, seed: int, value: float, tmp) -> tuple[FactorModel, str]:
     """A small FunkSVD, logged and gated as the recommender's registration does."""
     model = FunkSVD(n_factors=4, n_epochs=3, seed=seed).fit(synthetic(n=3_000, seed=seed))
     model.save(str(tmp / f"funksvd-{seed}"))
@@ -174,7 +174,7 @@ def call(url: str, body: object = None, raw: bytes | None = None, headers=None):
 
 
 @pytest.fixture(scope="module")
-def server(tracking):
+def server(tracking, ray_cluster):
     """Serve's HTTP proxy on 127.0.0.1 (a free port) of the session's Ray; `start(name)`
     deploys the application for a registered model, polling the registry every 0.5 s."""
     from ray import serve
@@ -235,7 +235,7 @@ def test_recommend_and_score_answer_as_the_registered_model(recommender):
         zip(known, items, strict=True)
     )
     np.testing.assert_allclose([s["score"] for s in answer["scores"]],
-                               model.predict(known, items), rtol=1e-6)  # fmt: skip
+                               model.score(known, items), rtol=1e-6)  # fmt: skip
 
 
 @pytest.mark.e2e

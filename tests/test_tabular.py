@@ -8,7 +8,6 @@ import os
 import re
 import subprocess
 import sys
-from collections import OrderedDict
 
 import mlflow
 import numpy as np
@@ -16,10 +15,6 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from flytekit.configuration import ImageConfig, SerializationSettings
-from flytekit.models.launch_plan import LaunchPlan
-from flytekit.models.task import TaskSpec
-from flytekit.tools.translator import get_serializable
 
 import images
 import workflows.tabular as wf
@@ -40,6 +35,7 @@ from tasks.platform import uri
 
 
 @pytest.mark.e2e
+@pytest.mark.usefixtures("ray_cluster")
 def test_pipeline_trains_evaluates_and_registers(tmp_path, monkeypatch, flyte_cache):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.setenv("FLYRAY_DATA_DIR", str(tmp_path / "data"))
@@ -122,6 +118,7 @@ def bucket(s3_env):
 
 
 @pytest.mark.e2e
+@pytest.mark.usefixtures("ray_cluster")
 def test_lost_worker_resumes_from_the_s3_checkpoint(bucket, tmp_path):
     """Prepare and train entirely on s3://; a worker failing after round 30 restarts the group,
     which resumes from the round-30 checkpoint and finishes all rounds."""
@@ -179,6 +176,7 @@ def test_missing_label_column_is_named(tmp_path):
         prepare(src, str(tmp_path / "out"))
 
 
+@pytest.mark.usefixtures("ray_cluster")
 def test_non_binary_labels_are_named(tmp_path):
     frame = _frame()
     frame.loc[:9, "label"] = 2
@@ -189,6 +187,7 @@ def test_non_binary_labels_are_named(tmp_path):
         prepare(src, str(tmp_path / "out"))
 
 
+@pytest.mark.usefixtures("ray_cluster")
 def test_all_nan_column_is_named(tmp_path):
     frame = _frame()
     frame["b"] = np.nan
@@ -217,6 +216,7 @@ def test_schema_drift_names_both_files(tmp_path):
     assert "missing columns ['b']" in msg and re.search(r"c \(double -> (large_)?string\)", msg)
 
 
+@pytest.mark.usefixtures("ray_cluster")
 def test_rows_without_label_are_kept_and_counted(tmp_path):
     frame = _frame(400)
     frame["label"] = frame["label"].astype("Int64")
@@ -239,25 +239,16 @@ def test_rows_without_label_are_kept_and_counted(tmp_path):
 
 # ---------------------------------------------------------------------------------- cluster path
 
-SETTINGS = SerializationSettings(
-    image_config=ImageConfig.auto_default_image(), project="flyray", domain="development",
-    version="test",
-)  # fmt: skip
 
-
-def test_cluster_serialization():
-    entities: OrderedDict = OrderedDict()
-    for entity in (wf.xgboost_pipeline, wf.default_plan):
-        get_serializable(entities, SETTINGS, entity)
-    tasks = {v.template.id.name.split(".")[-1]: v.template for v in entities.values()
-             if isinstance(v, TaskSpec)}  # fmt: skip
-    assert set(tasks) == {"resolve_table", "prepare_table", "train_xgboost", "evaluate_xgboost",
-                          "register_xgboost"}  # fmt: skip
+def test_cluster_serialization(task_templates, launch_plans):
+    tasks = task_templates("tabular")
+    assert set(tasks) == {"resolve_table", "prepare_table", "train_xgboost", "fit_xgboost",
+                          "evaluate_xgboost", "register_xgboost"}  # fmt: skip
     image = images.tabular.image_name()
     assert image.startswith("localhost:30000/flyray-tabular:")
     assert all(t.container.image == image for t in tasks.values())
     ray_tasks = {n for n, t in tasks.items() if t.type == "ray"}
-    assert ray_tasks == {"prepare_table"}  # train_xgboost sizes fit_xgboost's cluster per run
+    assert ray_tasks == {"prepare_table", "fit_xgboost"}  # train_xgboost sizes it per run
     job = tasks["prepare_table"].custom
     assert job["shutdownAfterJobFinishes"] is True
     assert job["rayCluster"]["headGroupSpec"]["rayStartParams"] == {"num-cpus": "0"}
@@ -265,12 +256,11 @@ def test_cluster_serialization():
     assert group["replicas"] == 2
     versions = {n: t.metadata.discovery_version for n, t in tasks.items()
                 if t.metadata.discoverable}  # fmt: skip
-    assert versions == {"prepare_table": "tabular-prepare-1",
+    assert versions == {"prepare_table": "tabular-prepare-1", "fit_xgboost": "xgboost-train-2",
                         "evaluate_xgboost": "xgboost-evaluate-1"}  # fmt: skip
     assert tasks["train_xgboost"].metadata.retries.retries == 2
     assert tasks["register_xgboost"].metadata.retries.retries == 2
-    plans = {v.id.name for v in entities.values() if isinstance(v, LaunchPlan)}
-    assert "xgboost_default" in plans
+    assert "xgboost_default" in launch_plans
 
 
 def test_worker_shares_partition_the_rows(tmp_path):

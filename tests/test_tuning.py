@@ -11,9 +11,9 @@ import pytest
 from test_ials import taste_clicks
 
 from flyray.recsys import FunkSVDParams
-from flyray.recsys.distributed import Ratings
 from flyray.recsys.evaluate import ndcg_with_error
 from flyray.recsys.ials import IALSParams, fit_local
+from flyray.recsys.model import Ratings
 from flyray.recsys.tuning import (
     TuningConfig,
     TuningReport,
@@ -67,6 +67,7 @@ def test_zero_trials_keeps_the_given_parameters_without_searching():
 
 
 @pytest.mark.e2e
+@pytest.mark.usefixtures("ray_cluster")
 def test_search_on_ray_reports_every_epoch_and_returns_the_winner(tmp_path):
     train, val = splits()
     config = TuningConfig(trials=5, time_budget_s=120, models="funksvd,ials", grace_epochs=2,

@@ -6,17 +6,13 @@ from __future__ import annotations
 import json
 import os
 import pickle
-from collections import OrderedDict
 from dataclasses import replace
 
 import mlflow
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-from flytekit.configuration import ImageConfig, SerializationSettings
-from flytekit.models.launch_plan import LaunchPlan
-from flytekit.models.task import Resources, TaskSpec
-from flytekit.tools.translator import get_serializable
+from flytekit.models.task import Resources
 
 import images
 from flyray import storage
@@ -240,6 +236,7 @@ def _exit_rank_1_after_two_checkpoints(monkeypatch, storage_dir, marker) -> None
 
 
 @pytest.mark.e2e
+@pytest.mark.usefixtures("ray_cluster")
 def test_cnn_benchmark_end_to_end_through_a_worker_failure(tmp_path, monkeypatch, flyte_cache):
     """Both runs on the digits demo (3 epochs), the report and the registered model; a Ray
     worker dies after epoch 2 and the run resumes from its checkpoint instead of starting over."""
@@ -290,28 +287,16 @@ def test_cnn_benchmark_end_to_end_through_a_worker_failure(tmp_path, monkeypatch
     assert accuracy == pytest.approx(ray_run["test_accuracy"], abs=1e-6)
 
 
-@pytest.fixture(scope="module")
-def entities():
-    settings = SerializationSettings(
-        image_config=ImageConfig.auto_default_image(), project="flyray", domain="development",
-        version="test",
-    )  # fmt: skip
-    out: OrderedDict = OrderedDict()
-    for entity in (wf.cnn_benchmark, wf.default_plan):
-        get_serializable(out, settings, entity)
-    return out
-
-
-def test_cluster_serialization(entities):
-    tasks = {v.template.id.name.split(".")[-1]: v.template for v in entities.values()
-             if isinstance(v, TaskSpec)}  # fmt: skip
+def test_cluster_serialization(task_templates, launch_plans):
+    tasks = task_templates("vision")
     assert set(tasks) == {"resolve_image_source", "prepare_images", "train_baseline",
-                          "train_distributed", "compare_runs", "register_cnn"}  # fmt: skip
+                          "train_distributed", "fit_cnn", "compare_runs",
+                          "register_cnn"}  # fmt: skip
     assert images.image.env["TF_USE_LEGACY_KERAS"] == "1"
     for name, template in tasks.items():
         assert template.container.image == images.image.image_name(), name
     # train_distributed starts fit_cnn on a Ray cluster sized per run (tests/test_platform.py)
-    assert {n for n, t in tasks.items() if t.type == "ray"} == set()
+    assert {n for n, t in tasks.items() if t.type == "ray"} == {"fit_cnn"}
     versions = {
         n: t.metadata.discovery_version for n, t in tasks.items() if t.metadata.discoverable
     }
@@ -319,5 +304,4 @@ def test_cluster_serialization(entities):
     limits = tasks["train_baseline"].container.resources.limits  # one Ray worker's budget
     assert {r.name: r.value for r in limits} == {ResourceName.CPU: "2", ResourceName.MEMORY: "8Gi"}
     assert tasks["register_cnn"].metadata.retries.retries == 2
-    plans = [v for v in entities.values() if isinstance(v, LaunchPlan)]
-    assert [p.id.name for p in plans] == ["cnn_benchmark_default"]
+    assert "cnn_benchmark_default" in launch_plans

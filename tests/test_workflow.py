@@ -5,11 +5,13 @@ from __future__ import annotations
 from pathlib import Path
 
 import pandas as pd
+import pytest
 
 from flyray.clickstream.generate import GeneratorConfig, generate
 from workflows.recommendation import prepare_data
 
 
+@pytest.mark.usefixtures("ray_cluster")
 def test_prepare_data_demo_defaults_produce_typed_splits(flyte_cache):
     out = prepare_data(demo_events=20_000)
     train = out.train.open(pd.DataFrame).all()
@@ -25,6 +27,7 @@ def test_prepare_data_demo_defaults_produce_typed_splits(flyte_cache):
     ]
 
 
+@pytest.mark.usefixtures("ray_cluster")
 def test_cache_follows_content_not_path(tmp_path, flyte_cache):
     src = tmp_path / "clickstream.jsonl"
     generate(src, GeneratorConfig(n_events=8_000, seed=1))
@@ -37,6 +40,7 @@ def test_cache_follows_content_not_path(tmp_path, flyte_cache):
     assert changed.profile.events == 9_000
 
 
+@pytest.mark.usefixtures("ray_cluster")
 def test_run_date_selects_the_data_window(flyte_cache):
     from datetime import datetime
 

@@ -38,7 +38,7 @@ from tasks.recommender import (
     evaluate_model,
     recommend_users,
     register_model,
-    train_funksvd,
+    train_recommender,
     tune_params,
 )
 
@@ -117,7 +117,7 @@ def recommendation_pipeline(
         train_ratings=data.train, validation_ratings=data.validation, id_maps=data.id_maps,
         model=model, params=params, ials_params=ials_params, config=tuning,
     )  # fmt: skip
-    trained = train_funksvd(
+    trained = train_recommender(
         train_ratings=data.train, validation_ratings=data.validation, id_maps=data.id_maps,
         params=tuned.funksvd, config=training, model=tuned.model, ials_params=tuned.ials,
     )  # fmt: skip
@@ -128,8 +128,8 @@ def recommendation_pipeline(
     registered = register_model(
         model_dir=trained.model, train_ratings=data.train, test_ratings=data.test,
         training=trained.report, evaluation=evaluation, profile=data.profile,
-        params=tuned.funksvd, source=source, features=feature_config, ranking_users=ranking_users,
-        config=registration, model=tuned.model, ials_params=tuned.ials, tuning=tuned.report,
+        source=source, features=feature_config, ranking_users=ranking_users, config=registration,
+        tuning=tuned.report,
     )  # fmt: skip
     recommendations = recommend_users(model_dir=trained.model, n=n_recommendations)
     return PipelineOutputs(

@@ -32,6 +32,7 @@ from flyray import storage
 from flyray.arrays import segment_ranges
 from flyray.clickstream.config import FeatureConfig
 from flyray.clickstream.reports import DataProfile, IngestReport
+from flyray.raytrain import require_ray
 
 log = logging.getLogger(__name__)
 SPLITS = ("train", "validation", "test")
@@ -284,8 +285,7 @@ def build_features(
             f"{events_uri} has no valid {storage.SUCCESS} marker: the ingest that wrote it did "
             "not finish (or rejected too much), or its files changed since; run ingest again"
         )
-    if not ray.is_initialized():
-        ray.init()
+    require_ray()
     out_fs, out_path = prepare_output(output_uri)
     window = config.window()
     a = [_round_a.remote(fs, f"{events_path}/bucket={b}", window) for b in buckets]

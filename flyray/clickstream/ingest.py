@@ -37,6 +37,7 @@ from flyray.clickstream.schema import (
     REJECTS_SCHEMA,
     IngestError,
 )
+from flyray.raytrain import require_ray
 
 log = logging.getLogger(__name__)
 _EXTEND = 1 << 20  # bytes read past a range's end to finish its last line
@@ -318,8 +319,7 @@ def ingest(source: str, output_uri: str, config: IngestConfig | None = None) -> 
         layout,
         layout_reason,
     )
-    if not ray.is_initialized():
-        ray.init()
+    require_ray()
     results = _run_blocks(fs, out_fs, blocks, config.n_buckets, events_path, config.user_key)
     rejects_uri = storage.to_uri(out_fs, f"{out_path}/rejects.parquet")
     _write_rejects(out_fs, f"{out_path}/rejects.parquet", blocks, results)

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from flyray import storage
-from flyray.raytrain import DistributedConfig, TrainingProgress, run_config
+from flyray.raytrain import DistributedConfig, TrainingProgress, require_ray, run_config
 
 RUN_NAME = "clip-classifier"  # fixed, so that a run started again on its checkpoint_uri resumes
 
@@ -240,8 +240,7 @@ def train_classifier(
     from ray.train.torch import TorchConfig, TorchTrainer
 
     params, config = params or ClassifierParams(), config or DistributedConfig()
-    if not ray.is_initialized():
-        ray.init()
+    require_ray()
     gpu = use_gpu(ray.cluster_resources())
     progress = TrainingProgress(params.epochs, "classifier", "epoch", config.checkpoint_every)
     trainer = TorchTrainer(

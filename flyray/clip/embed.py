@@ -25,6 +25,7 @@ import ray
 
 from flyray import storage
 from flyray.images import REJECTS_SCHEMA, UNDECODABLE, list_images, read_image, reject
+from flyray.raytrain import require_ray
 
 log = logging.getLogger(__name__)
 HUB_MODEL = "openai/clip-vit-base-patch32"  # the real CLIP, where the hub can be reached
@@ -296,8 +297,7 @@ def embed_paths(
             embedder({"path": np.asarray(paths[i : i + batch_size], dtype=object)})
             for i in range(0, len(paths), batch_size)
         )
-    if not ray.is_initialized():
-        ray.init()
+    require_ray()
     plan = plan_pool(ray.cluster_resources(), max_actors)
     blocks = max(1, min(len(paths) // batch_size, plan.size * 8))
     ds = ray.data.from_items([{"path": p} for p in paths], override_num_blocks=blocks)

@@ -20,6 +20,7 @@ from mlflow.models import Model
 
 from flyray.clip.classifier import TrainedClassifier
 from flyray.clip.embed import matrix
+from flyray.raytrain import require_ray
 
 
 class _Predict:
@@ -41,8 +42,7 @@ def batch_predict(
     model: TrainedClassifier, table: pa.Table, batch_size: int = 1024, max_actors: int = 0
 ) -> pa.Table:
     """label_idx, prediction, score for each (embedding, label_idx) row."""
-    if not ray.is_initialized():
-        ray.init()
+    require_ray()
     cpus = max(1, int(ray.available_resources().get("CPU", 1)))
     size = max(1, min(max_actors or cpus, cpus, table.num_rows // batch_size + 1))
     ds = ray.data.from_arrow(table.select(["embedding", "label_idx"]))

@@ -1,5 +1,6 @@
-"""Recommendation models: FunkSVD (biased matrix factorisation) and its distributed training."""
+"""Recommendation: one factor-model interface (FactorModel) and the trainers that produce it."""
 
 from flyray.recsys.funksvd import FunkSVD, FunkSVDParams
+from flyray.recsys.model import FactorModel, Ratings
 
-__all__ = ["FunkSVD", "FunkSVDParams"]
+__all__ = ["FactorModel", "FunkSVD", "FunkSVDParams", "Ratings"]

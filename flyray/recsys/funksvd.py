@@ -1,32 +1,28 @@
 """FunkSVD: biased matrix factorisation trained by SGD, with Surprise-compatible hyperparameters.
 
     model = FunkSVD(n_factors=100, n_epochs=20).fit(ratings_df)      # user_id, item_id, rating
-    model.predict([1, 2], [10, 20])                                  # unknown ids -> biases
+    model.score([1, 2], [10, 20])                                    # a FactorModel
     model.recommend([1, 2], n=10)                                    # top-N unseen items
-    model.save("model/"); FunkSVD.load("model/")                     # npz + JSON, no pickle
 
-The model keeps raw ids; internally users and items are dense row indices. `fit` runs in one
-process on the compiled kernel; `flyray.recsys.distributed` trains the same model over Ray.
+Internally users and items are dense row indices. `fit` runs in one process on the compiled
+kernel; `flyray.recsys.distributed` trains the same model over Ray (DSGD).
 """
 
 from __future__ import annotations
 
-import io
-import json
 import logging
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 import numpy as np
 import pandas as pd
 
-from flyray import console, storage
+from flyray import console
 from flyray.arrays import segment_ranges
 from flyray.recsys import kernels
+from flyray.recsys.model import EpochMetrics, FactorModel, seen_csr
 
 log = logging.getLogger(__name__)
-FORMAT_VERSION = 1
-_SCORE_BLOCK = 1 << 24  # user x item scores ranked at once: 64 MiB, plus 128 MiB of indices
 
 
 @dataclass
@@ -72,15 +68,6 @@ class FunkSVDParams:
             raise ValueError("lr must be > 0, reg and init_std >= 0")
         if self.rating_max <= self.rating_min:
             raise ValueError("rating_max must exceed rating_min")
-
-
-@dataclass
-class EpochMetrics:
-    epoch: int
-    train_rmse: float
-    validation_rmse: float | None
-    seconds: float
-    workers: list[dict] = field(default_factory=list)
 
 
 def init_factors(params: FunkSVDParams, n_users: int, n_items: int):
@@ -147,10 +134,7 @@ class TrainingSet:
         self.items = np.concatenate([i, np.zeros(len(neg_users), np.int32)]).astype(np.int32)
         neg = np.full(len(neg_users), params.negative_rating, np.float32)
         self.ratings = np.concatenate([r, neg]).astype(np.float32)
-        order = np.lexsort((i, u))
-        counts = np.bincount(u, minlength=n_users)
-        self.seen_indptr = np.concatenate(([0], np.cumsum(counts))).astype(np.int64)
-        self.seen_items = np.asarray(i, np.int32)[order]
+        self.seen_indptr, self.seen_items = seen_csr(u, i, n_users)
         self.cdf = np.cumsum(np.asarray(weights, np.float64))
         self._drawn = -1
 
@@ -189,23 +173,12 @@ def rmse(predictions: np.ndarray, ratings: np.ndarray) -> float:
     return float(np.sqrt(np.mean((predictions - ratings) ** 2, dtype=np.float64)))
 
 
-def _index_of(known: np.ndarray, ids: np.ndarray) -> np.ndarray:
-    """Positions of ids in the sorted array `known`; -1 where unknown."""
-    ids = np.asarray(ids, dtype=np.int64)
-    if len(known) == 0:
-        return np.full(len(ids), -1, np.int64)
-    pos = np.minimum(np.searchsorted(known, ids), len(known) - 1)
-    return np.where(known[pos] == ids, pos, -1)
-
-
-def _triples(data, ratings=None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _triples(data) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     if isinstance(data, pd.DataFrame):
         missing = {"user_id", "item_id", "rating"} - set(data.columns)
         if missing:
             raise ValueError(f"ratings frame lacks columns {sorted(missing)}")
         data = (data["user_id"], data["item_id"], data["rating"])
-    elif ratings is not None:
-        raise TypeError("pass a DataFrame or one (users, items, ratings) tuple")
     users, items, values = (np.asarray(a) for a in data)
     if not len(users) == len(items) == len(values):
         raise ValueError("users, items and ratings must have the same length")
@@ -216,192 +189,88 @@ def _triples(data, ratings=None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return users.astype(np.int64), items.astype(np.int64), values.astype(np.float32)
 
 
+def new_model(params: FunkSVDParams, user_ids, item_ids, u, i, global_mean: float) -> FactorModel:
+    """The artifact FunkSVD fills in: initial factors, zero biases, the users' training items,
+    scores clipped to the rating scale (mu and the biases stay zero when unbiased)."""
+    model = FactorModel.empty(
+        user_ids, item_ids, params.n_factors,
+        global_mean=global_mean if params.biased else 0.0,
+        rank_item_bias=params.rank_item_bias,
+        score_min=params.rating_min, score_max=params.rating_max,
+        trainer={"name": "funksvd", "params": asdict(params)},
+    )  # fmt: skip
+    model.P, model.Q, model.bu, model.bi = init_factors(params, len(user_ids), len(item_ids))
+    return model.set_seen(u, i)
+
+
 class FunkSVD:
-    """Biased matrix factorisation: r_ui ~ mu + b_u + b_i + p_u . q_i."""
+    """Biased matrix factorisation trained by SGD (Funk 2006; Surprise's SVD).
+
+    Predicts r_ui ~ mu + b_u + b_i + p_u . q_i and minimises
+
+        sum_{(u,i) in R} (r_ui - mu - b_u - b_i - p_u . q_i)^2
+            + reg (b_u^2 + b_i^2 + |p_u|^2 + |q_i|^2)
+
+    over the ratings R (plus `negatives` sampled unseen items per rating at
+    `negative_rating`), one rating at a time: with e = r_ui - prediction,
+
+        b_u += lr (e - reg b_u)          p_u += lr (e q_i - reg p_u)
+        b_i += lr (e - reg b_i)          q_i += lr (e p_u - reg q_i)
+
+    mu is the mean training rating; biased=False drops mu and the biases. `fit` runs in this
+    process on the compiled kernel; flyray.recsys.distributed trains the same model over Ray.
+    """
 
     def __init__(self, params: FunkSVDParams | None = None, **kwargs) -> None:
         self.params = params or FunkSVDParams(**kwargs)
-        self.user_ids = np.zeros(0, np.int64)  # sorted raw ids; row k of P is user_ids[k]
-        self.item_ids = np.zeros(0, np.int64)
-        self.P = np.zeros((0, self.params.n_factors), np.float32)
-        self.Q = np.zeros((0, self.params.n_factors), np.float32)
-        self.bu = np.zeros(0, np.float32)
-        self.bi = np.zeros(0, np.float32)
-        self.global_mean = 0.0
-        self.seen_indptr = np.zeros(1, np.int64)  # CSR of training items per user row
-        self.seen_items = np.zeros(0, np.int32)
-        self.history: list[EpochMetrics] = []
-        self.resumed_from_epoch = 0  # > 0: training went on from that epoch's checkpoint
-        # What fitted the factors when not FunkSVD's SGD, e.g. {"model": "ials", ...params}.
-        self.trainer: dict = {}
 
-    # ----------------------------------------------------------------------------- training
-
-    def fit(self, data, validation=None) -> FunkSVD:
+    def fit(self, data, validation=None) -> FactorModel:
         """Fit on a DataFrame (user_id, item_id, rating) or a (users, items, ratings) tuple."""
         users, items, values = _triples(data)
-        self.user_ids, u = np.unique(users, return_inverse=True)
-        self.item_ids, i = np.unique(items, return_inverse=True)
+        user_ids, u = np.unique(users, return_inverse=True)
+        item_ids, i = np.unique(items, return_inverse=True)
         val = None
         if validation is not None:
             vu, vi, vr = _triples(validation)
-            val = (_index_of(self.user_ids, vu), _index_of(self.item_ids, vi), vr)
-        self.fit_indexed(u.astype(np.int32), i.astype(np.int32), values, val)
-        return self
+            known = pd.Index(user_ids).get_indexer(vu), pd.Index(item_ids).get_indexer(vi)
+            val = (*known, vr)
+        return self.fit_indexed(u.astype(np.int32), i.astype(np.int32), values, user_ids,
+                                item_ids, val)  # fmt: skip
 
     def fit_indexed(
-        self, u: np.ndarray, i: np.ndarray, r: np.ndarray, validation=None, on_epoch=None
-    ) -> None:
-        """Fit on dense row indices (ids already set); the one-process training loop.
-        `on_epoch(model, epoch)` runs after each epoch (a tuning trial reports from it)."""
+        self, u, i, r, user_ids=None, item_ids=None, validation=None, on_epoch=None
+    ) -> FactorModel:
+        """Fit on dense rows (ids: their raw ids, default the rows themselves); the
+        one-process training loop. `on_epoch(model, epoch)` runs after each epoch (a tuning
+        trial reports from it)."""
         p = self.params
-        self.P, self.Q, self.bu, self.bi = init_factors(p, len(self.user_ids), len(self.item_ids))
-        self.set_seen(u, i)
-        weights = negative_weights(i, len(self.item_ids), p.negative_beta)
-        data = TrainingSet(u, i, r, len(self.user_ids), weights, p)
-        self.global_mean = data.mean()
-        self.history = []
+        user_ids = np.arange(u.max(initial=-1) + 1) if user_ids is None else user_ids
+        item_ids = np.arange(i.max(initial=-1) + 1) if item_ids is None else item_ids
+        weights = negative_weights(i, len(item_ids), p.negative_beta)
+        data = TrainingSet(u, i, r, len(user_ids), weights, p)
+        model = new_model(p, user_ids, item_ids, u, i, data.mean())
         visit = VisitOrder(data.users, p)
         for epoch in console.progress(range(1, p.n_epochs + 1), desc="SGD", unit="epoch"):
             began = time.perf_counter()
             order = visit(epoch)
             data.at(epoch)
             sse = kernels.sgd_epoch(
-                data.users, data.items, data.ratings, order, self.P, self.Q, self.bu, self.bi,
-                self.global_mean, p.lr, p.reg, p.biased,
+                data.users, data.items, data.ratings, order, model.P, model.Q, model.bu,
+                model.bi, model.global_mean, p.lr, p.reg, p.biased,
             )  # fmt: skip
             metrics = EpochMetrics(
                 epoch,
                 float(np.sqrt(sse / len(data))),
-                self.rmse_indexed(*validation) if validation is not None else None,
+                rmse(model.score_indexed(*validation[:2]), validation[2])
+                if validation is not None else None,
                 time.perf_counter() - began,
                 [{"worker": 0, "ratings": len(data)}],
-            )
-            self.history.append(metrics)
+            )  # fmt: skip
+            model.history.append(metrics)
             if on_epoch is not None:
-                on_epoch(self, epoch)
+                on_epoch(model, epoch)
             log.info(
                 "epoch %d/%d: train RMSE %.4f, validation RMSE %s, %.2fs",
                 epoch, p.n_epochs, metrics.train_rmse, metrics.validation_rmse, metrics.seconds,
             )  # fmt: skip
-
-    def set_seen(self, u: np.ndarray, i: np.ndarray) -> None:
-        """Remember each user's training items (CSR), so `recommend` never returns them."""
-        order = np.lexsort((i, u))
-        counts = np.bincount(u, minlength=len(self.user_ids))
-        self.seen_indptr = np.concatenate(([0], np.cumsum(counts))).astype(np.int64)
-        self.seen_items = np.asarray(i)[order].astype(np.int32)
-
-    # --------------------------------------------------------------------------- prediction
-
-    def _predict_indexed(self, u: np.ndarray, i: np.ndarray) -> np.ndarray:
-        p = self.params
-        return kernels.predict(
-            u.astype(np.int64), i.astype(np.int64), self.P, self.Q, self.bu, self.bi,
-            self.global_mean, p.biased, p.rating_min, p.rating_max,
-        )  # fmt: skip
-
-    def predict(self, users, items) -> np.ndarray:
-        """Predicted ratings for (user, item) pairs; unknown users or items fall back to the
-        biases that are known (the global mean when neither is)."""
-        users, items = np.asarray(users, np.int64), np.asarray(items, np.int64)
-        if users.shape != items.shape:
-            raise ValueError("users and items must have the same length")
-        return self._predict_indexed(
-            _index_of(self.user_ids, users), _index_of(self.item_ids, items)
-        )
-
-    def rmse_indexed(self, u: np.ndarray, i: np.ndarray, r: np.ndarray) -> float:
-        return rmse(self._predict_indexed(u, i), r)
-
-    def recommend(self, users, n: int = 10, exclude_seen: bool = True) -> pd.DataFrame:
-        """Top-n items per user as a DataFrame (user_id, rank, item_id, score).
-
-        Unknown users get the items with the largest biases (the model's popularity).
-        """
-        users = np.asarray(users, np.int64)
-        items, scores = self.top_n_indexed(_index_of(self.user_ids, users), n, exclude_seen)
-        n = items.shape[1]
-        lo, hi = self.params.rating_min, self.params.rating_max
-        return pd.DataFrame(
-            {
-                "user_id": np.repeat(users, n),
-                "rank": np.tile(np.arange(1, n + 1), len(users)),
-                "item_id": self.item_ids[items.ravel()],
-                "score": np.clip(scores.ravel(), lo, hi),
-            }
-        )
-
-    def top_n_indexed(
-        self, rows: np.ndarray, n: int, exclude_seen: bool = True, batch: int = 2048
-    ) -> tuple[np.ndarray, np.ndarray]:
-        """(item rows, scores) of the n best items for user rows (-1: unknown user), best first."""
-        n = min(n, len(self.item_ids))
-        batch = max(1, min(batch, _SCORE_BLOCK // max(1, len(self.item_ids))))
-        out_items = np.empty((len(rows), n), np.int64)
-        out_scores = np.empty((len(rows), n), np.float32)
-        base = np.zeros(len(self.bi), np.float32)
-        if self.params.biased:
-            base += np.float32(self.global_mean)
-            if self.params.rank_item_bias:
-                base += self.bi
-        for start in range(0, len(rows), batch):
-            r = np.asarray(rows[start : start + batch])
-            known = r >= 0
-            scores = np.where(known[:, None], self.P[np.maximum(r, 0)] @ self.Q.T, 0.0)
-            scores += base
-            if self.params.biased:
-                scores += np.where(known, self.bu[np.maximum(r, 0)], 0.0)[:, None]
-            if exclude_seen:
-                for k in np.flatnonzero(known):
-                    row = r[k]
-                    scores[
-                        k, self.seen_items[self.seen_indptr[row] : self.seen_indptr[row + 1]]
-                    ] = -np.inf
-            top = np.argpartition(-scores, n - 1, axis=1)[:, :n]
-            top_scores = np.take_along_axis(scores, top, axis=1)
-            order = np.argsort(-top_scores, axis=1, kind="stable")
-            out_items[start : start + batch] = np.take_along_axis(top, order, 1)
-            out_scores[start : start + batch] = np.take_along_axis(top_scores, order, 1)
-        return out_items, out_scores
-
-    # ---------------------------------------------------------------------------- save/load
-
-    _ARRAYS = ("user_ids", "item_ids", "P", "Q", "bu", "bi", "seen_indptr", "seen_items")
-
-    def save(self, uri: str) -> str:
-        """Write model.npz and meta.json under `uri` (a directory, local or s3://), each whole
-        or not at all."""
-        fs, path = storage.filesystem(uri)
-        buf = io.BytesIO()
-        np.savez(buf, **{name: getattr(self, name) for name in self._ARRAYS})
-        storage.write_atomic(fs, f"{path}/model.npz", buf.getvalue())
-        meta = {
-            "format": "flyray.funksvd",
-            "version": FORMAT_VERSION,
-            "params": asdict(self.params),
-            "global_mean": self.global_mean,
-            "history": [asdict(m) for m in self.history],
-            "n_users": len(self.user_ids),
-            "n_items": len(self.item_ids),
-            "trainer": self.trainer,
-        }
-        storage.write_atomic(fs, f"{path}/meta.json", json.dumps(meta, indent=2).encode())
-        return uri
-
-    @classmethod
-    def load(cls, uri: str) -> FunkSVD:
-        fs, path = storage.filesystem(uri)
-        with fs.open_input_stream(f"{path}/meta.json") as fh:
-            meta = json.loads(fh.read())
-        if meta.get("format") != "flyray.funksvd" or meta.get("version") != FORMAT_VERSION:
-            raise ValueError(f"{uri}: not a flyray FunkSVD model of format {FORMAT_VERSION}")
-        with fs.open_input_stream(f"{path}/model.npz") as fh:
-            arrays = np.load(io.BytesIO(fh.read()), allow_pickle=False)
-            model = cls(FunkSVDParams(**meta["params"]))
-            for name in cls._ARRAYS:
-                setattr(model, name, arrays[name])
-        model.global_mean = meta["global_mean"]
-        model.trainer = meta.get("trainer", {})
-        model.history = [EpochMetrics(**m) for m in meta["history"]]
         return model

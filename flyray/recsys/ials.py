@@ -14,35 +14,30 @@ interaction count) and solves its rows against the other side's factors, which t
 broadcasts through the object store with their Gramian. Results do not depend on the number of
 workers: each row's solve is the same computation wherever it runs.
 
-The fitted model is a FunkSVD with no biases (user factors P, item factors Q, bu = bi = 0,
-global mean 0, scores on [0, 1]): the same files, pyfunc and batch scoring serve either model.
-Checkpoints, resume and worker-loss restarts follow flyray.recsys.distributed.
+Each row's update (users shown; items alike with X and Y swapped) is the exact minimiser
+
+    x_u = (Y'Y + reg I + sum_{i in R(u)} (c_ui - 1) y_i y_i')^{-1} sum_{i in R(u)} c_ui y_i
+
+approached by `cg_steps` conjugate-gradient steps from the previous x_u.
+
+The fitted model is a FactorModel with no biases (scores x_u . y_i clipped to [0, 1]).
+Checkpoints, resume and worker-loss restarts are the harness's (flyray.recsys.harness), shared
+with DSGD.
 """
 
 from __future__ import annotations
 
 import logging
-import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 
 import numpy as np
 import ray
-from ray.exceptions import ObjectLostError, RayActorError
 
 from flyray.raytrain import DistributedConfig
-from flyray.recsys import kernels
-from flyray.recsys.distributed import (
-    Ratings,
-    _Checkpoints,
-    _local_index,
-    _started,
-    _stop,
-    _worker_count,
-    balanced_blocks,
-)
-from flyray.recsys.funksvd import EpochMetrics, FunkSVD, FunkSVDParams
+from flyray.recsys import harness, kernels
+from flyray.recsys.model import EpochMetrics, FactorModel, Ratings
 
 log = logging.getLogger(__name__)
 
@@ -64,14 +59,6 @@ class IALSParams:
             raise ValueError("n_factors and cg_steps must be >= 1, n_epochs >= 0")
         if self.reg < 0 or self.alpha <= 0 or self.init_std < 0:
             raise ValueError("reg and init_std must be >= 0, alpha > 0")
-
-
-def scoring_params(params: IALSParams) -> FunkSVDParams:
-    """How the fitted factors score: a dot product, no biases, clipped to [0, 1]."""
-    return FunkSVDParams(
-        n_factors=params.n_factors, n_epochs=params.n_epochs, reg=params.reg, biased=False,
-        init_std=params.init_std, seed=params.seed, rating_min=0.0, rating_max=1.0,
-    )  # fmt: skip
 
 
 class Rows:
@@ -143,10 +130,8 @@ class _ALSWorker:
 
 def _blocks(ratings: Ratings, n_users: int, n_items: int, alpha: float, d: int):
     """(user blocks' members, item blocks' members, [(user Rows, item Rows)] per worker)."""
-    ub = balanced_blocks(np.bincount(ratings.users, minlength=n_users), d)
-    ib = balanced_blocks(np.bincount(ratings.items, minlength=n_items), d)
-    ulocal, umembers = _local_index(ub, d)
-    ilocal, imembers = _local_index(ib, d)
+    ub, ulocal, umembers = harness.block_rows(np.bincount(ratings.users, minlength=n_users), d)
+    ib, ilocal, imembers = harness.block_rows(np.bincount(ratings.items, minlength=n_items), d)
     conf = alpha * ratings.values
     shards = []
     for w in range(d):
@@ -164,10 +149,10 @@ def fit_local(
     n_users: int,
     n_items: int,
     params: IALSParams,
-    on_epoch: Callable[[FunkSVD, int], None] | None = None,
-) -> FunkSVD:
+    on_epoch: Callable[[FactorModel, int], None] | None = None,
+) -> FactorModel:
     """iALS in this process (one block, no actors): what a tuning trial runs on its CPU."""
-    model = _new_model(ratings, n_users, n_items, params)
+    model = new_model(ratings, n_users, n_items, params)
     _, _, ((users, items),) = _blocks(ratings, n_users, n_items, params.alpha, 1)
     for epoch in range(1, params.n_epochs + 1):
         began = time.perf_counter()
@@ -183,15 +168,16 @@ def fit_local(
     return model
 
 
-def _new_model(ratings, n_users, n_items, params, user_ids=None, item_ids=None) -> FunkSVD:
-    model = FunkSVD(scoring_params(params))
-    model.user_ids = np.arange(n_users) if user_ids is None else np.asarray(user_ids)
-    model.item_ids = np.arange(n_items) if item_ids is None else np.asarray(item_ids)
+def new_model(ratings, n_users, n_items, params, user_ids=None, item_ids=None) -> FactorModel:
+    """The artifact iALS fills in: initial factors, no biases, scores on [0, 1]."""
+    model = FactorModel.empty(
+        np.arange(n_users) if user_ids is None else user_ids,
+        np.arange(n_items) if item_ids is None else item_ids,
+        params.n_factors, score_min=0.0, score_max=1.0,
+        trainer={"name": "ials", "params": asdict(params)},
+    )  # fmt: skip
     model.P, model.Q = init_factors(params, n_users, n_items)
-    model.bu, model.bi = np.zeros(n_users, np.float32), np.zeros(n_items, np.float32)
-    model.set_seen(ratings.users, ratings.items)
-    model.trainer = {"model": "ials", **asdict(params)}
-    return model
+    return model.set_seen(ratings.users, ratings.items)
 
 
 def train(
@@ -202,57 +188,17 @@ def train(
     config: DistributedConfig | None = None,
     user_ids: np.ndarray | None = None,
     item_ids: np.ndarray | None = None,
-) -> FunkSVD:
-    """iALS over `config.workers` Ray actors; checkpoints every `checkpoint_every` iterations
-    to `config.checkpoint_uri` (a temporary folder when empty), resumed from when started again
-    on the same folder with the same settings; a lost worker restarts from the last one."""
+) -> FactorModel:
+    """iALS over `config.workers` Ray actors of the running Ray cluster."""
     params, config = params or IALSParams(), config or DistributedConfig()
     if len(ratings) == 0:
         raise ValueError("no training ratings")
-    if not ray.is_initialized():
-        ray.init()
-    if not config.checkpoint_uri:
-        with tempfile.TemporaryDirectory(prefix="ials-") as folder:
-            return train(ratings, n_users, n_items, params,
-                         replace(config, checkpoint_uri=folder), user_ids, item_ids)  # fmt: skip
-    checkpoints = _Checkpoints(config.checkpoint_uri)
-    for attempt in range(config.max_failures + 1):
-        free = ray.available_resources().get("CPU", 0)
-        model = _new_model(ratings, n_users, n_items, params, user_ids, item_ids)
-        start = _resume(model, checkpoints, params)
-        if attempt == 0:
-            model.resumed_from_epoch = start
-        workers: list = []
-        try:
-            _run(model, start, ratings, params, _worker_count(config), workers, config,
-                 checkpoints)  # fmt: skip
-            return model
-        except (RayActorError, ObjectLostError) as exc:
-            if attempt == config.max_failures:
-                raise
-            log.warning("an iALS worker was lost (%s); resuming from the last checkpoint", exc)
-        finally:
-            _stop(workers, free)
-    raise AssertionError("unreachable")
+    model = new_model(ratings, n_users, n_items, params, user_ids, item_ids)
 
+    def attempt(model: FactorModel, start: int, d: int, workers: list, checkpoints) -> None:
+        _run(model, start, ratings, params, d, workers, config, checkpoints)
 
-def _resume(model: FunkSVD, checkpoints: _Checkpoints, params: IALSParams) -> int:
-    saved = checkpoints.latest()
-    if saved is None:
-        return 0
-    arrays, state = saved
-    expected = {**asdict(params), "n_epochs": None, "model": "ials"}
-    found = {**state["params"], "n_epochs": None, "model": state.get("model")}
-    shapes = (arrays["P"].shape, arrays["Q"].shape) == (model.P.shape, model.Q.shape)
-    if found != expected or not shapes:
-        raise ValueError(
-            f"checkpoint in {checkpoints.uri} was written by a different training ({found}); "
-            "use a new checkpoint_uri or the same settings"
-        )
-    model.P, model.Q = arrays["P"], arrays["Q"]
-    model.history = [EpochMetrics(**m) for m in state["history"]]
-    log.info("resuming iALS from %s at iteration %d", checkpoints.uri, state["epoch"])
-    return int(state["epoch"])
+    return harness.fit(model, attempt, config, arrays=("P", "Q"))
 
 
 def _half_step(workers, side, blocks, grams, reg) -> float:
@@ -288,7 +234,7 @@ def _run(model, start, ratings, params, d, workers, config, checkpoints) -> None
         )  # fmt: skip
         for w, (users, items) in enumerate(shards)
     ]
-    _started(workers, config.cpus_per_worker)
+    harness.started(workers, config.cpus_per_worker)
     blocks: dict = {"users": [], "items": []}
     grams: dict = {"users": [], "items": []}
     for w in workers:
@@ -309,8 +255,12 @@ def _run(model, start, ratings, params, d, workers, config, checkpoints) -> None
         model.history.append(metrics)
         log.info("ials iteration %d/%d: interaction RMSE %.4f, %.2fs", epoch, params.n_epochs,
                  metrics.train_rmse, metrics.seconds)  # fmt: skip
-        if epoch % config.checkpoint_every == 0 or epoch == params.n_epochs:
-            _gather(model, blocks, umembers, imembers)
-            state = {"epoch": epoch, "params": asdict(params), "model": "ials",
-                     "history": [asdict(m) for m in model.history]}  # fmt: skip
-            checkpoints.save(epoch, {"P": model.P, "Q": model.Q}, state)
+        harness.checkpoint(
+            model,
+            epoch,
+            params.n_epochs,
+            config,
+            checkpoints,
+            lambda: _gather(model, blocks, umembers, imembers),
+            ("P", "Q"),
+        )

@@ -198,3 +198,116 @@ def ials_solve(
         for f in range(k):
             X[u, f] = x[f]
     return residual
+
+
+@numba.njit(inline="always")
+def _before(s1: float, j1: int, s2: float, j2: int) -> bool:
+    """Rank order: the higher score first, the lower item row on a tie."""
+    return s1 > s2 or (s1 == s2 and j1 < j2)
+
+
+@numba.njit(inline="always")
+def _sift_down(scores: np.ndarray, items: np.ndarray, i: int, size: int) -> None:
+    """Restore the heap below i: the worst-ranked entry sits at the root."""
+    while True:
+        child = 2 * i + 1
+        if child >= size:
+            return
+        if child + 1 < size and _before(scores[child], items[child], scores[child + 1],
+                                        items[child + 1]):  # fmt: skip
+            child += 1
+        if not _before(scores[i], items[i], scores[child], items[child]):
+            return
+        scores[i], scores[child] = scores[child], scores[i]
+        items[i], items[child] = items[child], items[i]
+        i = child
+
+
+@numba.njit(parallel=True, nogil=True, cache=True)
+def top_n(
+    product: np.ndarray,
+    rows: np.ndarray,
+    row_bias: np.ndarray,
+    item_base: np.ndarray,
+    seen_indptr: np.ndarray,
+    seen_items: np.ndarray,
+    out_items: np.ndarray,
+    out_scores: np.ndarray,
+) -> None:
+    """Per line b of `product` (a block of user x item dot products, overwritten): the n best
+    items by product + row_bias[b] + item_base, best first, leaving out the items of user row
+    rows[b] in the CSR seen_indptr/seen_items (none for rows[b] = -1). A bounded heap per line:
+    O(items x log n), no sort of the whole line. Lines where fewer than n items remain get -1."""
+    n = out_items.shape[1]
+    n_items = product.shape[1]
+    for b in numba.prange(product.shape[0]):
+        line = product[b]
+        row = rows[b]
+        if row >= 0:
+            for s in range(seen_indptr[row], seen_indptr[row + 1]):
+                line[seen_items[s]] = -np.inf
+        heap_s = out_scores[b]
+        heap_i = out_items[b]
+        size = 0
+        bias = row_bias[b]
+        for j in range(n_items):
+            if line[j] == -np.inf:
+                continue
+            score = line[j] + bias + item_base[j]
+            if size < n:
+                # Sift up: the new entry climbs while it ranks below its parent.
+                i = size
+                size += 1
+                heap_s[i], heap_i[i] = score, j
+                while i > 0:
+                    parent = (i - 1) // 2
+                    if not _before(heap_s[parent], heap_i[parent], heap_s[i], heap_i[i]):
+                        break
+                    heap_s[i], heap_s[parent] = heap_s[parent], heap_s[i]
+                    heap_i[i], heap_i[parent] = heap_i[parent], heap_i[i]
+                    i = parent
+            elif _before(score, j, heap_s[0], heap_i[0]):
+                heap_s[0], heap_i[0] = score, j
+                _sift_down(heap_s, heap_i, 0, size)
+        # Heap sort in place: the root (worst) goes to the end each time, so best ends first.
+        for end in range(size - 1, 0, -1):
+            heap_s[0], heap_s[end] = heap_s[end], heap_s[0]
+            heap_i[0], heap_i[end] = heap_i[end], heap_i[0]
+            _sift_down(heap_s, heap_i, 0, end)
+        for i in range(size, n):
+            heap_s[i], heap_i[i] = -np.inf, -1
+
+
+@numba.njit(parallel=True, nogil=True, cache=True)
+def ranking_metrics(
+    recs: np.ndarray, rows: np.ndarray, relevant_indptr: np.ndarray, relevant: np.ndarray
+) -> np.ndarray:
+    """Per user b (top-k item rows recs[b], held-out items of user row rows[b] sorted in the
+    CSR relevant_indptr/relevant): precision@k, recall@k, NDCG@k and average precision@k
+    (normalised by min(held-out, k)), as columns of a (users, 4) array."""
+    k = recs.shape[1]
+    out = np.zeros((recs.shape[0], 4))
+    for b in numba.prange(recs.shape[0]):
+        lo = relevant_indptr[rows[b]]
+        hi = relevant_indptr[rows[b] + 1]
+        if hi == lo:
+            continue
+        hits = 0
+        dcg = 0.0
+        ap = 0.0
+        for p in range(k):
+            item = recs[b, p]
+            pos = lo + np.searchsorted(relevant[lo:hi], item)
+            if item >= 0 and pos < hi and relevant[pos] == item:
+                hits += 1
+                dcg += 1.0 / np.log2(p + 2.0)
+                ap += hits / (p + 1.0)
+        ideal = 0.0
+        top = min(hi - lo, k)
+        for p in range(top):
+            ideal += 1.0 / np.log2(p + 2.0)
+        out[b, 0] = hits / k
+        out[b, 1] = hits / (hi - lo)
+        out[b, 2] = dcg / ideal
+        out[b, 3] = ap / top
+    return out

@@ -7,9 +7,8 @@ model.predict(pd.DataFrame({"user_id": [42], "item_id": [1001]}))         # pair
 Logged as MLflow models-from-code: the model is built by running `pyfunc_model.py` (shipped with
 the model, with the flyray package as its code path) and reads its factors from the artifact
 files (model.npz, meta.json), so loading unpickles nothing and works with
-MLFLOW_ALLOW_PICKLE_DESERIALIZATION=false. The scorer depends only on those factor files (user
-and item factors, biases, the training items per user), so every factor model that writes them
-(FunkSVD, iALS) is served by the same pyfunc.
+MLFLOW_ALLOW_PICKLE_DESERIALIZATION=false. The scorer is flyray.recsys.model.FactorModel, which
+every trainer (FunkSVD, iALS) produces, so one pyfunc serves them all.
 """
 
 from __future__ import annotations
@@ -23,7 +22,7 @@ from mlflow.models import ModelSignature
 from mlflow.types.schema import ColSpec, ParamSchema, ParamSpec, Schema
 
 import flyray
-from flyray.recsys.funksvd import FunkSVD
+from flyray.recsys.model import FactorModel
 
 MODEL_CODE = Path(__file__).with_name("pyfunc_model.py")
 SIGNATURE = ModelSignature(
@@ -46,7 +45,7 @@ class FactorPyfunc(mlflow.pyfunc.PythonModel):
     flyray.recsys.evaluate, reads too)."""
 
     def load_context(self, context) -> None:
-        self.model = FunkSVD.load(context.artifacts["model"])
+        self.model = FactorModel.load(context.artifacts["model"])
 
     def predict(self, context, model_input: pd.DataFrame, params: dict | None = None):
         if "user_id" not in model_input.columns:
@@ -59,7 +58,7 @@ class FactorPyfunc(mlflow.pyfunc.PythonModel):
                     "user_id": users,
                     "rank": 0,
                     "item_id": items,
-                    "score": self.model.predict(users, items),
+                    "score": self.model.score(users, items),
                 }  # fmt: skip
             )
         n = int((params or {}).get("n", 10))

@@ -11,10 +11,8 @@ from dataclasses import asdict, dataclass
 from flyray import decks
 from flyray.clickstream.config import FeatureConfig
 from flyray.clickstream.reports import DataProfile
-from flyray.recsys.distributed import Ratings
 from flyray.recsys.evaluate import Metrics, champion_metrics
-from flyray.recsys.funksvd import FunkSVD, FunkSVDParams
-from flyray.recsys.ials import IALSParams
+from flyray.recsys.model import FactorModel, Ratings
 from flyray.recsys.pyfunc import log_pyfunc
 from flyray.recsys.tuning import TuningReport
 from flyray.registry import Candidate, RunRecord, TaskIdentity
@@ -34,7 +32,7 @@ class TrainingReport:
     resumed_from_epoch: int = 0  # > 0: this attempt went on from a checkpoint
 
     @classmethod
-    def of(cls, model: FunkSVD, resumed_from_epoch: int = 0) -> TrainingReport:
+    def of(cls, model: FactorModel) -> TrainingReport:
         history = model.history
         last = history[-1].workers if history else []
         return cls(
@@ -47,7 +45,7 @@ class TrainingReport:
             ],
             epoch_seconds=[h.seconds for h in history],
             ratings_per_worker=[w["ratings"] for w in last],
-            resumed_from_epoch=resumed_from_epoch,
+            resumed_from_epoch=model.resumed_from_epoch,
         )
 
 
@@ -61,14 +59,19 @@ class EvaluationReport:
     popularity: Metrics
 
 
-def training_deck(report: TrainingReport, workers: list[dict], params, name: str = "FunkSVD"):
-    """Curves, work per worker and hyperparameters (FunkSVDParams or IALSParams) of a training;
-    iALS has no validation RMSE and its train RMSE is the fit of preferences on interactions."""
+_NAMES = {"funksvd": "FunkSVD", "ials": "iALS"}
+
+
+def training_deck(report: TrainingReport, model: FactorModel) -> list[str]:
+    """Curves, work per worker and hyperparameters of a training; iALS has no validation RMSE
+    and its train RMSE is the fit of preferences on interactions."""
     curves = {"train RMSE": report.train_rmse, "validation RMSE": report.validation_rmse}
+    name = _NAMES.get(model.name, model.name)
+    workers = model.history[-1].workers if model.history else []
     return [
         decks.line_chart_html(report.epochs, curves, f"{name} training curves", "epoch", "RMSE"),
         decks.table_html(workers, "Ratings per worker"),
-        decks.table_html(asdict(params), "Hyperparameters"),
+        decks.table_html(model.trainer.get("params", {}), "Hyperparameters"),
     ]
 
 
@@ -106,11 +109,12 @@ def run_record(
     training: TrainingReport,
     evaluation: EvaluationReport,
     profile: DataProfile,
-    params,
+    trainer: dict,
     tuning: TuningReport | None = None,
 ) -> RunRecord:
-    """`params`: the model's FunkSVDParams or IALSParams; `tuning`: the search that chose them
-    (its trials table, best parameters and the plot of validation NDCG per trial)."""
+    """`trainer`: the model's trainer and hyperparameters (FactorModel.trainer); `tuning`: the
+    search that chose them (its trials table, best parameters and the plot of validation NDCG
+    per trial)."""
     metrics = dict(evaluation.model.as_mlflow())
     for baseline in (evaluation.biases, evaluation.popularity):
         metrics.update({f"{baseline.model}.{k}": v for k, v in baseline.as_mlflow().items()})
@@ -124,8 +128,8 @@ def run_record(
     }
     record = RunRecord(
         params={
-            "model.family": "ials" if isinstance(params, IALSParams) else "funksvd",
-            **{f"model.{k}": v for k, v in asdict(params).items()},
+            "model.family": trainer["name"],
+            **{f"model.{k}": v for k, v in trainer["params"].items()},
             "training.workers": training.workers,
         },  # fmt: skip
         metrics=metrics,
@@ -142,17 +146,17 @@ def run_record(
     return record
 
 
-def log_model(model: FunkSVD, registered_name: str | None):
+def log_model(model: FactorModel, registered_name: str | None):
     """The model as an MLflow pyfunc (saved files as its artifact)."""
     with tempfile.TemporaryDirectory() as tmp:
-        model.save(f"{tmp}/funksvd")
-        return log_pyfunc(model, f"{tmp}/funksvd", registered_name=registered_name)
+        model.save(f"{tmp}/model")
+        return log_pyfunc(model, f"{tmp}/model", registered_name=registered_name)
 
 
 def candidate(
-    model: FunkSVD, train: Ratings, test: Ratings, training: TrainingReport,
-    evaluation: EvaluationReport, profile: DataProfile, params: FunkSVDParams | IALSParams,
-    source: str, features: FeatureConfig, ranking_users: int, metric: str,
+    model: FactorModel, train: Ratings, test: Ratings, training: TrainingReport,
+    evaluation: EvaluationReport, profile: DataProfile, source: str, features: FeatureConfig,
+    ranking_users: int, metric: str,
     tuning: TuningReport | None = None,
 ) -> Candidate:  # fmt: skip
     """The model for the registry, judged against popularity; the champion is ranked for the
@@ -160,7 +164,7 @@ def candidate(
     k = evaluation.k
     return Candidate(
         identity(source, features, metric),
-        run_record(training, evaluation, profile, params, tuning),
+        run_record(training, evaluation, profile, model.trainer, tuning),
         lambda name: log_model(model, name),
         evaluation.model.get(metric),
         evaluation.popularity.get(metric),

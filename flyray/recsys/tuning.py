@@ -27,18 +27,17 @@ import time
 from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
-import ray
 from ray import tune
 
 from flyray import decks
-from flyray.recsys import ials
-from flyray.recsys.distributed import Ratings
+from flyray.raytrain import require_ray
+from flyray.recsys import trainers
 from flyray.recsys.evaluate import ndcg_with_error
-from flyray.recsys.funksvd import FunkSVD, FunkSVDParams
+from flyray.recsys.funksvd import FunkSVDParams
 from flyray.recsys.ials import IALSParams
+from flyray.recsys.model import FactorModel, Ratings
 
 log = logging.getLogger(__name__)
-MODELS = ("funksvd", "ials")
 
 
 def default_space() -> dict[str, dict]:
@@ -84,9 +83,11 @@ class TuningConfig:
         name, _, k = self.metric.partition("@")
         if name.lower() != "ndcg" or not k.isdigit():
             raise ValueError(f"TuningConfig.metric: expected ndcg@k, got {self.metric!r}")
-        unknown = set(self.families("funksvd")) - set(MODELS)
+        unknown = set(self.families("funksvd")) - set(trainers.MODELS)
         if unknown:
-            raise ValueError(f"TuningConfig.models: unknown {sorted(unknown)}; known {MODELS}")
+            raise ValueError(
+                f"TuningConfig.models: unknown {sorted(unknown)}; known {trainers.MODELS}"
+            )
 
     @property
     def k(self) -> int:
@@ -182,18 +183,14 @@ def _trial(config: dict, data: dict) -> None:
     family = config["model"]
     train, n_users, n_items = data["train"], data["n_users"], data["n_items"]
 
-    def report(model: FunkSVD, epoch: int) -> None:
+    def report(model: FactorModel, epoch: int) -> None:
         score, error = ndcg_with_error(
             model, data["validation"], data["k"], data["users"], data["seed"]
         )
         tune.report({"score": score, "se": error, "epoch": epoch})
 
-    if family == "ials":
-        ials.fit_local(train, n_users, n_items, replace(data["ials"], **config["ials"]), report)
-        return
-    model = FunkSVD(replace(data["funksvd"], **config["funksvd"]))
-    model.user_ids, model.item_ids = np.arange(n_users), np.arange(n_items)
-    model.fit_indexed(train.users, train.items, train.values, on_epoch=report)
+    params = replace(data[family], **config[family])
+    trainers.fit_local(family, train, n_users, n_items, params, report)
 
 
 def _as_given(model: str, funksvd: FunkSVDParams, ials_params: IALSParams, space: dict) -> dict:
@@ -268,12 +265,10 @@ def tune_recommender(
 ) -> TuningResult:
     """Search the space of `config` on Ray Tune; the given parameters when trials = 0."""
     report = TuningReport(config.metric)
-    if model not in MODELS:
-        raise ValueError(f"model must be one of {MODELS}, got {model!r}")
+    trainers.check(model)
     if config.trials == 0:
         return TuningResult(model, funksvd, ials_params, report)
-    if not ray.is_initialized():
-        ray.init()
+    require_ray()
     began = time.perf_counter()
     space = config.search_space(model)
     points = [_as_given(f, funksvd, ials_params, space) for f in config.families(model)][

@@ -25,7 +25,7 @@ CHECKPOINT_WATCH = 600.0  # seconds the trainer's first attempt is watched for a
 # class, the resumed-from field, how far it trained, the unit).
 CHECKPOINTED = re.compile(r"/(epoch-\d+/state\.json|checkpoint_manager_snapshot\.json)$", re.M)
 TRAINERS = {
-    "fit_funksvd": ("flyray.recsys.report", "TrainingReport", "resumed_from_epoch",
+    "fit_recommender": ("flyray.recsys.report", "TrainingReport", "resumed_from_epoch",
                     lambda r: r.epochs[-1], "epoch"),
     "fit_xgboost": ("flyray.tabular.train", "TrainingReport", "restored_from_round",
                     lambda r: r.rounds, "round"),
@@ -110,7 +110,7 @@ class Faults:
 
     mlflow: object
     postgres: object
-    trainer: TrainerLoss = field(default_factory=lambda: TrainerLoss("fit_funksvd"))
+    trainer: TrainerLoss = field(default_factory=lambda: TrainerLoss("fit_recommender"))
     mlflow_restart: threading.Thread | None = None
 
     def __call__(self, execution, node, task, attempt, seconds, cluster) -> None:
