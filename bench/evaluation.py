@@ -57,9 +57,9 @@ def numpy_top_n(model: FactorModel, rows: np.ndarray, n: int, block: int = 2048)
         r = rows[s : s + block]
         scores = model.P[r] @ model.Q.T
         for k, row in enumerate(r):
-            scores[k, model.seen_items[model.seen_indptr[row] : model.seen_indptr[row + 1]]] = (
-                -np.inf
-            )
+            scores[
+                k, model.seen_items[model.seen_indptr[row] : model.seen_indptr[row + 1]]
+            ] = -np.inf
         top = np.argpartition(-scores, n - 1, axis=1)[:, :n]
         order = np.argsort(-np.take_along_axis(scores, top, 1), axis=1, kind="stable")
         out[s : s + block] = np.take_along_axis(top, order, 1)
@@ -114,7 +114,8 @@ def bench(size: str, users: int, repeats: int) -> list[dict]:
         results.append({
             "size": size, "users x items": f"{n_users:,} x {n_items:,}", "way": name,
             "ranked users": len(rows), "seconds": round(seconds, 3),
-            "users_per_s": round(len(rows) / seconds), "agreement": round(_agree(top, reference), 4),
+            "users_per_s": round(len(rows) / seconds),
+            "agreement": round(_agree(top, reference), 4),
         })  # fmt: skip
     return results
 

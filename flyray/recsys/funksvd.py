@@ -135,7 +135,9 @@ class TrainingSet:
         neg = np.full(len(neg_users), params.negative_rating, np.float32)
         self.ratings = np.concatenate([r, neg]).astype(np.float32)
         self.seen_indptr, self.seen_items = seen_csr(u, i, n_users)
-        self.cdf = np.cumsum(np.asarray(weights, np.float64))
+        weights = np.asarray(weights, np.float64)
+        drawable = len(neg_users) and len(weights) and weights.sum() > 0
+        self.alias = kernels.alias_table(weights) if drawable else None
         self._drawn = -1
 
     def at(self, epoch: int) -> TrainingSet:
@@ -143,12 +145,12 @@ class TrainingSet:
         epoch = epoch if self.params.resample_negatives else 1
         n = self.n_ratings
         if epoch != self._drawn and len(self.users) > n:
-            if self.cdf[-1] <= 0:
+            if self.alias is None:
                 raise ValueError("no item to sample negatives from (empty item block)")
             seed = int(np.random.default_rng((self.params.seed, epoch, 7919, *self.stream))
                        .integers(2**31))  # fmt: skip
             kernels.sample_negatives(
-                self.users[n:], self.cdf, self.seen_indptr, self.seen_items, seed, self.items[n:]
+                self.users[n:], *self.alias, self.seen_indptr, self.seen_items, seed, self.items[n:]
             )
         self._drawn = epoch
         return self
