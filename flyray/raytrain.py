@@ -38,7 +38,7 @@ class DistributedConfig:
     max_failures: int = 2  # worker-group restarts from the latest checkpoint
     checkpoint_every: int = 1  # rounds or epochs between checkpoints
     # Checkpoints (local or s3://). "" inside a Flyte task: the task's checkpoint folder, stable
-    # across Flyte retries of the same node (tasks/platform.py); elsewhere a temporary folder.
+    # across Flyte retries of the same node (tasks/outputs.py); elsewhere a temporary folder.
     checkpoint_uri: str = ""
 
     def __post_init__(self) -> None:

@@ -52,7 +52,7 @@ def _image(name: str) -> Callable[[], str]:
 
 def _defaults() -> dict[str, str | Callable[[], str]]:
     sys.path.insert(0, str(REPO))
-    from tasks.platform import RAY_DEFAULTS
+    from tasks.deployment import RAY_DEFAULTS
 
     return {
         **RAY_DEFAULTS,

@@ -21,7 +21,8 @@ from flyray.clickstream.generate import GeneratorConfig, generate
 from flyray.clickstream.ingest import ingest
 from flyray.clickstream.reports import DataProfile, IngestReport, ingest_deck, profile_deck
 from flyray.clickstream.schema import INPUT_SUFFIXES
-from tasks.platform import flyray_task, minutes, new_output_dir, publish, uri
+from tasks.outputs import new_output_dir, publish, uri
+from tasks.platform import flyray_task, minutes
 
 Ratings = Annotated[
     StructuredDataset,

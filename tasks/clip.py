@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import os
 from typing import NamedTuple
 
 from flytekit import StructuredDataset
@@ -28,19 +27,12 @@ from flyray.clip.report import TrainingReport
 from flyray.images import list_images
 from flyray.raytrain import DistributedConfig
 from flyray.registry import Registration, RegistryConfig
-from tasks.platform import (
-    execution_tags,
-    flyray_task,
-    minutes,
-    new_output_dir,
-    publish,
-    register,
-    sized_by_run,
-    uri,
-)
+from tasks.deployment import current
+from tasks.outputs import execution_tags, new_output_dir, publish, register, uri
+from tasks.platform import flyray_task, minutes, sized_by_run
 
 # GPUs per Ray worker pod for the embedding and training tasks, read when registering.
-WORKER_GPUS = int(os.environ.get("FLYRAY_CLIP_WORKER_GPUS", "0"))
+WORKER_GPUS = current().clip_worker_gpus
 
 
 class ImageSource(NamedTuple):

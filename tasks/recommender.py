@@ -21,15 +21,8 @@ from flyray.recsys.report import EvaluationReport, TrainingReport
 from flyray.recsys.tuning import TuningConfig, TuningReport, tune_recommender
 from flyray.registry import Registration, RegistryConfig
 from tasks.clickstream import Ratings as RatingsDataset
-from tasks.platform import (
-    flyray_task,
-    minutes,
-    new_output_dir,
-    publish,
-    register,
-    sized_by_run,
-    uri,
-)
+from tasks.outputs import new_output_dir, publish, register, uri
+from tasks.platform import flyray_task, minutes, sized_by_run
 
 
 class TrainOutputs(NamedTuple):

@@ -30,15 +30,8 @@ from flyray.tabular.train import (
     save_model,
     train_distributed,
 )
-from tasks.platform import (
-    flyray_task,
-    minutes,
-    new_output_dir,
-    publish,
-    register,
-    sized_by_run,
-    uri,
-)
+from tasks.outputs import new_output_dir, publish, register, uri
+from tasks.platform import flyray_task, minutes, sized_by_run
 
 SPLITS = ("train", "validation", "test")
 

@@ -30,24 +30,15 @@ from flyray.vision.report import Comparison, build_report, write_report
 from flyray.vision.train import MODEL_FILE, RunReport
 from flyray.vision.train import train_baseline as run_baseline
 from flyray.vision.train import train_distributed as run_distributed
-from tasks.platform import (
-    flyray_task,
-    minutes,
-    new_output_dir,
-    publish,
-    ray_setting,
-    register,
-    sized_by_run,
-    uri,
-)
+from tasks.deployment import current
+from tasks.outputs import new_output_dir, publish, register, uri
+from tasks.platform import flyray_task, minutes, sized_by_run
 
 # GPUs per Ray worker pod of the CNN's training, read when registering (0: CPU only, so that the
 # speedup compares like with like; with GPUs each Ray Train worker takes one).
-WORKER_GPUS = int(os.environ.get("FLYRAY_CNN_WORKER_GPUS", "0"))
+WORKER_GPUS = current().cnn_worker_gpus
 # The baseline pod gets one Ray worker's budget (same variables as the Ray pods).
-BASELINE_RESOURCES = Resources(
-    cpu=ray_setting("FLYRAY_RAY_WORKER_CPU"), mem=ray_setting("FLYRAY_RAY_WORKER_MEM")
-)
+BASELINE_RESOURCES = Resources(cpu=current().ray_worker_cpu, mem=current().ray_worker_mem)
 
 
 class PreparedImages(NamedTuple):

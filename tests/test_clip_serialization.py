@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 import images
-from tasks.platform import ray_job
+from tasks.raycluster import ray_job
 
 
 @pytest.fixture(scope="module")

@@ -231,7 +231,7 @@ def test_render_refuses_a_missing_secret_and_prints_no_value(tmp_path):
 
 def test_standalone_cluster_matches_the_flyte_ray_settings(manifests):
     import images
-    from tasks.platform import RAY_DEFAULTS
+    from tasks.deployment import RAY_DEFAULTS
 
     [cluster] = [d for d in manifests if d["kind"] == "RayCluster"]
     [group] = cluster["spec"]["workerGroupSpecs"]
@@ -416,24 +416,27 @@ def test_the_nightly_plan_notifies_on_failure(gpu_deployment, templates):
     assert rec.nightly_plan.notifications == [] and rec.default_plan.notifications == []
 
 
-def test_bad_gpu_scheduling_settings_name_the_variable(monkeypatch):
-    from tasks.platform import gpu_scheduling
+def test_bad_deployment_settings_name_the_variable():
+    from tasks.deployment import Deployment
+    from tasks.raycluster import gpu_scheduling
 
-    monkeypatch.setenv("FLYRAY_GPU_TOLERATIONS", "[{key: nvidia}]")
-    with pytest.raises(ValueError, match="FLYRAY_GPU_TOLERATIONS: not valid JSON"):
-        gpu_scheduling()
-    monkeypatch.setenv("FLYRAY_GPU_TOLERATIONS", '[{"keys": "nvidia.com/gpu"}]')
+    bad = {
+        "FLYRAY_GPU_TOLERATIONS": ("[{key: nvidia}]", "FLYRAY_GPU_TOLERATIONS: not valid JSON"),
+        "FLYRAY_GPU_NODE_SELECTOR": ('["a=b"]', "FLYRAY_GPU_NODE_SELECTOR: expected a JSON dict"),
+        "FLYRAY_RAY_WORKERS": ("two", "FLYRAY_RAY_WORKERS: expected a int, got 'two'"),
+        "FLYRAY_TIMEOUT_SCALE": ("x", "FLYRAY_TIMEOUT_SCALE: expected a float"),
+    }
+    for name, (value, message) in bad.items():
+        with pytest.raises(ValueError, match=re.escape(message)):
+            Deployment.from_env({name: value})
     with pytest.raises(ValueError, match=r"FLYRAY_GPU_TOLERATIONS\[0\]: expected a toleration"):
-        gpu_scheduling()
-    monkeypatch.delenv("FLYRAY_GPU_TOLERATIONS")
-    monkeypatch.setenv("FLYRAY_GPU_NODE_SELECTOR", '["a=b"]')
-    with pytest.raises(ValueError, match="FLYRAY_GPU_NODE_SELECTOR: expected a JSON dict"):
-        gpu_scheduling()
-    monkeypatch.delenv("FLYRAY_GPU_NODE_SELECTOR")
-    tolerations, selector = gpu_scheduling()  # the default: the GPU taint, no selector
+        Deployment.from_env({"FLYRAY_GPU_TOLERATIONS": '[{"keys": "nvidia.com/gpu"}]'})
+    tolerations, selector = gpu_scheduling(Deployment.from_env({}))  # the GPU taint, no selector
     assert [(t.key, t.operator, t.effect) for t in tolerations] == [
         ("nvidia.com/gpu", "Exists", "NoSchedule")]  # fmt: skip
     assert selector is None
+    given = Deployment.from_env({"FLYRAY_GPU_NODE_SELECTOR": '{"pool": "a100"}'})
+    assert gpu_scheduling(given)[1] == {"pool": "a100"}
 
 
 def test_make_cluster_check_reports_every_object(tmp_path):

@@ -25,7 +25,9 @@ from flytekit.tools.translator import get_serializable
 import tasks
 from flyray.raytrain import DistributedConfig
 from k8s import check
-from tasks.platform import checkpoint_uri, worker_pods
+from tasks.deployment import Deployment
+from tasks.outputs import checkpoint_uri
+from tasks.raycluster import worker_pods
 from tests.conftest import REPO
 
 # Tasks that touch no object storage, so they request no secret.
@@ -163,19 +165,21 @@ def _in_attempt(monkeypatch, tmp_path, attempt: int, execution: str = "f3a9") ->
         output_metadata_prefix=f"s3://meta/{execution}/n2/data/{attempt}",
         execution_id=WorkflowExecutionIdentifier("flyray", "development", execution),
     )  # fmt: skip
-    monkeypatch.setattr("tasks.platform._current_context", lambda: params)
+    monkeypatch.setattr("tasks.outputs._current_context", lambda: params)
     return checkpoint_uri(DistributedConfig(), "xgboost", {"x": 1})
 
 
 def test_checkpoints_are_found_again_by_a_retry(monkeypatch, tmp_path):
-    monkeypatch.delenv("FLYRAY_CHECKPOINT_ROOT", raising=False)
+    monkeypatch.setattr("tasks.outputs.current", Deployment)
     first, retry = (_in_attempt(monkeypatch, tmp_path, n) for n in (0, 1))
     assert first == retry == str(
         tmp_path / "raw" / "flyray-checkpoints" / "flyray" / "development" / "f3a9" / "n2"
         / "xgboost"
     )  # fmt: skip
     assert _in_attempt(monkeypatch, tmp_path, 0, execution="other") != first
-    monkeypatch.setenv("FLYRAY_CHECKPOINT_ROOT", "s3://ckpt/root")
+    monkeypatch.setattr(
+        "tasks.outputs.current", lambda: Deployment(checkpoint_root="s3://ckpt/root")
+    )
     assert _in_attempt(monkeypatch, tmp_path, 3) == (
         "s3://ckpt/root/flyray/development/f3a9/n2/xgboost"
     )

@@ -23,7 +23,7 @@ from flytekit.tools.translator import get_serializable
 import tasks.clickstream as clickstream
 from flyray.clickstream.ingest import IngestError
 from k8s import check
-from tasks.platform import is_transient
+from tasks.retries import is_transient
 from tests.conftest import REPO, _free_port, event, jsonl, serve
 
 RECOVERABLE = errors_pb2.ContainerError.RECOVERABLE

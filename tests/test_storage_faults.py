@@ -22,7 +22,7 @@ from flyray.clickstream.config import IngestConfig
 from flyray.clickstream.features import FeatureError, build_features
 from flyray.clickstream.generate import GeneratorConfig, generate
 from flyray.clickstream.ingest import ingest
-from tasks.platform import is_transient
+from tasks.retries import is_transient
 from tests.conftest import _free_port, serve
 
 SLOW_DOWN = (

@@ -31,7 +31,7 @@ from flyray.tabular.data import (
 from flyray.tabular.evaluate import evaluate
 from flyray.tabular.generate import generate_table
 from flyray.tabular.train import XGBParams, load_model, predict, train_distributed
-from tasks.platform import uri
+from tasks.outputs import uri
 
 
 @pytest.mark.e2e
