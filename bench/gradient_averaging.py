@@ -15,6 +15,7 @@ import numba
 import numpy as np
 import ray
 
+from flyray.recsys import kernels
 from flyray.recsys.funksvd import (
     FunkSVDParams,
     TrainingSet,
@@ -26,42 +27,19 @@ from flyray.recsys.model import EpochMetrics, FactorModel, Ratings
 
 
 @numba.njit(nogil=True, fastmath=True, cache=True)
-def gradient_sums(
-    users: np.ndarray,
-    items: np.ndarray,
-    ratings: np.ndarray,
-    P: np.ndarray,
-    Q: np.ndarray,
-    bu: np.ndarray,
-    bi: np.ndarray,
-    global_mean: float,
-    reg: float,
-    biased: bool,
-):
-    """Full-batch gradient of the regularised squared error over these ratings, summed per row
-    (the original per-chunk computation), and the summed squared error."""
-    k = P.shape[1]
-    gP = np.zeros_like(P)
-    gQ = np.zeros_like(Q)
-    gbu = np.zeros_like(bu)
-    gbi = np.zeros_like(bi)
-    sse = 0.0
+def gradient_sums(users, items, err, P, Q, bu, bi, reg: float, biased: bool):
+    """Full-batch gradient of the regularised squared error over these ratings (err: each
+    rating's error), summed per row: the original per-chunk computation."""
+    gP, gQ = np.zeros_like(P), np.zeros_like(Q)
+    gbu, gbi = np.zeros_like(bu), np.zeros_like(bi)
     for n in range(users.shape[0]):
-        u = users[n]
-        i = items[n]
-        dot = np.float32(0.0)
-        for f in range(k):
-            dot += P[u, f] * Q[i, f]
-        pred = dot + (global_mean + bu[u] + bi[i] if biased else 0.0)
-        err = ratings[n] - pred
-        sse += err * err
+        u, i, e = users[n], items[n], err[n]
         if biased:
-            gbu[u] += err - reg * bu[u]
-            gbi[i] += err - reg * bi[i]
-        for f in range(k):
-            gP[u, f] += err * Q[i, f] - reg * P[u, f]
-            gQ[i, f] += err * P[u, f] - reg * Q[i, f]
-    return gP, gQ, gbu, gbi, sse
+            gbu[u] += e - reg * bu[u]
+            gbi[i] += e - reg * bi[i]
+        gP[u] += e * Q[i] - reg * P[u]
+        gQ[i] += e * P[u] - reg * Q[i]
+    return gP, gQ, gbu, gbi
 
 
 @ray.remote(num_cpus=1)
@@ -74,10 +52,11 @@ class GradientWorker:
     def gradient(self, model):
         P, Q, bu, bi = model
         c, p = self.chunk, self.params
-        gP, gQ, gbu, gbi, sse = gradient_sums(
-            c.users, c.items, c.values, P, Q, bu, bi, self.mean, p.reg, p.biased
-        )
-        return gP, gQ, gbu, gbi, {"worker": self.w, "ratings": len(c), "sse": sse}
+        u, i = c.users.astype(np.int64), c.items.astype(np.int64)
+        err = c.values - kernels.predict(u, i, P, Q, bu, bi, self.mean, p.biased, -np.inf, np.inf)
+        grads = gradient_sums(u, i, err, P, Q, bu, bi, p.reg, p.biased)
+        sse = float(np.sum(err.astype(np.float64) ** 2))
+        return *grads, {"worker": self.w, "ratings": len(c), "sse": sse}
 
 
 def train(

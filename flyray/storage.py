@@ -10,7 +10,8 @@ Configuration (environment, never code):
   FLYRAY_S3_ENDPOINT_URL or AWS_ENDPOINT_URL   endpoint override, e.g. http://minio:9000
   AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY    credentials (AWS_SESSION_TOKEN optional)
   AWS_REGION or AWS_DEFAULT_REGION             region (default us-east-1)
-Inside a Flyte task, Flyte mounts the S3 secrets as these variables (tasks/platform.py, storage_secrets).
+Inside a Flyte task, Flyte mounts the S3 secrets as these variables (tasks/platform.py's
+storage_secrets).
 """
 
 from __future__ import annotations

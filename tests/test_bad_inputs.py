@@ -19,6 +19,9 @@ GOOD = {"user_id": 1, "item_id": 2, "event_type": "view",
 HEADER = (
     b"event_time,event_type,product_id,category_id,category_code,brand,price,user_id,user_session\n"
 )
+
+# Every test here but one or two runs on Ray: the session's local Ray for the module.
+pytestmark = pytest.mark.usefixtures("ray_cluster")
 CSV_ROW = b"2019-10-01 00:00:00 UTC,view,44600062,2103807459595387724,,shiseido,35.79,541312140,72d76fde\n"
 
 
@@ -84,13 +87,15 @@ ERRORS = [
 LENIENT = IngestConfig(max_reject_fraction=1.0)
 
 
-@pytest.mark.timeout(180)
+def _input(folder, filename: str, content: bytes):
+    (folder / filename).write_bytes(content)
+    return folder / filename
+
+
 @pytest.mark.parametrize("name, filename, content, reasons, bad_line", REJECTS,
                          ids=[c[0] for c in REJECTS])  # fmt: skip
-@pytest.mark.usefixtures("ray_cluster")
 def test_bad_records_are_counted_and_kept(tmp_path, name, filename, content, reasons, bad_line):
-    src = tmp_path / filename
-    src.write_bytes(content)
+    src = _input(tmp_path, filename, content)
     report = ingest(str(src), str(tmp_path / "out"), LENIENT)
     assert {r: n for r, n in report.rejects_by_reason.items() if n} == reasons
     assert report.events >= 1  # the good records around it are kept
@@ -100,17 +105,14 @@ def test_bad_records_are_counted_and_kept(tmp_path, name, filename, content, rea
     assert len(reject["raw"]) < 70_000  # a huge line is kept truncated, not whole
 
 
-@pytest.mark.timeout(120)
 @pytest.mark.parametrize("name, filename, content, error, message", ERRORS,
                          ids=[c[0] for c in ERRORS])  # fmt: skip
-@pytest.mark.usefixtures("ray_cluster")
 def test_unusable_inputs_are_clear_errors(tmp_path, name, filename, content, error, message):
-    src = tmp_path / filename
-    src.write_bytes(content)
+    src = str(_input(tmp_path, filename, content))
     with pytest.raises(error, match=message) as caught:
-        ingest(str(src), str(tmp_path / "out"))
+        ingest(src, str(tmp_path / "out"))
     assert not isinstance(caught.value, RayError)  # our message, not a Ray traceback
-    assert str(src) in str(caught.value)
+    assert src in str(caught.value)
 
 
 def test_missing_inputs_are_clear_errors(tmp_path):
@@ -122,7 +124,6 @@ def test_missing_inputs_are_clear_errors(tmp_path):
         ingest(str(tmp_path / "empty-dir"), str(tmp_path / "o2"))
 
 
-@pytest.mark.usefixtures("ray_cluster")
 def test_duplicated_rows_are_removed_and_counted(tmp_path):
     src = tmp_path / "dups.jsonl"
     other = line(user_id=7, item_id=9, timestamp="2024-01-02T00:00:00Z")

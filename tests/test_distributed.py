@@ -18,6 +18,9 @@ from flyray.recsys import distributed as dist
 from flyray.recsys.distributed import train
 from flyray.recsys.model import Ratings
 
+# Every test here but one or two runs on Ray: the session's local Ray for the module.
+pytestmark = pytest.mark.usefixtures("ray_cluster")
+
 PARAMS = FunkSVDParams(n_factors=16, n_epochs=30, lr=0.01, reg=0.05, seed=4)
 
 
@@ -38,7 +41,6 @@ def _fit(data, params=PARAMS, **cfg):
     )
 
 
-@pytest.mark.usefixtures("ray_cluster")
 def test_dsgd_with_two_workers_matches_one_worker(data):
     one = _fit(data, workers=1)
     two = _fit(data, workers=2)
@@ -48,14 +50,12 @@ def test_dsgd_with_two_workers_matches_one_worker(data):
     assert sum(w["ratings"] for w in two.history[0].workers) == 20_000
 
 
-@pytest.mark.usefixtures("ray_cluster")
 def test_dsgd_is_deterministic_for_a_seed(data):
     a, b = _fit(data, workers=2), _fit(data, workers=2)
     np.testing.assert_array_equal(a.P, b.P)
     np.testing.assert_array_equal(a.Q, b.Q)
 
 
-@pytest.mark.usefixtures("ray_cluster")
 def test_resume_continues_from_the_last_checkpoint(data, tmp_path):
     uri = str(tmp_path / "ckpt")
     short = FunkSVDParams(**{**PARAMS.__dict__, "n_epochs": 3})
@@ -73,7 +73,6 @@ def test_resume_continues_from_the_last_checkpoint(data, tmp_path):
     np.testing.assert_array_equal(cont.P, uninterrupted.P)  # same as never stopping
 
 
-@pytest.mark.usefixtures("ray_cluster")
 def test_checkpoint_from_other_settings_is_refused(data, tmp_path):
     uri = str(tmp_path / "ckpt")
     _fit(data, FunkSVDParams(n_factors=4, n_epochs=1), workers=1, checkpoint_uri=uri)
@@ -81,7 +80,6 @@ def test_checkpoint_from_other_settings_is_refused(data, tmp_path):
         _fit(data, FunkSVDParams(n_factors=8, n_epochs=2), workers=1, checkpoint_uri=uri)
 
 
-@pytest.mark.usefixtures("ray_cluster")
 def test_lost_worker_resumes_from_checkpoint(data, monkeypatch, caplog):
     handles = []
     original = dist._DSGDWorker
@@ -114,7 +112,6 @@ def test_lost_worker_resumes_from_checkpoint(data, monkeypatch, caplog):
     assert [h.epoch for h in model.history] == list(range(1, PARAMS.n_epochs + 1))
 
 
-@pytest.mark.usefixtures("ray_cluster")
 def test_gradient_averaging_learns_slowly(data):
     train_r, val_r, users, items = data
     ga = gradient_averaging.train(train_r, len(users), len(items), PARAMS, 2, val_r)
@@ -131,7 +128,6 @@ def test_blocks_are_balanced():
     assert loads.max() / loads.min() < 1.05
 
 
-@pytest.mark.usefixtures("ray_cluster")
 def test_elastic_runs_take_the_workers_the_cluster_can_place():
     free = int(ray.available_resources()["CPU"])
     assert 1 <= free < 4  # the test session's cluster has 2 CPUs

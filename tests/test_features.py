@@ -18,6 +18,9 @@ NO_FILTERS = FeatureConfig(
     min_item_interactions=1, min_user_interactions=1, validation_fraction=0, test_fraction=0
 )
 
+# Every test here but one or two runs on Ray: the session's local Ray for the module.
+pytestmark = pytest.mark.usefixtures("ray_cluster")
+
 
 def _prepare(tmp_path, lines, config):
     src = tmp_path / "c.jsonl"
@@ -34,7 +37,6 @@ def _ts(minute: int) -> str:
     return f"2024-01-01T00:{minute:02d}:00Z"
 
 
-@pytest.mark.usefixtures("ray_cluster")
 def test_weights_saturate_onto_the_rating_scale(tmp_path):
     lines = [
         event(1, 10, "view", _ts(0)),
@@ -64,7 +66,6 @@ def test_weights_saturate_onto_the_rating_scale(tmp_path):
     assert train["rating"].min() >= 1.0 and train["rating"].max() <= 5.0
 
 
-@pytest.mark.usefixtures("ray_cluster")
 def test_filters_and_dense_id_maps(tmp_path):
     lines = []
     for user in range(1, 6):  # users 1..5 each see items 100..103
@@ -91,7 +92,6 @@ def test_filters_and_dense_id_maps(tmp_path):
     assert profile.items_seen == 5 and profile.users_seen == 6
 
 
-@pytest.mark.usefixtures("ray_cluster")
 def test_split_has_no_leakage_on_generated_data(tmp_path):
     src = tmp_path / "demo.jsonl"
     generate(src, GeneratorConfig(n_events=60_000, seed=3))
@@ -124,7 +124,6 @@ def test_split_has_no_leakage_on_generated_data(tmp_path):
     assert profile.events == 60_000 and profile.rejects == 0
 
 
-@pytest.mark.usefixtures("ray_cluster")
 def test_truncation_drops_training_events_after_the_cut(tmp_path):
     lines = [
         event(1, 10, "view", _ts(0)),
@@ -142,7 +141,6 @@ def test_truncation_drops_training_events_after_the_cut(tmp_path):
     assert profile.truncated_events == 1
 
 
-@pytest.mark.usefixtures("ray_cluster")
 def test_everything_filtered_is_a_clear_error(tmp_path):
     with pytest.raises(FeatureError, match="no ratings left after filtering"):
         _prepare(tmp_path, [event(1, 10), event(2, 11)], FeatureConfig(min_item_interactions=5))
@@ -155,7 +153,6 @@ def test_bad_feature_config_is_refused():
         FeatureConfig(validation_fraction=0.5, test_fraction=0.5)
 
 
-@pytest.mark.usefixtures("ray_cluster")
 def test_data_window_keeps_only_events_inside_it(tmp_path):
     lines = [
         event(u, i, ts=f"2024-01-{d:02d}T12:00:00Z")

@@ -11,6 +11,9 @@ from conftest import event, jsonl, rees46_sample
 from flyray.clickstream.config import IngestConfig
 from flyray.clickstream.ingest import IngestError, bucket_of, ingest
 
+# Every test here but one or two runs on Ray: the session's local Ray for the module.
+pytestmark = pytest.mark.usefixtures("ray_cluster")
+
 TINY_BLOCKS = IngestConfig(block_mb=0, max_reject_fraction=0.5)
 
 
@@ -18,7 +21,6 @@ def _events(report):
     return pq.read_table(report.events_uri)
 
 
-@pytest.mark.usefixtures("ray_cluster")
 def test_many_blocks_keep_every_event_once_and_number_rejects_absolutely(tmp_path, monkeypatch):
     # block_mb=0 is refused by the planner, so force 4 KB blocks through the config path.
     lines = [
@@ -42,7 +44,6 @@ def test_many_blocks_keep_every_event_once_and_number_rejects_absolutely(tmp_pat
     assert rejects[0]["raw"] == "{broken" and rejects[0]["source"] == str(src)
 
 
-@pytest.mark.usefixtures("ray_cluster")
 def test_events_are_partitioned_by_user_bucket(tmp_path):
     src = tmp_path / "c.jsonl"
     src.write_bytes(jsonl(*[event(u, 1) for u in range(100)]))
@@ -53,7 +54,6 @@ def test_events_are_partitioned_by_user_bucket(tmp_path):
         assert (bucket_of(users, 4) == bucket).all()
 
 
-@pytest.mark.usefixtures("ray_cluster")
 def test_rees46_directory_glob_and_gzip(tmp_path):
     data = rees46_sample().read_bytes()
     (tmp_path / "in").mkdir()
@@ -67,7 +67,6 @@ def test_rees46_directory_glob_and_gzip(tmp_path):
     assert report.files == 1 and report.events == 1000
 
 
-@pytest.mark.usefixtures("ray_cluster")
 def test_rerun_into_same_output_does_not_duplicate(tmp_path):
     src = tmp_path / "c.jsonl"
     src.write_bytes(jsonl(*[event(u, 1) for u in range(50)]))
@@ -81,7 +80,6 @@ def test_missing_path_is_a_clear_error(tmp_path):
         ingest(str(tmp_path / "nowhere.jsonl"), str(tmp_path / "out"))
 
 
-@pytest.mark.usefixtures("ray_cluster")
 def test_empty_inputs_are_clear_errors(tmp_path):
     (tmp_path / "empty.jsonl").write_bytes(b"")
     with pytest.raises(IngestError, match="input is empty"):
@@ -94,7 +92,6 @@ def test_empty_inputs_are_clear_errors(tmp_path):
         ingest(str(tmp_path / "d"), str(tmp_path / "o3"))
 
 
-@pytest.mark.usefixtures("ray_cluster")
 def test_too_many_rejects_fail_with_counts_and_keep_the_rejects(tmp_path):
     lines = [event(u) for u in range(90)] + [event(etype="zap")] * 6 + ["nope"] * 4
     src = tmp_path / "c.jsonl"

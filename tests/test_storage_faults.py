@@ -29,6 +29,9 @@ SLOW_DOWN = (
     b"<Error><Code>SlowDown</Code><Message>Please reduce your request rate.</Message></Error>"
 )
 
+# Every test here but one or two runs on Ray: the session's local Ray for the module.
+pytestmark = pytest.mark.usefixtures("ray_cluster")
+
 
 class FaultyProxy:
     """Forwards S3 requests to `upstream`; `fail(method, path, n)` picks requests (n: how often
@@ -138,7 +141,6 @@ def _events(fs: pafs.FileSystem, path: str) -> int:
                if f.path.endswith(".parquet"))  # fmt: skip
 
 
-@pytest.mark.usefixtures("ray_cluster")
 def test_s3_errors_mid_write_are_retried(moto_port, events_file, monkeypatch):
     port, _ = moto_port
     path, summary = events_file
@@ -159,7 +161,6 @@ def test_s3_errors_mid_write_are_retried(moto_port, events_file, monkeypatch):
     assert fs.get_file_info(f"{out}/events/_SUCCESS").type == pafs.FileType.File
 
 
-@pytest.mark.usefixtures("ray_cluster")
 def test_s3_errors_mid_read_are_retried(moto_port, events_file, monkeypatch):
     port, _ = moto_port
     path, summary = events_file
@@ -189,7 +190,6 @@ def test_the_retry_strategy_travels_with_the_filesystem_to_ray_tasks(monkeypatch
     assert copy._attempts == 9 and copy.region == fs.region
 
 
-@pytest.mark.usefixtures("ray_cluster")
 def test_an_outage_mid_read_fails_cleanly_and_the_next_run_succeeds(
     moto_port, events_file, tmp_path, monkeypatch
 ):

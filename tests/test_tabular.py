@@ -16,7 +16,6 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-import images
 import workflows.tabular as wf
 from flyray import storage
 from flyray.raytrain import DistributedConfig
@@ -238,29 +237,6 @@ def test_rows_without_label_are_kept_and_counted(tmp_path):
 
 
 # ---------------------------------------------------------------------------------- cluster path
-
-
-def test_cluster_serialization(task_templates, launch_plans):
-    tasks = task_templates("tabular")
-    assert set(tasks) == {"resolve_table", "prepare_table", "train_xgboost", "fit_xgboost",
-                          "evaluate_xgboost", "register_xgboost"}  # fmt: skip
-    image = images.tabular.image_name()
-    assert image.startswith("localhost:30000/flyray-tabular:")
-    assert all(t.container.image == image for t in tasks.values())
-    ray_tasks = {n for n, t in tasks.items() if t.type == "ray"}
-    assert ray_tasks == {"prepare_table", "fit_xgboost"}  # train_xgboost sizes it per run
-    job = tasks["prepare_table"].custom
-    assert job["shutdownAfterJobFinishes"] is True
-    assert job["rayCluster"]["headGroupSpec"]["rayStartParams"] == {"num-cpus": "0"}
-    [group] = job["rayCluster"]["workerGroupSpec"]
-    assert group["replicas"] == 2
-    versions = {n: t.metadata.discovery_version for n, t in tasks.items()
-                if t.metadata.discoverable}  # fmt: skip
-    assert versions == {"prepare_table": "tabular-prepare-1", "fit_xgboost": "xgboost-train-2",
-                        "evaluate_xgboost": "xgboost-evaluate-1"}  # fmt: skip
-    assert tasks["train_xgboost"].metadata.retries.retries == 2
-    assert tasks["register_xgboost"].metadata.retries.retries == 2
-    assert "xgboost_default" in launch_plans
 
 
 def test_worker_shares_partition_the_rows(tmp_path):

@@ -14,7 +14,6 @@ import pyarrow.parquet as pq
 import pytest
 from flytekit.models.task import Resources
 
-import images
 from flyray import storage
 from flyray.raytrain import DistributedConfig
 from flyray.vision import data as vd
@@ -285,23 +284,3 @@ def test_cnn_benchmark_end_to_end_through_a_worker_failure(tmp_path, monkeypatch
     predicted = np.argmax(np.asarray(model.predict(digits_test.images.astype(np.float32))), axis=1)
     accuracy = np.mean(predicted == digits_test.labels)
     assert accuracy == pytest.approx(ray_run["test_accuracy"], abs=1e-6)
-
-
-def test_cluster_serialization(task_templates, launch_plans):
-    tasks = task_templates("vision")
-    assert set(tasks) == {"resolve_image_source", "prepare_images", "train_baseline",
-                          "train_distributed", "fit_cnn", "compare_runs",
-                          "register_cnn"}  # fmt: skip
-    assert images.image.env["TF_USE_LEGACY_KERAS"] == "1"
-    for name, template in tasks.items():
-        assert template.container.image == images.image.image_name(), name
-    # train_distributed starts fit_cnn on a Ray cluster sized per run (tests/test_platform.py)
-    assert {n for n, t in tasks.items() if t.type == "ray"} == {"fit_cnn"}
-    versions = {
-        n: t.metadata.discovery_version for n, t in tasks.items() if t.metadata.discoverable
-    }
-    assert versions == {"prepare_images": "vision-data-1"}  # timings are never replayed
-    limits = tasks["train_baseline"].container.resources.limits  # one Ray worker's budget
-    assert {r.name: r.value for r in limits} == {ResourceName.CPU: "2", ResourceName.MEMORY: "8Gi"}
-    assert tasks["register_cnn"].metadata.retries.retries == 2
-    assert "cnn_benchmark_default" in launch_plans

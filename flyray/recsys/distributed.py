@@ -90,12 +90,11 @@ def train(
     item_ids: np.ndarray | None = None,
 ) -> FactorModel:
     """FunkSVD by DSGD on the running Ray cluster (raw ids from user_ids/item_ids)."""
-    params, config = params or FunkSVDParams(), config or DistributedConfig()
-    if len(train_ratings) == 0:
-        raise ValueError("no training ratings")
-    r = train_ratings
+    params, config, r = params or FunkSVDParams(), config or DistributedConfig(), train_ratings
     n_neg = len(r) * params.negatives
-    mean = (r.values.sum(dtype=np.float64) + n_neg * params.negative_rating) / (len(r) + n_neg)
+    mean = (r.values.sum(dtype=np.float64) + n_neg * params.negative_rating) / max(
+        len(r) + n_neg, 1
+    )
     model = new_model(
         params, np.arange(n_users) if user_ids is None else user_ids,
         np.arange(n_items) if item_ids is None else item_ids, r.users, r.items, float(mean),

@@ -150,6 +150,8 @@ def fit(model: FactorModel, attempt: Attempt, config: DistributedConfig,
     `config.checkpoint_uri` (a temporary folder for this call when empty), resumed from when
     one exists, restarted from the latest after a lost actor."""
     require_ray()
+    if model.seen_indptr[-1] == 0:
+        raise ValueError("no training ratings")
     if not config.checkpoint_uri:
         with tempfile.TemporaryDirectory(prefix=f"{model.name}-") as folder:
             return fit(model, attempt, replace(config, checkpoint_uri=folder), arrays)

@@ -191,8 +191,6 @@ def train(
 ) -> FactorModel:
     """iALS over `config.workers` Ray actors of the running Ray cluster."""
     params, config = params or IALSParams(), config or DistributedConfig()
-    if len(ratings) == 0:
-        raise ValueError("no training ratings")
     model = new_model(ratings, n_users, n_items, params, user_ids, item_ids)
 
     def attempt(model: FactorModel, start: int, d: int, workers: list, checkpoints) -> None:

@@ -115,12 +115,9 @@ def evaluation_deck(
 def identity(spec: TableSpec, metric: str) -> TaskIdentity:
     """The label and its classes, from the feature columns and their kinds."""
     features = dict(zip(spec.features, spec.feature_types(), strict=True))
-    return TaskIdentity(
-        workload="tabular",
-        target=f"{spec.label} = {spec.label_classes[1]} (vs {spec.label_classes[0]})",
-        inputs=f"{len(features)} features {json.dumps(features, sort_keys=True)}",
-        metric=metric,
-    )
+    target = f"{spec.label} = {spec.label_classes[1]} (vs {spec.label_classes[0]})"
+    inputs = f"{len(features)} features {json.dumps(features, sort_keys=True)}"
+    return TaskIdentity("tabular", target, inputs, metric)
 
 
 def run_record(

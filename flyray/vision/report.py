@@ -165,12 +165,8 @@ def comparison_deck(comparison: Comparison, baseline: RunReport, distributed: Ru
 
 def identity(summary: DataSummary, metric: str) -> TaskIdentity:
     """The classes and the image shape."""
-    return TaskIdentity(
-        workload="image_classification",
-        target=f"{len(summary.class_names)} classes {summary.class_names}",
-        inputs=f"images {summary.image_shape}",
-        metric=metric,
-    )
+    target = f"{len(summary.class_names)} classes {summary.class_names}"
+    return TaskIdentity("image_classification", target, f"images {summary.image_shape}", metric)
 
 
 def run_record(
