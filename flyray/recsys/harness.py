@@ -106,7 +106,7 @@ def _restore(model: FactorModel, initial: dict, checkpoints: Checkpoints) -> int
     for name in initial:
         setattr(model, name, arrays[name])
     model.history = [EpochMetrics(**m) for m in state["history"]]
-    log.info("resuming %s from %s at epoch %d", model.name, checkpoints.uri, state["epoch"])
+    log.info("%s resuming from %s at epoch %d", model.name, checkpoints.uri, state["epoch"])
     return int(state["epoch"])
 
 
