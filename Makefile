@@ -18,7 +18,7 @@ FLYTE_PROJECT   ?= flyray
 FLYTE_DOMAIN    ?= development
 VERSION         ?= $(shell git rev-parse --short=12 HEAD 2>/dev/null || echo dev)
 
-.PHONY: setup run ui serve test test-quick lint format bench package register images clean distclean cluster-check rehearse
+.PHONY: setup run ui serve test test-quick test-unit lint format bench package register images clean distclean cluster-check rehearse
 
 setup: $(STAMP)
 
@@ -48,9 +48,12 @@ serve: setup
 test: setup
 	$(BIN)/python -m pytest
 
-# The quick loop: everything but the end-to-end tests (@pytest.mark.e2e).
+# The quick loop: the unit and integration tiers (tests/conftest.py); test-unit: no Ray at all.
 test-quick: setup
-	$(BIN)/python -m pytest -m "not e2e"
+	$(BIN)/python -m pytest -m "unit or integration"
+
+test-unit: setup
+	$(BIN)/python -m pytest -m unit
 
 lint: setup
 	$(BIN)/ruff check .
@@ -65,6 +68,7 @@ bench: setup
 	$(BIN)/python -m bench.ingest
 	$(BIN)/python -m bench.funksvd
 	$(BIN)/python -m bench.recsys
+	$(BIN)/python -m bench.evaluation
 	$(BIN)/python -m bench.pipeline
 	$(BIN)/python -m bench.cnn
 	$(BIN)/python -m bench.xgboost

@@ -4,6 +4,7 @@ and beats the original system's gradient averaging (bench/gradient_averaging.py)
 from __future__ import annotations
 
 import logging
+import time
 from types import SimpleNamespace
 
 import numpy as np
@@ -129,6 +130,10 @@ def test_blocks_are_balanced():
 
 
 def test_elastic_runs_take_the_workers_the_cluster_can_place():
+    deadline = time.monotonic() + 30  # the actors of an earlier test may still be releasing
+    while ray.available_resources().get("CPU", 0) < ray.cluster_resources()["CPU"]:
+        assert time.monotonic() < deadline, "CPUs of earlier tests' actors never came back"
+        time.sleep(0.1)
     free = int(ray.available_resources()["CPU"])
     assert 1 <= free < 4  # the test session's cluster has 2 CPUs
     assert harness.worker_count(DistributedConfig(workers=4)) == free  # elastic, 1..4
