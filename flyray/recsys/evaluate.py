@@ -28,7 +28,7 @@ from mlflow.models import Model
 
 from flyray.recsys import kernels
 from flyray.recsys.funksvd import rmse
-from flyray.recsys.model import FactorModel, Ratings
+from flyray.recsys.model import FactorModel, Ratings, seen_csr
 
 log = logging.getLogger(__name__)
 
@@ -113,12 +113,10 @@ def _ranking(model: FactorModel, test: Ratings, k: int, max_users: int, seed: in
     users = all_users
     if 0 < max_users < len(all_users):
         users = np.sort(np.random.default_rng(seed).choice(all_users, max_users, replace=False))
-    order = np.lexsort((test.items, test.users))
-    counts = np.bincount(test.users, minlength=len(model.user_ids))
-    indptr = np.concatenate(([0], np.cumsum(counts))).astype(np.int64)
+    indptr, relevant = seen_csr(test.users, test.items, len(model.user_ids))
     rows = users.astype(np.int64)
     recs, _ = model.top_n_indexed(rows, k)
-    per_user = kernels.ranking_metrics(recs, rows, indptr, test.items[order].astype(np.int64))
+    per_user = kernels.ranking_metrics(recs, rows, indptr, relevant)
     return all_users, per_user, np.unique(recs[recs >= 0])
 
 
