@@ -229,6 +229,7 @@ def _embeddings(labels: list[str], label_map: list[str], seed: int) -> pa.Table:
     })  # fmt: skip
 
 
+@pytest.mark.usefixtures("ray_cluster")  # the CLIP evaluation runs on Ray Data
 def test_clip_champion_scores_the_challengers_rows_under_its_label_map(tracking, tmp_path):
     torch.manual_seed(0)
     label_map = sorted(CLASSES)
