@@ -6,18 +6,15 @@ from __future__ import annotations
 
 import importlib.util
 import re
-import subprocess
 import sys
 import urllib.error
 import urllib.request
-from pathlib import Path
 
 import pytest
 from conftest import REPO, _free_port, serve
 
 import images
 from k8s import render
-from k8s.rehearse.pods import namespace_unavailable
 
 SECRETS = {name: f"dummy-{name.lower()}" for name in render.SECRETS}
 
@@ -108,42 +105,19 @@ def test_mlflow_backend_uri_names_a_driver_the_image_installs():
 
 @pytest.mark.e2e
 @pytest.mark.timeout(3000)
-def test_rehearsal(tmp_path):
+def test_rehearsal(rehearsal):
     """`make rehearse`: the platform from its manifests and the packaged recommendation
     workflow, every Ray task a RayJob on a Ray cluster of its own, ending with a version
     registered and promoted in the Postgres-backed MLflow, reached by its Service name, and
     served by the RayService; the training node of every other workload; the faults. A Flyte
     retry of every trainer resumes from its checkpoint here (this replaced the per-trainer
-    pyflyte-execute scenarios of test_retry_resume.py)."""
-    reason = namespace_unavailable()
-    if reason:
-        pytest.skip(f"the rehearsal needs a network namespace: {reason}")
-    archive = tmp_path / "flyray-flyte.tgz"
-    subprocess.run(
-        [
-            str(Path(sys.executable).parent / "pyflyte"),
-            "--pkgs",
-            "workflows",
-            "package",
-            "--fast",
-            "--force",
-            "--output",
-            str(archive),
-        ],
-        cwd=REPO,
-        check=True,
-        capture_output=True,
-    )
-    done = subprocess.run(
-        [sys.executable, "-m", "k8s.rehearse", "--archive", str(archive)],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=2700,
-    )
-    print(done.stdout[-6000:])
-    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
-    check_table(done.stdout[done.stdout.index("\nnode ") :])
+    pyflyte-execute scenarios of test_retry_resume.py). It started with the session and ran
+    beside the other tests (tests/rehearsal.py)."""
+    code, output, seconds = rehearsal.wait(timeout=2900)
+    print(output[-6000:])
+    print(f"rehearsal: {seconds:.0f} s since the session started it")
+    assert code == 0, output[-8000:]
+    check_table(output[output.index("\nnode ") :])
 
 
 def check_table(table: str) -> None:

@@ -153,8 +153,11 @@ class Execution:
         if until:
             [target] = [n for n in pending if _task_name(n) == until]
             pending = _with_upstream(target, pending)
+        kept = {n.id for n in pending}
         while pending:
-            ready = [n for n in pending if all(d in outputs for d in _needs(n))]
+            ready = [
+                n for n in pending if all(d in outputs or d not in kept for d in _needs(n))
+            ]
             if not ready:
                 raise RehearsalError(
                     f"{template.id.name}: nodes {[n.id for n in pending]} wait on each other"
@@ -402,14 +405,16 @@ def _task_name(node) -> str:
 
 
 def _with_upstream(target, nodes: list) -> list:
-    """`target` and every node it needs, directly or not, in their order in `nodes`."""
+    """`target` and every node whose outputs it needs, directly or not, in their order in
+    `nodes` (an ordering-only edge, `a >> b`, brings no node: the CNN's one-process baseline is
+    not run before its Ray Train node)."""
     by_id = {n.id: n for n in nodes}
     keep, todo = set(), [target.id]
     while todo:
         node = todo.pop()
         if node in by_id and node not in keep:
             keep.add(node)
-            todo += _needs(by_id[node])
+            todo += _needs(by_id[node], data_only=True)
     return [n for n in nodes if n.id in keep]
 
 
@@ -430,8 +435,10 @@ def _attribute(literal: literals_pb2.Literal, path) -> literals_pb2.Literal:
     return literals_pb2.Literal(scalar=literals_pb2.Scalar(binary=packed))
 
 
-def _needs(node) -> set[str]:
-    found: set[str] = set(node.upstream_node_ids)
+def _needs(node, data_only: bool = False) -> set[str]:
+    """The nodes `node` waits for: those whose outputs it binds, and (unless `data_only`) those
+    ordered before it."""
+    found: set[str] = set() if data_only else set(node.upstream_node_ids)
 
     def walk(data):
         kind = data.WhichOneof("value")
