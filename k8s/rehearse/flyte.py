@@ -155,9 +155,7 @@ class Execution:
             pending = _with_upstream(target, pending)
         kept = {n.id for n in pending}
         while pending:
-            ready = [
-                n for n in pending if all(d in outputs or d not in kept for d in _needs(n))
-            ]
+            ready = [n for n in pending if all(d in outputs or d not in kept for d in _needs(n))]
             if not ready:
                 raise RehearsalError(
                     f"{template.id.name}: nodes {[n.id for n in pending]} wait on each other"
