@@ -18,17 +18,28 @@ FLYTE_PROJECT   ?= flyray
 FLYTE_DOMAIN    ?= development
 VERSION         ?= $(shell git rev-parse --short=12 HEAD 2>/dev/null || echo dev)
 
-.PHONY: setup run ui serve test test-quick test-unit lint format bench package register images clean distclean cluster-check rehearse
+.PHONY: setup lock run ui serve test test-quick test-unit lint format bench package register images clean distclean cluster-check rehearse
 
 setup: $(STAMP)
 
-$(STAMP): pyproject.toml
+# Installs exactly the versions of uv.lock (uv: the lock's tool, and several times faster than
+# pip); --locked fails when pyproject.toml changed without `make lock`.
+UV_VERSION := 0.13.9
+UV         := UV_PROJECT_ENVIRONMENT=$(VENV) $(BIN)/uv
+SYNC        = $(UV) sync --locked --quiet --python $(BIN)/python $(foreach e,$(subst $(comma), ,$(1)),--extra $(e))
+
+$(STAMP): pyproject.toml uv.lock
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[$(EXTRAS)]'
+	@test -x $(BIN)/uv || $(BIN)/python -m pip install --quiet uv==$(UV_VERSION)
+	$(call SYNC,$(EXTRAS))
 	@rm -f $(VENV)/.installed*
 	@echo '$(EXTRAS)' > $(VENV)/.extras
 	@touch $(STAMP)
+
+# Re-resolve uv.lock after a dependency changed in pyproject.toml, and the images' pins with it.
+lock: setup
+	$(UV) lock --python $(BIN)/python
+	$(BIN)/python -m images.requirements --write
 
 run: setup
 	@mkdir -p .data/tmp
@@ -64,7 +75,7 @@ format: setup
 	$(BIN)/ruff format .
 
 bench: setup
-	$(BIN)/python -m pip install --quiet -e '.[bench]'
+	$(call SYNC,$(EXTRAS)$(comma)bench)
 	$(BIN)/python -m bench.ingest
 	$(BIN)/python -m bench.funksvd
 	$(BIN)/python -m bench.recsys
@@ -91,7 +102,7 @@ cluster-check: setup
 # own, in a network namespace that names the cluster's Services. Needs root; installs Debian's
 # postgresql package when absent.
 rehearse: package
-	@$(BIN)/python -m k8s.rehearse
+	@$(BIN)/python -m k8s.rehearse $(ARGS)
 
 # Needs a Flyte cluster (~/.flyte/config.yaml or FLYTECTL_CONFIG) and Docker to build images.
 register: setup

@@ -223,7 +223,7 @@ def main() -> None:
              "RAY_SERVE_HAPROXY_STATS_PORT": str(free_port())}  # fmt: skip
     proc = subprocess.Popen(
         [sys.executable, "-m", "flyray.serve", "--tracking-uri", uri, "--models", MODEL,
-         "--port", str(port), "--replicas", str(args.replicas)],
+         "--port", str(port), "--replicas", str(args.replicas), "--high-throughput"],
         env={**env, **ports}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )  # fmt: skip
     try:

@@ -22,7 +22,11 @@ import pyarrow.fs as pafs
 from PIL import Image, UnidentifiedImageError
 
 from flyray import storage
+from flyray.bounds import image_size_error
 
+# The largest image decoded (width x height): a 40-megapixel photo is 120 MB as RGB. Checked
+# from the header, before decoding (flyray.bounds); serving has a smaller bound of its own.
+MAX_PIXELS = 40_000_000
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 REJECTS_SCHEMA = pa.schema(
     [
@@ -87,11 +91,30 @@ def list_images(root: str) -> ImageListing:
     return ImageListing(root, paths, labels, rejects, files)
 
 
-def decode(data: bytes) -> Image.Image:
-    """RGB image from encoded bytes; raises ValueError saying why it cannot be read."""
+class _TooLarge(ValueError):
+    pass
+
+
+def size(data: bytes) -> tuple[int, int]:
+    """(width, height) from an encoded image's header, nothing decoded; ValueError if none."""
     try:
         with Image.open(io.BytesIO(data)) as image:
+            return image.size
+    except Exception as exc:  # noqa: BLE001 - PIL raises many kinds for data it cannot read
+        raise ValueError(f"not an image PIL can read ({type(exc).__name__}: {exc})") from exc
+
+
+def decode(data: bytes, max_pixels: int = MAX_PIXELS) -> Image.Image:
+    """RGB image from encoded bytes, its size checked from the header first; raises ValueError
+    saying why it cannot be read."""
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            too_large = image_size_error(image.size, max_pixels)
+            if too_large:
+                raise _TooLarge(too_large)
             return image.convert("RGB")  # convert() decodes fully: truncated files fail here
+    except _TooLarge:
+        raise
     except UnidentifiedImageError as exc:
         raise ValueError("not an image format PIL recognises") from exc
     except Exception as exc:  # truncated or damaged data: PIL raises OSError, SyntaxError, ...

@@ -176,12 +176,15 @@ def champion_gate(
     higher_is_better: bool = True,
     client: MlflowClient | None = None,
     champion_value: float | None = None,
+    champion_version: str | None = None,
 ) -> GateDecision:
     """Move the champion alias to `version` if it beats the champion and the baseline.
 
     `champion_value`: the champion scored on this version's own held-out split (what `register`
     passes, so the gate compares two numbers measured on the same data); None falls back to
-    the figure recorded when the champion was gated.
+    the figure recorded when the champion was gated. `champion_version`: the version it scored
+    ("" for none); if the alias has moved since, ChampionMoved is raised and nothing is written,
+    so that the caller scores the new champion (`register` does).
 
     Safe when pipelines finish at once: each version records its gate value and the champion it
     was compared with first; then every gate settles the alias on the best of the versions that
@@ -195,6 +198,9 @@ def champion_gate(
         return a > b if higher_is_better else a < b
 
     champion = _alias_holder(client, model_name)
+    holder = str(champion.version) if champion is not None else ""
+    if champion_version is not None and holder != str(champion_version):
+        raise ChampionMoved(model_name, str(champion_version), holder)
     if champion is not None and champion_value is None:
         champion_value = _gate_value(client, champion, key)
     failures = []
@@ -210,8 +216,7 @@ def champion_gate(
                       ("gate.champion", base), ("gate.eligible", str(not failures).lower()),
                       ("gate.champion_value", repr(champion_value))):  # fmt: skip
         client.set_model_version_tag(model_name, version, tag, text)
-    if not failures:
-        _set_alias(client, model_name, version)
+    if not failures:  # the alias is written once, to the best that beat the same champion
         holder = _settle(client, model_name, key, base, beats)
         if holder != str(version):
             failures.append(f"v{holder}, registered at the same time, beats it on {metric}")
@@ -238,6 +243,14 @@ def champion_gate(
         model_name, str(version), metric, value, promoted, reason, base, champion_value,
         baseline_value,
     )  # fmt: skip
+
+
+class ChampionMoved(RuntimeError):
+    """The alias moved while the challenger scored the champion it found."""
+
+    def __init__(self, model_name: str, scored: str, holder: str) -> None:
+        super().__init__(f"{model_name}: champion moved from v{scored or '-'} to v{holder or '-'}")
+        self.holder = holder
 
 
 def _alias_holder(client: MlflowClient, model_name: str):
@@ -341,19 +354,38 @@ def register(
             version = str(info.registered_model_version)
             for tag, text in task_tags.items():
                 client.set_model_version_tag(config.model_name, version, tag, text)
-            champion = _alias_holder(client, config.model_name)
-            champion_value = (
-                candidate.score_champion(f"models:/{config.model_name}/{champion.version}")
-                if champion is not None
-                else None
-            )
-            decision = champion_gate(
-                config.model_name, version, config.metric, value, candidate.baseline_value,
-                client=client, champion_value=champion_value,
-            )  # fmt: skip
+            decision = _gate_on_the_current_champion(client, config, candidate, version)
         mlflow.set_tags({"promotion": "champion" if decision.promoted else "rejected",
                          "promotion_reason": decision.reason})  # fmt: skip
     return Registration(tracking_uri(), run.info.run_id, decision)
+
+
+MAX_RESCORES = 5  # champions that may move under one registration before it gives up
+
+
+def _gate_on_the_current_champion(
+    client: MlflowClient, config: RegistryConfig, candidate: Candidate, version: str
+) -> GateDecision:
+    """Score the champion on the candidate's split and gate; when another pipeline moved the
+    alias while it scored (scoring takes minutes), score the new champion and gate again."""
+    for _ in range(MAX_RESCORES):
+        champion = _alias_holder(client, config.model_name)
+        scored = str(champion.version) if champion is not None else ""
+        champion_value = (
+            candidate.score_champion(f"models:/{config.model_name}/{scored}") if scored else None
+        )
+        try:
+            return champion_gate(
+                config.model_name, version, config.metric, candidate.value,
+                candidate.baseline_value, client=client, champion_value=champion_value,
+                champion_version=scored,
+            )  # fmt: skip
+        except ChampionMoved as moved:
+            log.info("registry: %s; scoring v%s on this split", moved, moved.holder)
+    raise RuntimeError(
+        f"{config.model_name}: the champion moved {MAX_RESCORES} times while v{version} was "
+        "being gated; it stays registered, unpromoted: run the gate again"
+    )
 
 
 def _other_task(client: MlflowClient, config: RegistryConfig, identity: TaskIdentity) -> str:

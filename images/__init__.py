@@ -1,10 +1,11 @@
 """Container images of the workloads, one ImageSpec per family.
 
-Package lists come from pyproject.toml (the base dependencies plus a workload's extra), so the
-image and `pip install .[extra]` never drift apart. Registry from FLYRAY_REGISTRY (default
-localhost:30000, the Flyte sandbox's); the tag is derived from the spec's content by flytekit,
-so a changed dependency gives a new tag (FLYRAY_IMAGE_TAG_FORMAT, e.g. "{spec_hash}-prod", adds
-to it). wget is there for KubeRay's head/worker probes.
+Each installs exactly what uv.lock resolved for its extras (images/requirements/<family>.txt,
+exported from the lock by `make lock`), so an image and `make setup` hold the same versions, and
+flytekit's content-derived tag changes exactly when a resolved version does. Registry from
+FLYRAY_REGISTRY (default localhost:30000, the Flyte sandbox's); FLYRAY_IMAGE_TAG_FORMAT (e.g.
+"{spec_hash}-prod") decorates the tag. wget is there for KubeRay's head/worker probes; torch's
+CPU build comes from PyTorch's index, as uv.lock names it (+cpu).
 
 Flyte tasks get their code by fast registration, so the workload images hold packages only;
 `standalone` also holds the code, for the RayJob of k8s/ray/ that runs without Flyte.
@@ -13,26 +14,23 @@ Flyte tasks get their code by fast registration, so the workload images hold pac
 from __future__ import annotations
 
 import os
-import tomllib
-from pathlib import Path
 
 from flytekit import ImageSpec
 
-_PROJECT = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())
-_DEPS = _PROJECT["project"]["dependencies"]
-_EXTRAS = _PROJECT["project"]["optional-dependencies"]
+from images.requirements import path as _locked
 
-
+_TORCH_CPU = ["https://download.pytorch.org/whl/cpu"]  # where torch==2.13.0+cpu is published
 _REGISTRY = os.environ.get("FLYRAY_REGISTRY", "localhost:30000")
 _TAG_FORMAT = os.environ.get("FLYRAY_IMAGE_TAG_FORMAT") or None
 
 
-def _spec(name: str, *extras: str, env: dict[str, str] | None = None, **kwargs) -> ImageSpec:
-    packages = list(_DEPS) + [p for extra in extras for p in _EXTRAS[extra]]
+def _spec(name: str, env: dict[str, str] | None = None, **kwargs) -> ImageSpec:
+    """`name`'s image: its locked requirements (images/requirements/<family>.txt)."""
+    family = kwargs.pop("family", name)
     return ImageSpec(
         name=f"flyray-{name}",
         python_version="3.11",
-        packages=packages,
+        requirements=str(_locked(family)),
         apt_packages=["wget"],
         registry=_REGISTRY,
         tag_format=_TAG_FORMAT,
@@ -41,19 +39,19 @@ def _spec(name: str, *extras: str, env: dict[str, str] | None = None, **kwargs) 
     )
 
 
-recommender = _spec("recommender", "recommender")
-tabular = _spec("tabular", "tabular")
+recommender = _spec("recommender")
+tabular = _spec("tabular")
 # tf-keras (Keras 2): Keras 3 + MultiWorkerMirroredStrategy breaks on CPU (ray-project/ray#47464)
-image = _spec("tensorflow", "image", env={"TF_USE_LEGACY_KERAS": "1"})
-clip = _spec("torch", "clip")
+image = _spec("tensorflow", env={"TF_USE_LEGACY_KERAS": "1"})
+clip = _spec("torch", pip_extra_index_url=_TORCH_CPU)
 standalone = _spec(
-    "standalone", "recommender",
+    "standalone", family="recommender",
     copy=["flyray", "tasks", "workflows", "images", "pyproject.toml"],  # relative to the repo root
 )  # fmt: skip
 
 # Ray Serve for every workload's champion (k8s/ray/rayservice.yaml): all extras and the code.
 serve = _spec(
-    "serve", "recommender", "tabular", "image", "clip", env={"TF_USE_LEGACY_KERAS": "1"},
+    "serve", env={"TF_USE_LEGACY_KERAS": "1"}, pip_extra_index_url=_TORCH_CPU,
     copy=["flyray", "pyproject.toml"],
 )  # fmt: skip
 
@@ -61,7 +59,7 @@ serve = _spec(
 mlflow_server = ImageSpec(
     name="flyray-mlflow-server",
     python_version="3.11",
-    packages=[p for p in _DEPS if p.startswith("mlflow")] + ["psycopg[binary]>=3.2", "boto3>=1.34"],
+    requirements=str(_locked("mlflow-server")),
     registry=_REGISTRY,
     tag_format=_TAG_FORMAT,
 )

@@ -34,6 +34,15 @@ def raw(text: str) -> bytes:
 
 
 OK = line()
+DEEP = b'{"user_id": 1, "x": ' + b"[" * 20_000 + b"]" * 20_000 + b"}"  # past any recursion limit
+
+
+def zstd(data: bytes) -> bytes:
+    import pyarrow as pa
+
+    return pa.compress(data, codec="zstd", asbytes=True)
+
+
 # name, file name, content, expected: {reason: count} of rejects (with the 1-based line of the
 # first) for inputs that keep their good records, or (error type, message pattern) otherwise.
 REJECTS = [
@@ -68,7 +77,16 @@ REJECTS = [
      {"malformed_line": 1}, 3),
     ("a 100 MB single line", "a.jsonl",
      OK + b"\n" + b'{"user_id": 1, "pad": "' + b"x" * 100_000_000 + b'"}\n' + OK + b"\n",
-     {"missing_field": 1}, 2),
+     {"line_too_long": 1}, 2),
+    ("a 3 MB CSV row", "a.csv", HEADER + CSV_ROW + b"x" * 3_000_000 + b"\n" + CSV_ROW,
+     {"line_too_long": 1}, 3),
+    ("a record nested 20,000 deep", "a.jsonl", OK + b"\n" + DEEP + b"\n" + OK + b"\n",
+     {"nested_too_deep": 1}, 2),
+    ("a record nested 20,000 deep, gzipped", "a.jsonl.gz",
+     gzip.compress(OK + b"\n" + DEEP + b"\n" + OK + b"\n"), {"nested_too_deep": 1}, 2),
+    ("a 100 MB line in a zstd stream", "a.jsonl.zst",
+     zstd(OK + b"\n" + b'{"pad": "' + b"y" * 100_000_000 + b'"}\n' + OK + b"\n"),
+     {"line_too_long": 1}, 2),
 ]  # fmt: skip
 ERRORS = [
     ("empty file", "a.jsonl", b"", IngestError, "input is empty"),
@@ -83,6 +101,10 @@ ERRORS = [
      "not a readable gzip file"),
     ("every session id a list", "a.jsonl", line(session_id=[1, 2]) + b"\n", IngestError,
      r"rejected \(wrong_type=1\)"),
+    ("UTF-16 with a byte-order mark", "a.jsonl", (OK + b"\n").decode().encode("utf-16"),
+     IngestError, r"UTF-16 \(little-endian\) text; flyray reads UTF-8"),
+    ("UTF-16 without one, gzipped", "a.csv.gz", gzip.compress((HEADER + CSV_ROW).decode()
+     .encode("utf-16-be")), IngestError, r"UTF-16 \(no byte-order mark\)"),
 ]  # fmt: skip
 LENIENT = IngestConfig(max_reject_fraction=1.0)
 
@@ -133,3 +155,13 @@ def test_duplicated_rows_are_removed_and_counted(tmp_path):
     lenient = FeatureConfig(min_item_interactions=1, min_user_interactions=1)
     profile = build_features(report.events_uri, str(tmp_path / "features"), lenient, report)
     assert profile.duplicates_removed == 3
+
+
+def test_a_decompression_bomb_fails_naming_the_file_and_the_bound(tmp_path):
+    """Streamed, the expansion is bounded by ingest_config.max_expanded_gb, not by memory."""
+    src = _input(tmp_path, "bomb.jsonl.gz", gzip.compress((OK + b"\n") * 40_000))  # 5.2 MB
+    config = IngestConfig(max_expanded_gb=0.004, block_mb=1)
+    with pytest.raises(IngestError, match=r"bomb\.jsonl\.gz: expands past 0\.004 GB"):
+        ingest(str(src), str(tmp_path / "out"), config)
+    report = ingest(str(src), str(tmp_path / "ok"), IngestConfig(block_mb=1))
+    assert report.events == 40_000 and report.rejects == 0  # 6 chunks of 1 MB, none lost

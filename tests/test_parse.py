@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from conftest import event, jsonl, rees46_sample
 
-from flyray.clickstream.parse import parse_block
+from flyray.clickstream.parse import Limits, parse_block
 from flyray.clickstream.schema import EVENT_CODE
 
 
@@ -113,3 +113,36 @@ def test_csv_rejects_name_their_lines():
         (7, "missing_field", "user_id"),
     ]
     assert result.events["item_id"].to_pylist() == [44600062, 19]
+
+
+def test_records_past_the_limits_are_rejected_before_any_parser():
+    """A 20,000-deep record (json.loads would raise RecursionError) and an overlong line are
+    rejected and counted; brackets inside strings do not count as depth."""
+    ok = b'{"user_id": 1, "item_id": 2, "event_type": "view", "timestamp": 1700000000}'
+    deep = b'{"user_id": 1, "x": ' + b"[" * 20_000 + b"]" * 20_000 + b"}"
+    quoted = ok[:-1] + b', "pad": "' + b"[{" * 500 + b'\\"[["}'
+    long = ok[:-1] + b', "pad": "' + b"z" * 60_000 + b'"}'
+    data = b"\n".join([ok, deep, quoted, long, ok]) + b"\n"
+    result = parse_block(data, "jsonl", limits=Limits(max_line_bytes=50_000, max_depth=8))
+    assert result.events.num_rows == 3
+    assert list(zip(result.reject_lines, result.reject_reasons, strict=True)) == [
+        (1, "nested_too_deep"),
+        (3, "line_too_long"),
+    ]
+    assert "nested 20,001 deep, over the limit of 8" in result.reject_details[0]
+
+
+def test_a_compressed_stream_is_cut_into_whole_lines_in_bounded_memory():
+    """Chunks end on line ends; a line over the limit is cut (one line still) and its rest
+    skipped, so every other line arrives whole and line numbers hold."""
+    import io
+
+    from flyray.clickstream.ingest import Bounds, _expanded_chunks
+
+    lines = [b"a" * 5, b"b" * 50, b"c" * 7, b"d" * 3]
+    data = b"\n".join(lines) + b"\n"
+    bounds = Bounds(chunk_bytes=8, limits=Limits(max_line_bytes=12), max_expanded_bytes=1000)
+    chunks = list(_expanded_chunks(io.BytesIO(data), "s.gz", bounds))
+    assert all(c.endswith(b"\n") for c in chunks)
+    got = b"".join(chunks).split(b"\n")[:-1]
+    assert got == [b"a" * 5, b"b" * 13, b"c" * 7, b"d" * 3]

@@ -127,3 +127,31 @@ def test_a_pickled_pyfunc_is_refused_in_the_same_setting(tracking, tmp_path):
                           timeout=300, env=env, cwd=tmp_path)  # fmt: skip
     assert proc.returncode != 0
     assert "Deserializing model using pickle is disallowed" in proc.stderr
+
+
+def test_every_torch_load_refuses_pickled_code():
+    """A checkpoint comes from a bucket other pods can write: every torch.load in flyray passes
+    weights_only=True, which refuses the pickled object below instead of running it."""
+    import ast
+    import io
+
+    import torch
+
+    calls = []
+    for path in Path(registry.__file__).parent.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Call) and ast.unparse(node.func) == "torch.load":
+                safe = any(k.arg == "weights_only" and ast.unparse(k.value) == "True"
+                           for k in node.keywords)  # fmt: skip
+                calls.append((f"{path.name}:{node.lineno}", safe))
+    assert len(calls) >= 3 and all(safe for _, safe in calls), calls
+
+    class Payload:
+        def __reduce__(self):
+            return (print, ("code ran on load",))
+
+    buffer = io.BytesIO()
+    torch.save({"epoch": 3, "history": Payload()}, buffer)
+    buffer.seek(0)
+    with pytest.raises(Exception, match="Weights only load failed"):
+        torch.load(buffer, weights_only=True)

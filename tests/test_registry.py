@@ -139,6 +139,8 @@ def _through_register(name, identity, value, small_model, champion_on_my_split=N
 
     def score(uri: str) -> float:
         scored.append(uri)
+        if callable(champion_on_my_split):
+            return champion_on_my_split(uri)
         return champion_on_my_split
 
     config = registry.RegistryConfig(name, "registry-tests", "ndcg@10")
@@ -174,6 +176,55 @@ def test_the_gate_compares_the_champion_on_the_challengers_split(tracking, small
     run = client.get_run(second.run_id)
     assert run.data.params["k"] == "10" and run.data.metrics["ndcg_at_10"] == 0.25
     assert [m.value for m in client.get_metric_history(second.run_id, "loss")] == [0.5, 0.4]
+
+
+@pytest.mark.parametrize("new_champion_on_slow_split, slow_wins", [(0.45, False), (0.35, True)])
+def test_a_champion_that_moved_while_scoring_is_scored_again(
+    tracking, small_model, monkeypatch, new_champion_on_slow_split, slow_wins
+):
+    """Two registrations at once: the slow one scores v1, and while it does, the fast one
+    beats v1 and takes the alias. The slow one must then score the new champion on its own
+    split and be gated against that; the alias is written once per promotion, to the winner."""
+    name = f"moved-{slow_wins}"
+    task = _identity("top-k items of shop A")
+    _through_register(name, task, 0.30, small_model)
+    fast_done = threading.Event()
+    written: list[str] = []
+    set_alias = mlflow.MlflowClient.set_registered_model_alias
+
+    def counting(self, model_name, alias, version):
+        written.append(str(version))
+        return set_alias(self, model_name, alias, version)
+
+    monkeypatch.setattr(mlflow.MlflowClient, "set_registered_model_alias", counting)
+
+    def slow_scores(uri: str) -> float:
+        if uri.endswith("/1"):  # the champion it found: scoring takes long, meanwhile...
+            assert fast_done.wait(timeout=120)
+            return 0.30
+        return new_champion_on_slow_split  # the champion that took the alias meanwhile
+
+    results = {}
+    slow = threading.Thread(target=lambda: results.update(
+        slow=_through_register(name, task, 0.40, small_model, slow_scores)))  # fmt: skip
+    slow.start()
+    results["fast"] = _through_register(name, task, 0.50, small_model, 0.30)
+    fast_done.set()
+    slow.join(timeout=300)
+    (fast, _), (late, scored) = results["fast"], results["slow"]
+    assert fast.decision.promoted and fast.decision.champion_version == "1"
+    fast_version = fast.decision.version
+    assert scored == [f"models:/{name}/1", f"models:/{name}/{fast_version}"]  # scored again
+    gate = late.decision
+    assert gate.champion_version == fast_version
+    assert gate.champion_value == new_champion_on_slow_split
+    assert gate.promoted == slow_wins
+    holder = mlflow.MlflowClient(tracking).get_model_version_by_alias(name, "champion").version
+    assert holder == (gate.version if slow_wins else fast_version)
+    winners = [fast_version, gate.version] if slow_wins else [fast_version]
+    assert written == winners  # each promotion wrote the alias once
+    if not slow_wins:
+        assert f"does not beat champion v{fast_version}'s 0.4500" in gate.reason
 
 
 def test_another_task_never_displaces_the_champion(tracking, small_model):

@@ -6,11 +6,13 @@ bad input gets a 4xx naming the field."""
 from __future__ import annotations
 
 import base64
+import http.client
 import io
 import json
 import threading
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 
 import mlflow
@@ -100,6 +102,7 @@ def test_bad_recommend_input_names_the_field():
         ({"user_ids": list(range(models.MAX_USERS + 1))}, "user_ids", 422),
         ({"user_ids": [7], "n": 0}, "n", 422),
         ({"user_ids": [7], "n": "10"}, "n", 422),
+        ({"user_ids": list(range(200)), "n": 501}, "n", 422),  # 100,200 results: over the cap
     ]
     for body, field, status in cases:
         with pytest.raises(BadRequest) as caught:
@@ -124,6 +127,32 @@ def test_images_from_bytes_or_base64_and_what_is_not_an_image():
         with pytest.raises(BadRequest, match=says) as caught:
             models.decode_images(values)
         assert caught.value.field == field
+
+
+def test_image_sizes_are_checked_from_headers_before_anything_is_decoded():
+    """A 40 KB PNG that claims 13,000 x 13,000 pixels (507 MB as RGB) is refused from its
+    header; so are images that pass one by one but not together."""
+    import tracemalloc
+
+    from PIL import Image
+
+    bomb = io.BytesIO()
+    Image.new("1", (13_000, 13_000)).save(bomb, "PNG")  # 1 bit a pixel compresses to ~40 KB
+    assert len(bomb.getvalue()) < 100_000
+    tracemalloc.start()
+    with pytest.raises(BadRequest, match=r"13000x13000 pixels, over the limit") as caught:
+        models.decode_images([png((1, 2, 3)), bomb.getvalue()])
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert (caught.value.field, caught.value.status) == ("images[1]", 413)
+    assert peak < 20 << 20  # nothing was decoded
+    side = int((models.MAX_IMAGE_PIXELS) ** 0.5)
+    big = io.BytesIO()
+    Image.new("1", (side, side)).save(big, "PNG")
+    count = models.MAX_REQUEST_PIXELS // (side * side) + 1
+    with pytest.raises(BadRequest, match="pixels in all, over the limit") as caught:
+        models.decode_images([big.getvalue()] * count)
+    assert caught.value.status == 413
 
 
 def test_tabular_rows_are_encoded_server_side_as_training_encoded_them():
@@ -256,6 +285,33 @@ def test_bad_requests_get_a_4xx_naming_the_field(recommender):
         assert answer["error"].startswith(field) and "Traceback" not in answer["error"]
     got, answer = call(url + "/recommend")  # GET
     assert (got, answer["field"]) == (405, "method")
+
+
+@pytest.mark.e2e
+def test_hostile_bodies_are_refused_before_they_are_read_whole_or_parsed(recommender):
+    """Past the body limit: 413 from the Content-Length, or mid-stream when the client sends
+    none (chunked); JSON nested 100,000 deep: 400, not a RecursionError's 500."""
+    url = recommender[0] + "/recommend"
+    huge = b'{"user_ids": [' + b"1," * (models.MAX_BODY_BYTES // 2) + b"1]}"
+    got, answer = call(url, raw=huge)
+    assert (got, answer["field"]) == (413, "body") and "over the limit" in answer["error"]
+
+    def chunks():
+        for _ in range(models.MAX_BODY_BYTES // (1 << 20) + 2):
+            yield b" " * (1 << 20)
+
+    host, port = urllib.parse.urlsplit(url).netloc.split(":")
+    connection = http.client.HTTPConnection(host, int(port), timeout=60)
+    connection.request("POST", urllib.parse.urlsplit(url).path, body=chunks(),
+                       encode_chunked=True, headers={"Content-Type": "application/json"})  # fmt: skip
+    response = connection.getresponse()
+    assert response.status == 413, response.read()
+    connection.close()
+    deep = b'{"user_ids": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+    got, answer = call(url, raw=deep)
+    assert (got, answer["field"]) == (400, "body") and "nested 100,001 deep" in answer["error"]
+    got, answer = call(url, {"user_ids": [1], "n": 10})
+    assert got == 200  # and the server is none the worse
 
 
 @pytest.mark.e2e

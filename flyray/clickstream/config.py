@@ -31,11 +31,22 @@ class IngestConfig:
     # Whose history an event belongs to: "user" (the user column; where a row has none, its
     # session stands in, counted in the report) or "session" (always the session).
     user_key: str = "user"
+    # Bounds on hostile input (docs/layouts.md#limits): a longer line, or a JSON record nested
+    # deeper, is rejected (counted and kept) before any parser sees it; a compressed file that
+    # expands past max_expanded_gb fails the run naming it (a decompression bomb).
+    max_line_kb: int = 1024
+    max_depth: int = 32
+    max_expanded_gb: float = 16.0
 
     def __post_init__(self) -> None:
         layout_for(self.layout, self.custom_layout)  # an unknown or conflicting layout fails here
         if self.user_key not in ("user", "session"):
             raise ValueError(f"user_key must be 'user' or 'session', got {self.user_key!r}")
+        if self.max_line_kb < 1 or self.max_depth < 2 or self.max_expanded_gb <= 0:
+            raise ValueError(
+                "max_line_kb must be >= 1, max_depth >= 2 and max_expanded_gb > 0, got "
+                f"{self.max_line_kb}, {self.max_depth}, {self.max_expanded_gb}"
+            )
 
 
 def default_event_weights() -> dict[str, float]:

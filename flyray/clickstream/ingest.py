@@ -28,9 +28,10 @@ import ray
 from flyray import console, storage
 from flyray.clickstream.config import IngestConfig
 from flyray.clickstream.layouts import PRESETS, Layout, detect, first_line, layout_for, resolve
-from flyray.clickstream.parse import parse_block
+from flyray.clickstream.parse import Limits, parse_block
 from flyray.clickstream.reports import IngestReport
 from flyray.clickstream.schema import (
+    COMPRESSION,
     EVENT_TYPES,
     INPUT_SUFFIXES,
     REJECT_REASONS,
@@ -52,7 +53,7 @@ class BlockSpec:
     start: int
     end: int
     size: int
-    compressed: bool
+    codec: str  # pyarrow's compression codec ("" for plain text): the file is streamed
 
 
 def bucket_of(user_ids: np.ndarray, n_buckets: int) -> np.ndarray:
@@ -61,11 +62,23 @@ def bucket_of(user_ids: np.ndarray, n_buckets: int) -> np.ndarray:
     return ((mixed >> np.uint64(32)) % np.uint64(n_buckets)).astype(np.int32)
 
 
-def _read_range(fs: pafs.FileSystem, spec: BlockSpec) -> bytes:
-    """The whole lines that start inside [start, end) of the file."""
-    if spec.compressed:
-        with fs.open_input_stream(spec.path, compression="gzip") as fh:
-            return fh.read()
+@dataclass(frozen=True)
+class Bounds:
+    """What one read task may take in: its chunk of text, one line, a file's expanded size."""
+
+    chunk_bytes: int
+    limits: Limits
+    max_expanded_bytes: int
+
+    @classmethod
+    def of(cls, config: IngestConfig) -> Bounds:
+        limits = Limits(config.max_line_kb << 10, config.max_depth)
+        return cls(_block_bytes(config), limits, int(config.max_expanded_gb * (1 << 30)))
+
+
+def _read_range(fs: pafs.FileSystem, spec: BlockSpec, max_line: int) -> bytes:
+    """The whole lines that start inside [start, end) of a plain file; the last one read at most
+    `max_line` bytes past the end (a longer line is rejected as too long, not read whole)."""
     with fs.open_input_file(spec.path) as fh:
         begin = max(spec.start - 1, 0)
         data = fh.read_at(spec.end - begin, begin)
@@ -76,6 +89,8 @@ def _read_range(fs: pafs.FileSystem, spec: BlockSpec) -> bytes:
             data = data[cut + 1 :]
         pos, tail = spec.end, []
         while not data.endswith(b"\n") and pos < spec.size and not (tail and b"\n" in tail[-1]):
+            if pos - spec.end > max_line:
+                break
             chunk = fh.read_at(min(_EXTEND, spec.size - pos), pos)
             pos += len(chunk)
             tail.append(chunk)
@@ -84,6 +99,52 @@ def _read_range(fs: pafs.FileSystem, spec: BlockSpec) -> bytes:
             cut = joined.find(b"\n")
             data += joined if cut < 0 else joined[: cut + 1]
         return data
+
+
+def _expanded_chunks(fh, source: str, bounds: Bounds):
+    """Whole lines of a decompressing stream, about `chunk_bytes` at a time, in bounded memory: a
+    line longer than the limit is cut there (its rest skipped, so line numbers hold) and the
+    screen rejects it; past `max_expanded_bytes` the file fails, named."""
+    carry, total, skipping, max_line = b"", 0, False, bounds.limits.max_line_bytes
+    while data := fh.read(bounds.chunk_bytes):
+        total += len(data)
+        if total > bounds.max_expanded_bytes:
+            raise IngestError(
+                f"{source}: expands past {bounds.max_expanded_bytes / (1 << 30):g} GB "
+                "(ingest_config.max_expanded_gb); a decompression bomb, or raise the bound"
+            )
+        if skipping:  # the rest of a line already cut and rejected
+            cut = data.find(b"\n")
+            if cut < 0:
+                continue
+            data, skipping = data[cut + 1 :], False
+        data = carry + data
+        cut = data.rfind(b"\n") + 1
+        carry = data[cut:]
+        if len(carry) > max_line:
+            data, carry, skipping = data[:cut] + carry[: max_line + 1] + b"\n", b"", True
+        else:
+            data = data[:cut]
+        if data:
+            yield data
+    if carry:
+        yield carry
+
+
+def _read_chunks(fs: pafs.FileSystem, spec: BlockSpec, bounds: Bounds):
+    """A block's text in chunks: a plain file's byte range at once, a compressed file streamed."""
+    try:
+        if not spec.codec:
+            yield _read_range(fs, spec, bounds.limits.max_line_bytes)
+            return
+        with fs.open_input_stream(spec.path, compression=spec.codec) as fh:
+            yield from _expanded_chunks(fh, spec.source, bounds)
+    except OSError as exc:
+        if not spec.codec or "NETWORK" in str(exc) or "curlCode" in str(exc):
+            raise  # a storage failure, not bad input
+        raise IngestError(
+            f"{storage.to_uri(fs, spec.path)}: not a readable {spec.codec} file ({exc})"
+        ) from None
 
 
 def _rejects_table(spec: BlockSpec, result) -> pa.Table:
@@ -101,7 +162,7 @@ def _rejects_table(spec: BlockSpec, result) -> pa.Table:
 
 
 def _write_buckets(
-    fs: pafs.FileSystem, events: pa.Table, n_buckets: int, events_dir: str, block_id: int
+    fs: pafs.FileSystem, events: pa.Table, n_buckets: int, events_dir: str, part: str
 ) -> None:
     buckets = bucket_of(events["user_id"].to_numpy(), n_buckets)
     order = np.argsort(buckets, kind="stable")
@@ -109,8 +170,8 @@ def _write_buckets(
     bounds = np.searchsorted(buckets[order], np.arange(n_buckets + 1))
     for k in range(n_buckets):
         if bounds[k + 1] > bounds[k]:
-            part = events.slice(bounds[k], bounds[k + 1] - bounds[k])
-            storage.write_table(fs, f"{events_dir}/bucket={k}/part-{block_id:06d}.parquet", part)
+            rows = events.slice(bounds[k], bounds[k + 1] - bounds[k])
+            storage.write_table(fs, f"{events_dir}/bucket={k}/part-{part}.parquet", rows)
 
 
 @ray.remote(max_retries=3)
@@ -121,52 +182,79 @@ def _ingest_block(
     n_buckets: int,
     events_dir: str,
     user_key: str,
+    bounds: Bounds,
 ) -> tuple[dict, pa.Table | None]:
-    """Parse, validate and write one block; return its counts and its rejects.
+    """Parse, validate and write one block (a compressed file: chunk by chunk); return its
+    counts and its rejects, their line numbers counted from the block's start.
 
-    Output file names depend only on the block, so a retried task overwrites, never duplicates.
+    Output file names depend only on the block and chunk, so a retried task overwrites, never
+    duplicates.
     """
-    try:
-        data = _read_range(fs, spec)
-    except OSError as exc:
-        if not spec.compressed or "NETWORK" in str(exc) or "curlCode" in str(exc):
-            raise  # a storage failure, not bad input
-        raise IngestError(
-            f"{storage.to_uri(fs, spec.path)}: not a readable gzip file ({exc})"
-        ) from None
-    layout = spec.layout
-    header = layout.format == "csv" and layout.header and spec.start == 0
-    result = parse_block(data, layout, has_header=header, user_key=user_key)
-    _write_buckets(out_fs, result.events, n_buckets, events_dir, spec.block_id)
-    counts = {
-        "lines": data.count(b"\n") + (1 if data and not data.endswith(b"\n") else 0),
-        "events": result.events.num_rows,
-        "events_by_type": np.bincount(
-            result.events["event_code"].to_numpy(), minlength=len(EVENT_TYPES)
-        ).tolist(),
-        "rejects_by_reason": dict(Counter(result.reject_reasons)),
-        "session_users": result.session_users,
-    }
-    return counts, (_rejects_table(spec, result) if result.n_rejects else None)
+    counts = {"lines": 0, "events": 0, "events_by_type": np.zeros(len(EVENT_TYPES), np.int64),
+              "rejects_by_reason": Counter(), "session_users": 0}  # fmt: skip
+    rejects = []
+    for chunk, data in enumerate(_read_chunks(fs, spec, bounds)):
+        layout = spec.layout
+        header = layout.format == "csv" and layout.header and spec.start == 0 and chunk == 0
+        result = parse_block(
+            data, layout, has_header=header, user_key=user_key, limits=bounds.limits
+        )
+        part = f"{spec.block_id:06d}-{chunk:05d}"
+        _write_buckets(out_fs, result.events, n_buckets, events_dir, part)
+        if result.n_rejects:
+            table = _rejects_table(spec, result)
+            line = pa.array(table["line"].to_numpy() + counts["lines"])
+            rejects.append(table.set_column(table.schema.get_field_index("line"), "line", line))
+        counts["lines"] += data.count(b"\n") + (1 if data and not data.endswith(b"\n") else 0)
+        counts["events"] += result.events.num_rows
+        codes = result.events["event_code"].to_numpy()
+        counts["events_by_type"] += np.bincount(codes, minlength=len(EVENT_TYPES))
+        counts["rejects_by_reason"].update(result.reject_reasons)
+        counts["session_users"] += result.session_users
+    counts["events_by_type"] = counts["events_by_type"].tolist()
+    counts["rejects_by_reason"] = dict(counts["rejects_by_reason"])
+    return counts, (pa.concat_tables(rejects) if rejects else None)
 
 
-def _first_line(fs: pafs.FileSystem, path: str, compressed: bool) -> bytes:
+# Byte-order marks of the encodings a UTF-8 reader must not guess at.
+_BOMS = {b"\xff\xfe\x00\x00": "UTF-32 (little-endian)", b"\x00\x00\xfe\xff": "UTF-32 (big-endian)",
+         b"\xff\xfe": "UTF-16 (little-endian)", b"\xfe\xff": "UTF-16 (big-endian)"}  # fmt: skip
+
+
+def _encoding_error(head: bytes) -> str:
+    """Why the start of a file is not UTF-8 text ("" when it may be)."""
+    name = next((n for bom, n in _BOMS.items() if head.startswith(bom)), "")
+    if not name and head[:1024].count(b"\x00") > len(head[:1024]) // 4:  # no BOM, ASCII as UTF-16
+        name = "UTF-16 (no byte-order mark)"
+    if not name:
+        return ""
+    return (
+        f"the file is {name} text; flyray reads UTF-8 (convert it first, e.g. "
+        "`iconv -f UTF-16 -t UTF-8 in > out`)"
+    )
+
+
+def _first_line(fs: pafs.FileSystem, path: str, source: str, codec: str) -> bytes:
     opener = fs.open_input_stream
-    with opener(path, compression="gzip") if compressed else opener(path) as fh:
-        return first_line(fh.read(1 << 16))
+    with opener(path, compression=codec) if codec else opener(path) as fh:
+        head = fh.read(1 << 16)
+    why = _encoding_error(head)
+    if why:
+        raise IngestError(f"{source}: {why}")
+    return first_line(head)
 
 
 def _file_layout(
-    fs: pafs.FileSystem, path: str, source: str, compressed: bool, config: IngestConfig
+    fs: pafs.FileSystem, path: str, source: str, codec: str, config: IngestConfig
 ) -> tuple[Layout, str]:
     """This file's layout, resolved against its first line, and why it was chosen."""
     chosen = layout_for(config.layout, config.custom_layout)
     try:
-        line = _first_line(fs, path, compressed)
+        line = _first_line(fs, path, source, codec)
     except OSError as exc:
-        if not compressed or "NETWORK" in str(exc) or "curlCode" in str(exc):
+        if not codec or "NETWORK" in str(exc) or "curlCode" in str(exc):
             raise
-        raise IngestError(f"{source}: not a readable gzip file ({exc})") from None
+        raise IngestError(f"{source}: not a readable {codec} file ({exc})") from None
     if not line:  # nothing but blank lines: no records under any layout
         return chosen or PRESETS["jsonl"], "the file starts with blank lines only"
     if chosen is None:
@@ -198,18 +286,16 @@ def plan_blocks(
             empty.append(f.path)
             continue
         path = storage.filesystem(f.path)[1]
-        compressed = f.path.lower().endswith(".gz")
-        layout, why = _file_layout(fs, path, f.path, compressed, config)
+        codec = next((c for x, c in COMPRESSION.items() if f.path.lower().endswith(x)), "")
+        layout, why = _file_layout(fs, path, f.path, codec, config)
         layouts[f.path] = (layout.name, why)
         ranges = (
-            [(0, f.size)]
-            if compressed
+            [(0, f.size)]  # one task streams the file (a compressed file has no byte ranges)
+            if codec
             else [(s, min(s + block_bytes, f.size)) for s in range(0, f.size, block_bytes)]
         )
         for start, end in ranges:
-            blocks.append(
-                BlockSpec(len(blocks), path, f.path, layout, start, end, f.size, compressed)
-            )
+            blocks.append(BlockSpec(len(blocks), path, f.path, layout, start, end, f.size, codec))
     if not blocks:
         raise IngestError(f"input is empty: {spec} ({len(empty)} empty file(s): {empty[:5]})")
     return fs, blocks, empty, layouts
@@ -234,6 +320,7 @@ def _run_blocks(
     n_buckets: int,
     events_dir: str,
     user_key: str,
+    bounds: Bounds,
 ) -> list[tuple[dict, pa.Table | None]]:
     """Run every block with a bounded number in flight; a progress bar, and a log line every
     few seconds."""
@@ -246,7 +333,7 @@ def _run_blocks(
     while todo or pending:
         while todo and len(pending) < window:
             spec = todo.pop(0)
-            ref = _ingest_block.remote(fs, out_fs, spec, n_buckets, events_dir, user_key)
+            ref = _ingest_block.remote(fs, out_fs, spec, n_buckets, events_dir, user_key, bounds)
             pending[ref] = spec
         done, _ = ray.wait(list(pending), num_returns=1)
         for ref in done:
@@ -320,7 +407,10 @@ def ingest(source: str, output_uri: str, config: IngestConfig | None = None) -> 
         layout_reason,
     )
     require_ray()
-    results = _run_blocks(fs, out_fs, blocks, config.n_buckets, events_path, config.user_key)
+    bounds = Bounds.of(config)
+    results = _run_blocks(
+        fs, out_fs, blocks, config.n_buckets, events_path, config.user_key, bounds
+    )
     rejects_uri = storage.to_uri(out_fs, f"{out_path}/rejects.parquet")
     _write_rejects(out_fs, f"{out_path}/rejects.parquet", blocks, results)
     manifests = [counts for counts, _ in results]

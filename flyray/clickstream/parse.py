@@ -23,6 +23,7 @@ import pyarrow.compute as pc
 import pyarrow.csv as pcsv
 import pyarrow.json as pjson
 
+from flyray.bounds import json_depth
 from flyray.clickstream.layouts import PRESETS, TIME_UNITS, Layout, first_line, resolve
 from flyray.clickstream.schema import EVENTS_SCHEMA
 
@@ -101,6 +102,50 @@ def _drop_invalid_utf8(data: bytes, rejects: _Rejects) -> bytes:
     return b"".join(parts)
 
 
+@dataclass(frozen=True)
+class Limits:
+    """Bounds on one record, checked before any parser sees it (IngestConfig sets them)."""
+
+    max_line_bytes: int = 1 << 20
+    max_depth: int = 32  # JSON objects and arrays inside each other
+
+
+_OPEN = np.frombuffer(b"{[", dtype=np.uint8)
+
+
+def _screen(data: bytes, rejects: _Rejects, limits: Limits, fmt: str) -> bytes:
+    """Reject and empty the lines over `limits` (line numbers stay as they were): what pyarrow
+    and the per-line explanations never see. Only lines with more opening brackets than the
+    depth limit are scanned."""
+    buf = np.frombuffer(data, dtype=np.uint8)
+    nl = np.flatnonzero(buf == 10)
+    starts = np.concatenate(([0], nl + 1))
+    ends = np.concatenate((nl, [len(buf)]))
+    bad: dict[int, tuple[str, str]] = {}
+    for k in np.flatnonzero(ends - starts > limits.max_line_bytes).tolist():
+        size = int(ends[k] - starts[k])
+        bad[k] = ("line_too_long", f"{size:,} bytes, over the limit of {limits.max_line_bytes:,}")
+    if fmt == "jsonl":
+        opened = np.concatenate(([0], np.cumsum(np.isin(buf, _OPEN))))
+        for k in np.flatnonzero(opened[ends] - opened[starts] > limits.max_depth).tolist():
+            if k not in bad:
+                depth = json_depth(data[starts[k] : ends[k]])
+                if depth > limits.max_depth:
+                    bad[k] = ("nested_too_deep", f"nested {depth:,} deep, over the limit of "
+                              f"{limits.max_depth}")  # fmt: skip
+    if not bad:
+        return data
+    parts, done = [], 0
+    for k in sorted(bad):
+        start, end = int(starts[k]), int(ends[k])
+        reason, detail = bad[k]
+        rejects.add(k, reason, None, detail, data[start : start + 4 * _RAW_KEEP])
+        parts.append(data[done:start])
+        done = end
+    parts.append(data[done:])
+    return b"".join(parts)
+
+
 def nonblank_lines(data: bytes, fmt: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(line index, start, end) of the lines pyarrow reads as rows: its JSON reader skips
     whitespace-only lines, its CSV reader only empty ones."""
@@ -126,7 +171,7 @@ def _explain_json_line(text: bytes, layout: Layout) -> tuple[str, str | None, st
     values are not pyarrow's concern: validation names them (a session may stand in)."""
     try:
         obj = json.loads(text)
-    except ValueError as exc:
+    except (ValueError, RecursionError) as exc:  # the screen keeps deep lines out; belt and braces
         return "malformed_line", None, f"invalid JSON: {exc}"
     if not isinstance(obj, dict):
         return "malformed_line", None, f"expected a JSON object, got {type(obj).__name__}"
@@ -562,6 +607,7 @@ def parse_block(
     has_header: bool | None = None,
     use_threads: bool = False,
     user_key: str = "user",
+    limits: Limits = Limits(),
 ) -> BlockResult:
     """Parse whole lines of one file. Line numbers in the result are 0-based within `data`.
 
@@ -573,6 +619,7 @@ def parse_block(
     data = _drop_invalid_utf8(data, rejects)
     if isinstance(layout, str):
         layout = resolve(PRESETS[layout], first_line(data), "<block>")
+    data = _screen(data, rejects, limits, layout.format)
     if has_header is None:
         has_header = layout.format == "csv" and layout.header
     if layout.format == "jsonl":

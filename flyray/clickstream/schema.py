@@ -40,6 +40,8 @@ REJECT_REASONS: tuple[str, ...] = (
     "unknown_event_type",
     "negative_id",
     "unparseable_timestamp",
+    "line_too_long",  # over IngestConfig.max_line_kb: never handed to a parser
+    "nested_too_deep",  # JSON nested past IngestConfig.max_depth: never handed to a parser
 )
 
 EVENTS_SCHEMA = pa.schema(
@@ -63,9 +65,11 @@ REJECTS_SCHEMA = pa.schema(
     ]
 )
 
-JSON_SUFFIXES = (".jsonl", ".json", ".ndjson", ".jsonl.gz", ".json.gz", ".ndjson.gz")
+# Compressed inputs by suffix: pyarrow's codec, streamed (never expanded whole in memory).
+COMPRESSION = {".gz": "gzip", ".bz2": "bz2", ".zst": "zstd"}
+JSON_SUFFIXES = tuple(s + c for s in (".jsonl", ".json", ".ndjson") for c in ("", *COMPRESSION))
 # .dat: YooChoose's yoochoose-clicks.dat; .tsv: tab-separated exports.
-CSV_SUFFIXES = (".csv", ".csv.gz", ".dat", ".dat.gz", ".tsv", ".tsv.gz")
+CSV_SUFFIXES = tuple(s + c for s in (".csv", ".dat", ".tsv") for c in ("", *COMPRESSION))
 INPUT_SUFFIXES = JSON_SUFFIXES + CSV_SUFFIXES
 
 

@@ -140,7 +140,7 @@ def _train_loop(config: dict) -> None:
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:  # a restart after a failure: continue from the last epoch saved
         with checkpoint.as_directory() as folder:
-            state = torch.load(os.path.join(folder, "state.pt"), weights_only=False)
+            state = torch.load(os.path.join(folder, "state.pt"), weights_only=True)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         start, history = state["epoch"], state["history"]
@@ -268,7 +268,7 @@ def train_classifier(
     with progress:
         result = trainer.fit()
     with result.checkpoint.as_directory() as folder:
-        state = torch.load(os.path.join(folder, "state.pt"), weights_only=False)
+        state = torch.load(os.path.join(folder, "state.pt"), weights_only=True)
     model = ClipClassifier(
         train.schema.field("embedding").type.list_size, len(labels), params.hidden, params.dropout
     )

@@ -22,7 +22,11 @@ from ray.serve import Application
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 
+from flyray.bounds import json_depth
 from flyray.serve.models import (
+    MAX_BODY_BYTES,
+    MAX_IMAGES,
+    MAX_JSON_DEPTH,
     BadRequest,
     ChampionFollower,
     Recommender,
@@ -94,17 +98,41 @@ class Champion:
         }
 
 
+async def _body(request: Request) -> bytes:
+    """The body, read only up to MAX_BODY_BYTES: a larger one is refused (413) from its
+    Content-Length, or as soon as the stream passes the limit; kept where Starlette keeps a
+    body it has read, so that form() parses it from memory."""
+    too_large = BadRequest("body", f"over the limit of {MAX_BODY_BYTES:,} bytes", 413)
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > MAX_BODY_BYTES:
+        raise too_large
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > MAX_BODY_BYTES:
+            raise too_large
+        chunks.append(chunk)
+    request._body = b"".join(chunks)  # Starlette's own cache of a body read (Request.body)
+    return request._body
+
+
 async def _json(request: Request) -> object:
+    body = await _body(request)
+    depth = json_depth(body)
+    if depth > MAX_JSON_DEPTH:
+        raise BadRequest("body", f"JSON nested {depth:,} deep, over the limit of "
+                         f"{MAX_JSON_DEPTH}", 400)  # fmt: skip
     try:
-        return json.loads(await request.body())
-    except (ValueError, UnicodeDecodeError) as err:
+        return json.loads(body)
+    except (ValueError, UnicodeDecodeError, RecursionError) as err:
         raise BadRequest("body", f"not valid JSON: {err}", 400) from None
 
 
 async def _images(request: Request) -> tuple[list, str]:
     """Images of a multipart upload (`image` fields) or of a JSON body."""
     if request.headers.get("content-type", "").startswith("multipart/form-data"):
-        async with request.form(max_files=64) as form:
+        await _body(request)  # bounded; form() then parses it from memory
+        async with request.form(max_files=MAX_IMAGES) as form:
             files = form.getlist("image")
             if not files:
                 raise BadRequest("image", "multipart upload has no `image` file field", 422)

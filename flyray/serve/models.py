@@ -23,14 +23,21 @@ import pandas as pd
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
+from flyray.bounds import image_size_error
 from flyray.registry import CHAMPION
 
 log = logging.getLogger(__name__)
 
+# Bounds on a request (docs/serving.md#limits): each is checked before the work it bounds.
+MAX_BODY_BYTES = 16 << 20  # 413 past it, before the body is read whole
+MAX_JSON_DEPTH = 32  # objects and arrays inside each other; 400 past it, before parsing
 MAX_USERS = 1_000  # per /recommend or /score request
 MAX_N = 1_000  # items per user
+MAX_RESULTS = 100_000  # users x n per /recommend request (a batch of 64: 6.4 M at most)
 MAX_ROWS = 10_000  # per tabular request
 MAX_IMAGES = 64  # per image request
+MAX_IMAGE_PIXELS = 4_000_000  # per image (2000 x 2000; the models see 32 or 224 pixels a side)
+MAX_REQUEST_PIXELS = 16_000_000  # per request, all images together (48 MB decoded)
 _NEVER_SEEN_USER = int(np.iinfo(np.int64).min)  # an id no clickstream has: the cold-start answer
 
 
@@ -80,14 +87,15 @@ def bounded_int(body: dict, key: str, default: int, lo: int, hi: int) -> int:
 
 def decode_images(values: list[bytes | str], name: str = "images"):
     """Encoded images (bytes, or base64 text as JSON carries them) as RGB PIL images, with
-    their bytes; a value that is not an image names its position."""
-    from flyray.images import decode
+    their bytes; a value that is not an image, or too large an image, names its position.
+    Every size is read from its header before anything is decoded."""
+    from flyray.images import decode, size
 
     if not values:
         raise BadRequest(name, "expected at least one image")
     if len(values) > MAX_IMAGES:
         raise BadRequest(name, f"at most {MAX_IMAGES} images per request, got {len(values)}")
-    images, raw = [], []
+    raw, pixels = [], 0
     for k, value in enumerate(values):
         if isinstance(value, str):
             try:
@@ -97,10 +105,23 @@ def decode_images(values: list[bytes | str], name: str = "images"):
         elif not isinstance(value, bytes):
             raise BadRequest(f"{name}[{k}]", f"expected a base64 string, got {value!r:.40}")
         try:
-            images.append(decode(value))
+            width, height = size(value)
         except ValueError as err:
             raise BadRequest(f"{name}[{k}]", f"cannot read the image: {err}") from None
+        too_large = image_size_error((width, height), MAX_IMAGE_PIXELS)
+        if too_large:
+            raise BadRequest(f"{name}[{k}]", too_large, 413)
+        pixels += width * height
         raw.append(value)
+    if pixels > MAX_REQUEST_PIXELS:
+        raise BadRequest(name, f"{pixels:,} pixels in all, over the limit of "
+                         f"{MAX_REQUEST_PIXELS:,} per request", 413)  # fmt: skip
+    images = []
+    for k, value in enumerate(raw):
+        try:
+            images.append(decode(value, MAX_IMAGE_PIXELS))
+        except ValueError as err:
+            raise BadRequest(f"{name}[{k}]", f"cannot read the image: {err}") from None
     return images, raw
 
 
@@ -137,7 +158,11 @@ class Recommender:
     @staticmethod
     def parse_recommend(body: object) -> tuple[np.ndarray, int]:
         users = int_list(require(body, "user_ids"), "user_ids", MAX_USERS)
-        return users, bounded_int(body, "n", 10, 1, MAX_N)
+        n = bounded_int(body, "n", 10, 1, MAX_N)
+        if len(users) * n > MAX_RESULTS:
+            raise BadRequest("n", f"{len(users)} users x {n} items = {len(users) * n:,}, over "
+                             f"the limit of {MAX_RESULTS:,} per request")  # fmt: skip
+        return users, n
 
     def recommend(self, requests: list[tuple[np.ndarray, int]]) -> list[list[dict]]:
         """Top-n items for every request's users; requests asking the same n share one predict

@@ -1,16 +1,17 @@
 """`make rehearse`: the cluster path run for real on this machine (docs/cluster.md).
 
     python -m k8s.rehearse [--archive dist/flyray-flyte.tgz] [--keep] [--no-faults]
-                           [--workloads recommendation,xgboost,cnn,clip]
+                           [--all-trainer-faults] [--workloads recommendation,xgboost,cnn,clip]
 
 In a network namespace of its own whose /etc/hosts names the cluster's Services, it starts the
 platform of k8s/ from its rendered manifests (Postgres, MinIO, MLflow), then runs the
 recommendation workflow that `make package` serialized node by node, every Ray task as the
 RayJob Flyte's Ray plugin creates on a Ray cluster of its own, checks what it registered
 through MLflow's Service name and serves it with the RayService; then the training node of
-every other workload. Every trainer loses its first attempt at its first checkpoint. One line
-per node as it ends, a summary table last. Needs root (unshare, Postgres); exit status 1 when
-any step fails.
+every other workload. The FunkSVD trainer loses its first attempt at its first checkpoint
+(with --all-trainer-faults every trainer does, each training longer so that the loss lands
+mid-training). One line per node as it ends, a summary table last. Needs root (unshare,
+Postgres); exit status 1 when any step fails.
 """
 
 from __future__ import annotations
@@ -39,22 +40,27 @@ REPO = Path(__file__).resolve().parents[2]
 # ranking sample, so that the whole rehearsal fits a CI run (recommendation_inputs).
 RECOMMENDATION = "workflows.recommendation.recommendation_pipeline"
 MODEL = "flyray-funksvd"  # what it registers (the workflow's default RegistryConfig)
-# The training node of each other workload, with the nodes it needs, on its launch plan's
-# defaults (the demo inputs each generates) made smaller, its trainer lost at its first
-# checkpoint as FunkSVD's is (long enough that the loss lands mid-training): workflow, launch
-# plan, training task, trainer, overrides (a dataclass: (module, class, fields)).
+# The training node of each other workload, with the nodes whose outputs it needs, on its launch
+# plan's defaults (the demo inputs each generates) made smaller: workflow, launch plan, training
+# task, trainer, overrides, and the overrides that make it train long enough for a loss at its
+# first checkpoint to land mid-training (--all-trainer-faults). A dataclass override is
+# (module, class, fields).
 _RAY = "flyray.raytrain"
 TRAINING = {
     "xgboost": ("workflows.tabular.xgboost_pipeline", "xgboost_default", "train_xgboost",
      "fit_xgboost",
+     {"params": ("flyray.tabular.train", "XGBParams", {"num_boost_round": 30})},
      {"params": ("flyray.tabular.train", "XGBParams",
                  {"num_boost_round": 400, "eta": 0.02, "early_stopping_rounds": 0}),
       "training": (_RAY, "DistributedConfig", {"checkpoint_every": 10})}),
     "cnn": ("workflows.image_classification.cnn_benchmark", "cnn_benchmark_default",
      "train_distributed", "fit_cnn",
+     {"params": ("flyray.vision.model", "CNNParams", {"epochs": 1})},
      {"params": ("flyray.vision.model", "CNNParams", {"epochs": 4})}),
     "clip": ("workflows.clip.clip_pipeline", "clip_default", "train_clip_classifier",
      "fit_clip_classifier",
+     {"demo_per_class": 20,
+      "params": ("flyray.clip.classifier", "ClassifierParams", {"epochs": 3})},
      {"demo_per_class": 20,
       "params": ("flyray.clip.classifier", "ClassifierParams", {"epochs": 12})}),
 }  # fmt: skip
@@ -67,6 +73,8 @@ def _parse(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--keep", action="store_true", help="keep the rehearsal's folder")
     parser.add_argument("--demo-events", type=int, default=30_000)
     parser.add_argument("--no-faults", action="store_true", help="skip the fault rehearsals")
+    parser.add_argument("--all-trainer-faults", action="store_true",
+                        help="lose every trainer's first attempt, not only FunkSVD's")  # fmt: skip
     parser.add_argument(
         "--workloads", default=",".join(WORKLOADS),
         help=f"comma-separated, of {', '.join(WORKLOADS)} (the RayService comes with "
@@ -150,8 +158,9 @@ def training(args, workload, package, store, objects, hosts, root, rows) -> bool
     from k8s.rehearse.faults import TrainerLoss
     from k8s.rehearse.flyte import Execution, NodeFailed, Row
 
-    workflow, plan, task, trainer, overrides = workload
-    loss = None if args.no_faults else TrainerLoss(trainer)
+    workflow, plan, task, trainer, quick, faulted = workload
+    lose = args.all_trainer_faults and not args.no_faults
+    loss, overrides = (TrainerLoss(trainer), faulted) if lose else (None, quick)
     run = Execution(package, store, objects, hosts, root, workflow, hook=loss)
     try:
         run.run(training_inputs(package.launch_plans[plan], workflow, overrides), task)
