@@ -13,15 +13,14 @@ Flyte tasks get their code by fast registration, so the workload images hold pac
 
 from __future__ import annotations
 
-import os
-
 from flytekit import ImageSpec
 
 from images.requirements import path as _locked
+from tasks.deployment import current
 
 _TORCH_CPU = ["https://download.pytorch.org/whl/cpu"]  # where torch==2.13.0+cpu is published
-_REGISTRY = os.environ.get("FLYRAY_REGISTRY", "localhost:30000")
-_TAG_FORMAT = os.environ.get("FLYRAY_IMAGE_TAG_FORMAT") or None
+_REGISTRY = current().image_registry  # the deployment's facts, read once (tasks/deployment.py)
+_TAG_FORMAT = current().image_tag_format or None
 
 
 def _spec(name: str, env: dict[str, str] | None = None, **kwargs) -> ImageSpec:

@@ -66,6 +66,12 @@ class Deployment:
     gpu_tolerations: tuple[dict, ...] = (GPU_TAINT,)
     gpu_node_selector: tuple[tuple[str, str], ...] = ()
     timeout_scale: float = 1.0
+    # Read at registration only: where images go, and the nightly launch plan's settings.
+    image_registry: str = "localhost:30000"
+    image_tag_format: str = ""
+    nightly_source: str = ""
+    nightly_window_days: int = 30
+    nightly_notify: tuple[str, ...] = ()
     # The variables that were set, carried into every task's environment.
     environment: tuple[tuple[str, str], ...] = field(default=(), compare=False)
 
@@ -104,6 +110,13 @@ class Deployment:
             gpu_tolerations=tuple(_tolerations(env)),
             gpu_node_selector=tuple(selector.items()),
             timeout_scale=number("FLYRAY_TIMEOUT_SCALE", "1", float),
+            image_registry=get("FLYRAY_REGISTRY", "localhost:30000"),
+            image_tag_format=get("FLYRAY_IMAGE_TAG_FORMAT", ""),
+            nightly_source=get("FLYRAY_NIGHTLY_SOURCE", ""),
+            nightly_window_days=number("FLYRAY_NIGHTLY_WINDOW_DAYS", "30", int),
+            nightly_notify=tuple(
+                a.strip() for a in get("FLYRAY_NIGHTLY_NOTIFY", "").split(",") if a.strip()
+            ),
             environment=tuple((n, env[n]) for n in VARIABLES if n in env),
         )
 

@@ -6,7 +6,6 @@ pyflyte run workflows/recommendation.py prepare_data --source s3://bucket/clicks
 
 from __future__ import annotations
 
-import os
 from datetime import datetime
 from typing import NamedTuple
 
@@ -34,6 +33,7 @@ from tasks.clickstream import (
     ingest_clickstream,
     resolve_source,
 )
+from tasks.deployment import current
 from tasks.recommender import (
     evaluate_model,
     recommend_users,
@@ -143,7 +143,7 @@ default_plan = LaunchPlan.get_or_create(recommendation_pipeline, name="recommend
 def nightly_notifications() -> list[Email]:
     """An email to FLYRAY_NIGHTLY_NOTIFY (comma-separated addresses, read when registering) when
     a nightly run fails, times out or is aborted; none when it is unset."""
-    to = [a.strip() for a in os.environ.get("FLYRAY_NIGHTLY_NOTIFY", "").split(",") if a.strip()]
+    to = list(current().nightly_notify)
     failed = [WorkflowExecutionPhase.FAILED, WorkflowExecutionPhase.TIMED_OUT,
               WorkflowExecutionPhase.ABORTED]  # fmt: skip
     return [Email(phases=failed, recipients_email=to)] if to else []
@@ -157,8 +157,8 @@ nightly_plan = LaunchPlan.get_or_create(
     recommendation_pipeline,
     name="recommendation_nightly",
     default_inputs={
-        "source": os.environ.get("FLYRAY_NIGHTLY_SOURCE", ""),
-        "window_days": int(os.environ.get("FLYRAY_NIGHTLY_WINDOW_DAYS", "30")),
+        "source": current().nightly_source,
+        "window_days": current().nightly_window_days,
     },
     schedule=CronSchedule(schedule="0 3 * * *", kickoff_time_input_arg="run_date"),
     notifications=nightly_notifications(),
