@@ -184,7 +184,7 @@ def torch(out: Path, tmp: Path) -> None:
 
     train, validation = blobs(6000), blobs(2000)
     labels = [f"class_{k}" for k in range(len(centres))]
-    params = ClassifierParams(hidden=64, lr=3e-3, epochs=6, batch_size=128, seed=1)
+    params = ClassifierParams(hidden=64, lr=3e-3, epochs=4, batch_size=128, seed=1)
     disturber = _Disturber()
 
     def fit(name: str):
@@ -193,7 +193,7 @@ def torch(out: Path, tmp: Path) -> None:
 
     reference = disturber.reference(lambda: fit("reference"))
     disturbed = disturber.disturbed(
-        lambda: fit("disturbed"), _checkpoints_seen(tmp / "disturbed", 3)
+        lambda: fit("disturbed"), _checkpoints_seen(tmp / "disturbed", 2)
     )
     disturber.close(out, {
         "restored_from": disturbed.resumed_from_epoch,
