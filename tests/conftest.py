@@ -19,15 +19,11 @@ import urllib.error
 import urllib.request
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import mlflow
 import pytest
 import ray
 from flytekit.core import local_cache
-
-if TYPE_CHECKING:
-    from tests.rehearsal import Background
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
@@ -66,31 +62,6 @@ def pytest_collection_modifyitems(config, items) -> None:
         item.stash[_TIER] = tier
         item.add_marker(getattr(pytest.mark, tier))
     items.sort(key=lambda item: TIERS.index(item.stash[_TIER]))
-
-
-_REHEARSAL = pytest.StashKey["Background"]()
-
-
-def pytest_collection_finish(session) -> None:
-    """The cluster rehearsal starts now when test_rehearsal is selected, and runs beside the
-    rest of the suite (tests/rehearsal.py says why that is safe)."""
-    from tests.rehearsal import NODE_ID, Background
-
-    if not session.config.option.collectonly and any(i.nodeid == NODE_ID for i in session.items):
-        background = Background()
-        session.config.stash[_REHEARSAL] = background
-        session.config.add_cleanup(background.stop)
-
-
-@pytest.fixture
-def rehearsal(request) -> Background:
-    """The background rehearsal of this session (started by pytest_collection_finish)."""
-    background = request.config.stash.get(_REHEARSAL, None)
-    if background is None:
-        pytest.fail("the rehearsal was not started: select test_rehearsal by its node id")
-    if background.skipped:
-        pytest.skip(f"the rehearsal needs a network namespace: {background.skipped}")
-    return background
 
 
 @pytest.fixture(autouse=True)
