@@ -32,8 +32,14 @@ SECRETS = (
 )
 INTEGERS = ("FLYRAY_RAY_WORKERS",)
 # The platform, in apply order (the Helm charts come between namespace/secrets and the rest).
-PLATFORM = ("namespace.yaml", "secrets.template.yaml", "postgres.yaml", "minio.yaml", "mlflow.yaml",
-            "network.yaml")
+PLATFORM = (
+    "namespace.yaml",
+    "secrets.template.yaml",
+    "postgres.yaml",
+    "minio.yaml",
+    "mlflow.yaml",
+    "network.yaml",
+)
 STANDALONE = ("ray/raycluster.yaml", "ray/rayjob.yaml")
 
 
