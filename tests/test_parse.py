@@ -146,3 +146,29 @@ def test_a_compressed_stream_is_cut_into_whole_lines_in_bounded_memory():
     assert all(c.endswith(b"\n") for c in chunks)
     got = b"".join(chunks).split(b"\n")[:-1]
     assert got == [b"a" * 5, b"b" * 13, b"c" * 7, b"d" * 3]
+
+
+def test_the_screen_finds_lines_after_a_long_one_and_stays_small_on_a_flood_of_lines():
+    """A deep line after a long one is named by its own line; a block of 32 MB of blank lines
+    (32 million lines) is screened without per-line arrays of the whole block."""
+    import tracemalloc
+
+    ok = b'{"user_id": 1, "item_id": 2, "event_type": "view", "timestamp": 1700000000}'
+    long = b'{"pad": "' + b"z" * 5000 + b'"}'
+    deep = b'{"x": ' + b"[" * 50 + b"]" * 50 + b"}"
+    data = b"\n".join([ok, long, ok, deep, ok]) + b"\n"
+    result = parse_block(data, "jsonl", limits=Limits(max_line_bytes=1000, max_depth=8))
+    assert result.events.num_rows == 3
+    assert list(zip(result.reject_lines, result.reject_reasons, strict=True)) == [
+        (1, "line_too_long"),
+        (3, "nested_too_deep"),
+    ]
+    assert result.reject_raw[1].startswith('{"x": [[[')
+    flood = ok + b"\n" + b"\n" * (32 << 20) + b"[" * 40 + b"\n" + ok + b"\n"
+    tracemalloc.start()
+    result = parse_block(flood, "jsonl")
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert result.events.num_rows == 2 and result.reject_reasons == ["nested_too_deep"]
+    assert result.reject_lines == [1 + (32 << 20)]
+    assert peak < 300 << 20, peak  # per-line int64 arrays of the block alone: 256 MB each

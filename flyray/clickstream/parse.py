@@ -113,35 +113,86 @@ class Limits:
 _OPEN = np.frombuffer(b"{[", dtype=np.uint8)
 
 
+def _long_lines(data: bytes, limit: int) -> list[tuple[int, int]]:
+    """(start, end) of every line longer than `limit`, found without per-byte arrays: such a
+    line spans a whole aligned window of limit/2 bytes, so only windows with no newline (found
+    by bytes.find) are followed to their line's ends."""
+    found: list[tuple[int, int]] = []
+    step = max(1, limit // 2)
+    for window in range(0, len(data), step):
+        if found and window < found[-1][1]:
+            continue  # inside a line already found
+        if data.find(b"\n", window, window + step) >= 0 or window + step > len(data):
+            continue
+        start = data.rfind(b"\n", 0, window) + 1
+        end = data.find(b"\n", window)
+        end = len(data) if end < 0 else end
+        if end - start > limit:
+            found.append((start, end))
+    return found
+
+
+def _deep_lines(data: bytes, limits: Limits) -> list[tuple[int, int, int]]:
+    """(start, end, depth) of the JSON lines nested deeper than the limit. Lines are counted in
+    slices of about a megabyte, so memory stays small whatever the block holds (a flood of
+    blank lines would otherwise cost 8 bytes a line per array); only lines with more opening
+    brackets than the limit are scanned."""
+    found = []
+    if data.count(b"[") + data.count(b"{") <= limits.max_depth:
+        return found
+    begin = 0
+    while begin < len(data):
+        cut = data.find(b"\n", min(begin + (1 << 20), len(data)))
+        stop = len(data) if cut < 0 else cut + 1
+        buf = np.frombuffer(data, dtype=np.uint8, count=stop - begin, offset=begin)
+        nl = np.flatnonzero(buf == 10)
+        starts = np.concatenate(([0], nl + 1))
+        ends = np.concatenate((nl, [len(buf)]))
+        opened = np.concatenate(([0], np.cumsum(np.isin(buf, _OPEN), dtype=np.int32)))
+        for k in np.flatnonzero(opened[ends] - opened[starts] > limits.max_depth).tolist():
+            start, end = begin + int(starts[k]), begin + int(ends[k])
+            depth = json_depth(data[start:end])
+            if depth > limits.max_depth:
+                found.append((start, end, depth))
+        begin = stop
+    return found
+
+
 def _screen(data: bytes, rejects: _Rejects, limits: Limits, fmt: str) -> bytes:
     """Reject and empty the lines over `limits` (line numbers stay as they were): what pyarrow
-    and the per-line explanations never see. Only lines with more opening brackets than the
-    depth limit are scanned."""
-    buf = np.frombuffer(data, dtype=np.uint8)
-    nl = np.flatnonzero(buf == 10)
-    starts = np.concatenate(([0], nl + 1))
-    ends = np.concatenate((nl, [len(buf)]))
-    bad: dict[int, tuple[str, str]] = {}
-    for k in np.flatnonzero(ends - starts > limits.max_line_bytes).tolist():
-        size = int(ends[k] - starts[k])
-        bad[k] = ("line_too_long", f"{size:,} bytes, over the limit of {limits.max_line_bytes:,}")
-    if fmt == "jsonl":
-        opened = np.concatenate(([0], np.cumsum(np.isin(buf, _OPEN))))
-        for k in np.flatnonzero(opened[ends] - opened[starts] > limits.max_depth).tolist():
-            if k not in bad:
-                depth = json_depth(data[starts[k] : ends[k]])
-                if depth > limits.max_depth:
-                    bad[k] = ("nested_too_deep", f"nested {depth:,} deep, over the limit of "
-                              f"{limits.max_depth}")  # fmt: skip
+    and the per-line explanations never see."""
+    bad = {
+        start: (end, "line_too_long", f"{end - start:,} bytes, over the limit of "
+                f"{limits.max_line_bytes:,}")
+        for start, end in _long_lines(data, limits.max_line_bytes)
+    }  # fmt: skip
+    if fmt == "jsonl":  # long lines emptied first: they are not scanned for depth
+        cuts, removed = [], 0  # (where a long line was emptied in `kept`, bytes removed so far)
+        for start in sorted(bad):
+            removed += bad[start][0] - start
+            cuts.append((start - removed + bad[start][0] - start, removed))
+        for start, end, depth in _deep_lines(_blank(data, bad) if bad else data, limits):
+            shift = max((r for at, r in cuts if at <= start), default=0)
+            detail = f"nested {depth:,} deep, over the limit of {limits.max_depth}"
+            bad[start + shift] = (end + shift, "nested_too_deep", detail)
     if not bad:
         return data
+    line, counted = 0, 0
+    for start in sorted(bad):
+        end, reason, detail = bad[start]
+        line += data.count(b"\n", counted, start)
+        counted = start
+        rejects.add(line, reason, None, detail, data[start : start + 4 * _RAW_KEEP])
+    return _blank(data, bad)
+
+
+def _blank(data: bytes, lines: dict[int, tuple]) -> bytes:
+    """`data` with the lines starting at the keys of `lines` (ending at their values' first
+    item) emptied."""
     parts, done = [], 0
-    for k in sorted(bad):
-        start, end = int(starts[k]), int(ends[k])
-        reason, detail = bad[k]
-        rejects.add(k, reason, None, detail, data[start : start + 4 * _RAW_KEEP])
+    for start in sorted(lines):
         parts.append(data[done:start])
-        done = end
+        done = lines[start][0]
     parts.append(data[done:])
     return b"".join(parts)
 
