@@ -85,6 +85,7 @@ bench: setup
 	$(BIN)/python -m bench.xgboost
 	$(BIN)/python -m bench.clip
 	$(BIN)/python -m bench.serve
+	$(BIN)/python -m bench.hostile
 
 # Serialize every workflow, task and launch plan (with the code, for fast registration) into
 # dist/flyray-flyte.tgz; needs no cluster: `flytectl register files` takes the archive.
