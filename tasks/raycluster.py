@@ -85,6 +85,7 @@ def _ray_pod(container: str, resources: Resources, deploy: Deployment, gpu: bool
     )
 
     spec = pod_spec_from_resources(container, requests=resources, limits=resources)
+    spec.automount_service_account_token = False  # Ray pods never call the Kubernetes API
     spec.security_context = V1PodSecurityContext(
         run_as_non_root=True, run_as_user=RUN_AS_USER, fs_group=RUN_AS_USER,
         seccomp_profile=V1SeccompProfile(type="RuntimeDefault"),

@@ -127,6 +127,7 @@ def _pod_specs(doc: dict) -> list[dict]:
 
 
 def _assert_hardened(pod: dict, where: str, needs_resources: bool = True) -> None:
+    assert pod["automountServiceAccountToken"] is False, where  # no API token to steal
     assert pod["securityContext"]["runAsNonRoot"] is True, where
     assert pod["securityContext"]["seccompProfile"]["type"] == "RuntimeDefault", where
     for container in pod["containers"]:
