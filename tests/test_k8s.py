@@ -452,3 +452,18 @@ def test_make_cluster_check_reports_every_object(tmp_path):
     assert re.search(r"ok\s+clickstream.ingest_clickstream\s+RayJob/", out)
     assert "all valid" in out and "FAIL" not in out
     assert "cluster-check-" not in out  # the dummy secrets are never printed
+
+
+def test_the_bucket_job_scopes_its_user_to_the_bucket_and_hides_no_error(manifests):
+    """MinIO's bucket job: the user's policy names only the bucket (not MinIO's readwrite on
+    everything), no failure is swallowed, and the root password is on no command line."""
+    [job] = [
+        d for d in manifests if d["kind"] == "Job" and d["metadata"]["name"] == "minio-buckets"
+    ]
+    [container] = job["spec"]["template"]["spec"]["containers"]
+    script = container["args"][0]
+    assert "|| true" not in script and "readwrite" not in script
+    assert container["command"] == ["/bin/sh", "-ec"]  # -e: any failing step fails the job
+    assert '"arn:aws:s3:::$BUCKET", "arn:aws:s3:::$BUCKET/*"' in script
+    [root] = [line for line in script.splitlines() if "MINIO_ROOT_PASSWORD" in line]
+    assert root.startswith("export MC_HOST_store=")  # an environment variable, not an argument
