@@ -214,7 +214,7 @@ def test_rendering_fills_secrets_only_from_the_environment(manifests):
     )
     # Shell variables in container commands are left for the shell.
     [mc] = [d for d in manifests if d["kind"] == "Job"][0]["spec"]["template"]["spec"]["containers"]
-    assert '"$MINIO_ROOT_PASSWORD"' in mc["args"][0]
+    assert ":$MINIO_ROOT_PASSWORD@" in mc["args"][0] and "password-dummy" not in mc["args"][0]
 
 
 def test_render_refuses_a_missing_secret_and_prints_no_value(tmp_path):
