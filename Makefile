@@ -36,9 +36,13 @@ $(STAMP): pyproject.toml uv.lock
 	@echo '$(EXTRAS)' > $(VENV)/.extras
 	@touch $(STAMP)
 
-# Re-resolve uv.lock after a dependency changed in pyproject.toml, and the images' pins with it.
-lock: setup
+# Re-resolve uv.lock after a dependency changed in pyproject.toml, install it, and re-export the
+# images' pins (setup alone refuses a stale lock, so it comes after).
+lock:
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	@test -x $(BIN)/uv || $(BIN)/python -m pip install --quiet uv==$(UV_VERSION)
 	$(UV) lock --python $(BIN)/python
+	@$(MAKE) --no-print-directory setup
 	$(BIN)/python -m images.requirements --write
 
 run: setup

@@ -13,6 +13,11 @@ The gate: a new version takes the alias "champion" only if it beats the baseline
 against, and the current champion scored on the new version's own held-out split (same metric,
 same users or rows); otherwise it stays registered, tagged with why it was not promoted. Every
 decision is tagged on the version.
+
+Identities: on a cluster the MLflow server authenticates every client (flyray/registry_auth.py).
+A task logs and registers as the pipeline identity of its pod; the gate's writes (the alias and
+the `gate.*`/`promotion*` tags) go out as the gate identity (`register(gate=...)`), the only one
+the server lets move an alias.
 """
 
 from __future__ import annotations
@@ -22,7 +27,8 @@ import json
 import logging
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -32,6 +38,37 @@ from mlflow.exceptions import MlflowException
 
 log = logging.getLogger(__name__)
 CHAMPION = "champion"
+# Version tags that only the gate writes (the server refuses them from any other identity): the
+# gate trusts them when it settles the alias, so no pipeline may forge them.
+GATE_TAG_PREFIXES = ("gate.", "promotion")
+
+
+@dataclass(frozen=True)
+class Credentials:
+    """An MLflow identity (a Flyte secret on a cluster); the password never prints."""
+
+    username: str
+    password: str = field(repr=False)
+
+
+@contextmanager
+def acting_as(identity: Credentials | None) -> Iterator[None]:
+    """MLflow's REST client reads MLFLOW_TRACKING_USERNAME/PASSWORD on every request (its
+    documented variables), so the calls inside go out as `identity`; None: as the process."""
+    if identity is None:
+        yield
+        return
+    names = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")
+    saved = {name: os.environ.get(name) for name in names}
+    os.environ.update(zip(names, (identity.username, identity.password), strict=True))
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 def data_dir() -> Path:
@@ -332,10 +369,12 @@ def register(
     candidate: Candidate,
     tags: dict[str, str] | None = None,
     run_id: str | None = None,
+    gate: Credentials | None = None,
 ) -> Registration:
     """The one registration path: the candidate's record into a run (a new one, or `run_id`
     continued), its model logged, then the gate on its value, with the champion scored on the
-    candidate's own held-out split. A model of another task is logged but not registered."""
+    candidate's own held-out split. A model of another task is logged but not registered.
+    `gate`: the identity the gate's writes go out as (None: this process's own)."""
     use_experiment(config.experiment)
     client = MlflowClient(tracking_uri())
     identity, value = candidate.identity, candidate.value
@@ -354,7 +393,7 @@ def register(
             version = str(info.registered_model_version)
             for tag, text in task_tags.items():
                 client.set_model_version_tag(config.model_name, version, tag, text)
-            decision = _gate_on_the_current_champion(client, config, candidate, version)
+            decision = _gate_on_the_current_champion(client, config, candidate, version, gate)
         mlflow.set_tags({"promotion": "champion" if decision.promoted else "rejected",
                          "promotion_reason": decision.reason})  # fmt: skip
     return Registration(tracking_uri(), run.info.run_id, decision)
@@ -364,7 +403,11 @@ MAX_RESCORES = 5  # champions that may move under one registration before it giv
 
 
 def _gate_on_the_current_champion(
-    client: MlflowClient, config: RegistryConfig, candidate: Candidate, version: str
+    client: MlflowClient,
+    config: RegistryConfig,
+    candidate: Candidate,
+    version: str,
+    gate: Credentials | None = None,
 ) -> GateDecision:
     """Score the champion on the candidate's split and gate; when another pipeline moved the
     alias while it scored (scoring takes minutes), score the new champion and gate again."""
@@ -375,11 +418,12 @@ def _gate_on_the_current_champion(
             candidate.score_champion(f"models:/{config.model_name}/{scored}") if scored else None
         )
         try:
-            return champion_gate(
-                config.model_name, version, config.metric, candidate.value,
-                candidate.baseline_value, client=client, champion_value=champion_value,
-                champion_version=scored,
-            )  # fmt: skip
+            with acting_as(gate):
+                return champion_gate(
+                    config.model_name, version, config.metric, candidate.value,
+                    candidate.baseline_value, client=client, champion_value=champion_value,
+                    champion_version=scored,
+                )  # fmt: skip
         except ChampionMoved as moved:
             log.info("registry: %s; scoring v%s on this split", moved, moved.holder)
     raise RuntimeError(

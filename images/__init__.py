@@ -54,11 +54,14 @@ serve = _spec(
     copy=["flyray", "pyproject.toml"],
 )  # fmt: skip
 
-# The MLflow tracking server of k8s/mlflow.yaml: Postgres backend store, artifacts on MinIO.
+# The MLflow tracking server of k8s/mlflow.yaml: Postgres backend store, artifacts on MinIO, and
+# flyray itself without its dependencies, for its `flyray-auth` app (an entry point, so installed).
 mlflow_server = ImageSpec(
     name="flyray-mlflow-server",
     python_version="3.11",
     requirements=str(_locked("mlflow-server")),
+    copy=["flyray", "pyproject.toml", "README.md"],
+    commands=["uv pip install --system --no-deps /root"],
     registry=_REGISTRY,
     tag_format=_TAG_FORMAT,
 )

@@ -147,7 +147,7 @@ def evaluate_clip_classifier(
     return result
 
 
-@flyray_task(images.clip, deck=True, timeout=minutes(30))
+@flyray_task(images.clip, deck=True, gate=True, timeout=minutes(30))
 def register_clip_classifier(
     model: FlyteDirectory, training: TrainingReport, evaluation: EvaluationReport,
     embeddings: EmbeddingResult, test: StructuredDataset, config: RegistryConfig,

@@ -13,6 +13,11 @@ checkpoint root. What changes per run is a workflow input, never one of these.
                              (unset: credentials come from the pod's environment)
   FLYRAY_K8S_CONFIGMAP (flyray-env)  FLYRAY_K8S_SECRET (flyray-s3)   what every Ray pod takes its
                              environment from (endpoints, S3 keys; see k8s/)
+  FLYRAY_K8S_MLFLOW_SECRET (flyray-mlflow-pipeline)   the Secret that gives every Ray pod the
+                             pipeline identity of MLflow (MLFLOW_TRACKING_USERNAME/_PASSWORD)
+  FLYRAY_GATE_SECRET_GROUP (flyray-mlflow-gate)   the Flyte secret group (keys username,
+                             password) of the gate's identity, requested by the register tasks
+                             only: the one identity the MLflow server lets move an alias
   FLYRAY_CHECKPOINT_ROOT     where retried tasks find their checkpoints (default: beside the
                              execution's raw outputs)
   FLYRAY_CLIP_WORKER_GPUS (0)  FLYRAY_CNN_WORKER_GPUS (0)   GPUs of each worker pod of a workload
@@ -43,8 +48,9 @@ RAY_DEFAULTS = {
 }
 VARIABLES = (
     *RAY_DEFAULTS, "FLYRAY_S3_SECRET_GROUP", "FLYRAY_K8S_CONFIGMAP", "FLYRAY_K8S_SECRET",
-    "FLYRAY_CHECKPOINT_ROOT", "FLYRAY_CLIP_WORKER_GPUS", "FLYRAY_CNN_WORKER_GPUS",
-    "FLYRAY_GPU_TOLERATIONS", "FLYRAY_GPU_NODE_SELECTOR", "FLYRAY_TIMEOUT_SCALE",
+    "FLYRAY_K8S_MLFLOW_SECRET", "FLYRAY_GATE_SECRET_GROUP", "FLYRAY_CHECKPOINT_ROOT",
+    "FLYRAY_CLIP_WORKER_GPUS", "FLYRAY_CNN_WORKER_GPUS", "FLYRAY_GPU_TOLERATIONS",
+    "FLYRAY_GPU_NODE_SELECTOR", "FLYRAY_TIMEOUT_SCALE",
 )  # fmt: skip
 
 
@@ -60,6 +66,8 @@ class Deployment:
     s3_secret_group: str = ""
     k8s_configmap: str = "flyray-env"
     k8s_secret: str = "flyray-s3"
+    k8s_mlflow_secret: str = "flyray-mlflow-pipeline"
+    gate_secret_group: str = "flyray-mlflow-gate"
     checkpoint_root: str = ""
     clip_worker_gpus: int = 0
     cnn_worker_gpus: int = 0
@@ -104,6 +112,8 @@ class Deployment:
             s3_secret_group=get("FLYRAY_S3_SECRET_GROUP", ""),
             k8s_configmap=get("FLYRAY_K8S_CONFIGMAP", "flyray-env"),
             k8s_secret=get("FLYRAY_K8S_SECRET", "flyray-s3"),
+            k8s_mlflow_secret=get("FLYRAY_K8S_MLFLOW_SECRET", "flyray-mlflow-pipeline"),
+            gate_secret_group=get("FLYRAY_GATE_SECRET_GROUP", "flyray-mlflow-gate"),
             checkpoint_root=get("FLYRAY_CHECKPOINT_ROOT", ""),
             clip_worker_gpus=number("FLYRAY_CLIP_WORKER_GPUS", "0", int),
             cnn_worker_gpus=number("FLYRAY_CNN_WORKER_GPUS", "0", int),

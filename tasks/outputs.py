@@ -9,7 +9,7 @@ import posixpath
 import re
 from dataclasses import asdict, is_dataclass
 
-from flytekit import Deck, StructuredDataset
+from flytekit import Deck, Secret, StructuredDataset
 from flytekit import current_context as _current_context
 from flytekit.core.context_manager import FlyteContextManager
 from flytekit.types.directory import FlyteDirectory
@@ -18,15 +18,41 @@ from flytekit.types.file import FlyteFile
 from flyray import console, registry, ui
 from flyray.raytrain import DistributedConfig
 from flyray.registry import Candidate, RegistryConfig
-from tasks.deployment import current
+from tasks.deployment import Deployment, current
+
+GATE_KEYS = ("username", "password")
 
 
 def register(config: RegistryConfig, candidate: Candidate, run_id: str | None = None):
-    """flyray.registry.register with the execution's lineage; the decision becomes a deck."""
+    """flyray.registry.register with the execution's lineage, the gate's writes as the gate's
+    identity; the decision becomes a deck."""
     tags = execution_tags(candidate.identity.workload)
-    registration = registry.register(config, candidate, tags, run_id)
+    registration = registry.register(config, candidate, tags, run_id, gate=gate_identity())
     publish("registry", *registration.deck())
     return registration
+
+
+def gate_secrets(deploy: Deployment | None = None) -> list[Secret]:
+    """The gate's MLflow identity as Flyte secret files, requested by the register tasks only
+    (`flyray_task(gate=True)`), so no other pod holds it."""
+    group = (deploy or current()).gate_secret_group
+    if not group:
+        return []
+    mount = Secret.MountType.FILE
+    return [Secret(group=group, key=key, mount_requirement=mount) for key in GATE_KEYS]
+
+
+def gate_identity() -> registry.Credentials | None:
+    """The gate's identity where Flyte mounted it (a cluster); None elsewhere (`pyflyte run`,
+    whose embedded store authenticates nobody): the gate then acts as the process does."""
+    group = current().gate_secret_group
+    if not group:
+        return None
+    secrets = _current_context().secrets
+    try:
+        return registry.Credentials(*(secrets.get(group, key) for key in GATE_KEYS))
+    except ValueError:
+        return None
 
 
 def new_output_dir() -> str:

@@ -18,7 +18,7 @@ from flytekit.exceptions.user import FlyteRecoverableException
 from flyray import console
 from flyray.raytrain import DistributedConfig
 from tasks.deployment import Deployment, current
-from tasks.outputs import checkpoint_uri
+from tasks.outputs import checkpoint_uri, gate_secrets
 from tasks.raycluster import ray_job
 from tasks.retries import is_transient
 
@@ -78,6 +78,7 @@ def flyray_task(
     resources: Resources | None = None,
     sizes: bool = False,
     checkpoints: str = "",
+    gate: bool = False,
 ) -> Callable:
     """Declare a flyray task. `ray`: run on a per-execution Ray cluster (a DistributedConfig
     sizes it; training tasks are resized per run by `sized_by_run`); `cache`: a cache version (bump
@@ -89,7 +90,8 @@ def flyray_task(
     `resources`: requests = limits of a plain (non-Ray) pod; `sizes`: a @dynamic that starts a
     Ray task on a cluster sized for the run (see `sized_by_run`); `checkpoints`: a trainer's name:
     its `config: DistributedConfig` input gets the checkpoint folder that a Flyte retry of the
-    same node finds again (see `checkpoint_uri`), so a retry resumes where the attempt stopped."""
+    same node finds again (see `checkpoint_uri`), so a retry resumes where the attempt stopped;
+    `gate`: the task runs the champion gate, so it requests the gate's identity."""
     deploy = current()
     if ray:
         config = ray if isinstance(ray, DistributedConfig) else None
@@ -102,7 +104,8 @@ def flyray_task(
         "retries": retries,
         "timeout": timeout if sizes else timeout * deploy.timeout_scale,
         "interruptible": bool(cache) and not worker_gpus,
-        "secret_requests": storage_secrets(deploy) if storage and not sizes else [],
+        "secret_requests": (storage_secrets(deploy) if storage and not sizes else [])
+        + (gate_secrets(deploy) if gate else []),
         "enable_deck": deck,
         "environment": dict(deploy.environment),
     }

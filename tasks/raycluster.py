@@ -98,6 +98,8 @@ def _ray_pod(container: str, resources: Resources, deploy: Deployment, gpu: bool
         V1EnvFromSource(config_map_ref=V1ConfigMapEnvSource(name=deploy.k8s_configmap,
                                                             optional=True)),
         V1EnvFromSource(secret_ref=V1SecretEnvSource(name=deploy.k8s_secret, optional=True)),
+        V1EnvFromSource(secret_ref=V1SecretEnvSource(name=deploy.k8s_mlflow_secret,
+                                                     optional=True)),
     ]  # fmt: skip
     if gpu:
         spec.tolerations, spec.node_selector = gpu_scheduling(deploy)

@@ -138,7 +138,7 @@ def recommend_users(model_dir: FlyteDirectory, n: int) -> StructuredDataset:
     return StructuredDataset(uri=out)
 
 
-@flyray_task(images.recommender, deck=True, timeout=minutes(30))
+@flyray_task(images.recommender, deck=True, gate=True, timeout=minutes(30))
 def register_model(
     model_dir: FlyteDirectory,
     train_ratings: RatingsDataset,

@@ -112,7 +112,7 @@ def evaluate_xgboost(model: FlyteDirectory, test: StructuredDataset) -> Evaluati
     return evaluation
 
 
-@flyray_task(images.tabular, deck=True, timeout=minutes(30))
+@flyray_task(images.tabular, deck=True, gate=True, timeout=minutes(30))
 def register_xgboost(
     model: FlyteDirectory,
     test: StructuredDataset,

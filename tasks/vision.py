@@ -126,7 +126,7 @@ def compare_runs(
     return ReportOutputs(FlyteFile(path), comparison)
 
 
-@flyray_task(images.image, deck=True, timeout=minutes(30))
+@flyray_task(images.image, deck=True, gate=True, timeout=minutes(30))
 def register_cnn(
     model: FlyteDirectory,
     test: StructuredDataset,

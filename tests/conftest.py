@@ -3,7 +3,8 @@
 Tiers, run in this order (`make test` runs all, `make test-unit` the first alone):
 - unit: no Ray, no server, no subprocess service; most tests. A unit test that starts Ray fails.
 - integration: a test that asks for a service fixture: `ray_cluster` (one local Ray for the
-  session), `s3_server` / `s3_env` (moto on loopback), `mlflow_server` (a real `mlflow server`).
+  session), `s3_server` / `s3_env` (moto on loopback), `mlflow_server` (a real `mlflow server`),
+  `mlflow_auth_server` (one with flyray's identities, as k8s/mlflow.yaml starts it).
 - e2e: `@pytest.mark.e2e`: whole pipelines, CLIs in subprocesses, the cluster rehearsal.
 A test's tier is set here from its fixtures and marker, so it cannot be mislabelled.
 """
@@ -45,7 +46,7 @@ def rees46_sample() -> Path:
 
 
 TIERS = ("unit", "integration", "e2e")
-SERVICES = {"ray_cluster", "s3_server", "mlflow_server"}
+SERVICES = {"ray_cluster", "s3_server", "mlflow_server", "mlflow_auth_server"}
 _TIER = pytest.StashKey[str]()
 
 
@@ -136,9 +137,11 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def serve(command: list[str], port: int, ready_url: str, timeout: float = 90):
+def serve(
+    command: list[str], port: int, ready_url: str, timeout: float = 90, env: dict | None = None
+):
     """Start a server process on loopback and wait until `ready_url` answers."""
-    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
     deadline = time.time() + timeout
     while time.time() < deadline:
         try:
@@ -183,6 +186,43 @@ def mlflow_server(mlflow_root):
         port, f"{uri}/health",
     )  # fmt: skip
     yield uri
+    proc.terminate()
+    proc.wait(timeout=20)
+
+
+@pytest.fixture(scope="session")
+def mlflow_auth_server(tmp_path_factory):
+    """`mlflow server --app-name flyray-auth` on loopback, started as k8s/mlflow.yaml starts it
+    (the identities created first by `python -m flyray.registry_auth`) on sqlite; yields its URI
+    and each identity's password."""
+    from flyray.registry_auth import IDENTITIES
+
+    root = tmp_path_factory.mktemp("mlflow-auth")
+    config = root / "basic_auth.ini"
+    config.write_text(
+        f"[mlflow]\ndefault_permission = READ\ndatabase_uri = sqlite:///{root / 'auth.db'}\n"
+        "admin_username = admin\nauth_cache_ttl_seconds = 60\n"
+    )
+    passwords = {name: f"{name}-{os.urandom(8).hex()}" for name in IDENTITIES}
+    env = {
+        **os.environ,
+        "MLFLOW_AUTH_CONFIG_PATH": str(config),
+        "MLFLOW_AUTH_ADMIN_PASSWORD": os.urandom(12).hex(),
+        "MLFLOW_FLASK_SERVER_SECRET_KEY": os.urandom(12).hex(),
+        **{variable: passwords[name] for name, (variable, _) in IDENTITIES.items()},
+    }
+    subprocess.run([sys.executable, "-m", "flyray.registry_auth"], env=env, check=True,
+                   capture_output=True)  # fmt: skip
+    port = _free_port()
+    uri = f"http://127.0.0.1:{port}"
+    proc = serve(
+        [sys.executable, "-m", "mlflow", "server", "--app-name", "flyray-auth",
+         "--host", "127.0.0.1", "--port", str(port),
+         "--backend-store-uri", f"sqlite:///{root / 'db.sqlite'}",
+         "--artifacts-destination", str(root / "artifacts"), "--workers", "1"],
+        port, f"{uri}/health", env=env,
+    )  # fmt: skip
+    yield uri, passwords
     proc.terminate()
     proc.wait(timeout=20)
 

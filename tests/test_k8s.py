@@ -24,6 +24,7 @@ from k8s import check, render
 
 KUBERAY_VERSION = check.kuberay_version()
 DUMMY_SECRETS = {
+    **{name: f"{name.lower()}-dummy" for name in render.SECRETS},
     "MINIO_ROOT_USER": "root-user-dummy",
     "MINIO_ROOT_PASSWORD": "root-password-dummy",
     "FLYRAY_S3_ACCESS_KEY": "access-key-dummy",
@@ -193,7 +194,7 @@ def test_secret_templates_hold_no_values():
                     node = stack.pop()
                     for v in node.values():
                         stack.append(v) if isinstance(v, dict) else leaves.append(v)
-            elif key != "POSTGRES_USER":  # a user name, not a credential
+            elif key not in ("POSTGRES_USER", "MLFLOW_TRACKING_USERNAME", "username"):  # names
                 leaves.append(value)
     assert leaves and all(render.PLACEHOLDER.fullmatch(v) for v in leaves), leaves
     assert {render.PLACEHOLDER.fullmatch(v).group(1) for v in leaves} == set(render.SECRETS)
@@ -280,7 +281,8 @@ def test_the_ray_jobs_of_every_flyte_task_are_valid_and_hardened(templates):
             _assert_hardened(pod, template.id.name)
             [container] = pod["containers"]
             refs = [next(iter(e.values()))["name"] for e in container["envFrom"]]
-            assert refs == ["flyray-env", "flyray-s3"]  # the ConfigMap and Secret of k8s/
+            # the ConfigMap and Secrets of k8s/: endpoints, S3 keys, the pipeline's MLflow identity
+            assert refs == ["flyray-env", "flyray-s3", "flyray-mlflow-pipeline"]
         with pytest.raises(jsonschema.ValidationError, match="is not of type"):  # and it bites
             broken = copy.deepcopy(job)
             broken["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]["replicas"] = "2"

@@ -125,6 +125,8 @@ def test_pods_read_mlflow_and_credentials_from_the_platform(service):
     config_maps = {d["metadata"]["name"]: d for d in platform if d["kind"] == "ConfigMap"}
     secrets = {d["metadata"]["name"] for d in platform if d["kind"] == "Secret"
                and d["metadata"]["namespace"] == "flyray"}  # fmt: skip
+    identities = {d["metadata"]["name"]: d["stringData"].get("MLFLOW_TRACKING_USERNAME")
+                  for d in platform if d["kind"] == "Secret"}  # fmt: skip
     cluster = service["spec"]["rayClusterConfig"]
     pods = [cluster["headGroupSpec"]["template"]["spec"]] + [
         g["template"]["spec"] for g in cluster["workerGroupSpecs"]
@@ -134,9 +136,11 @@ def test_pods_read_mlflow_and_credentials_from_the_platform(service):
         for container in pod["containers"]:
             refs = container["envFrom"]
             [config_map] = [r["configMapRef"]["name"] for r in refs if "configMapRef" in r]
-            [secret] = [r["secretRef"]["name"] for r in refs if "secretRef" in r]
+            held = [r["secretRef"]["name"] for r in refs if "secretRef" in r]
             assert "MLFLOW_TRACKING_URI" in config_maps[config_map]["data"]
-            assert secret in secrets
+            assert set(held) <= secrets
+            # MLflow as the read-only serving identity (flyray/registry_auth.py)
+            assert identities[held[-1]] == "flyray-serving"
             env = {e["name"]: e.get("value") for e in container.get("env", [])}
             assert not {"MLFLOW_TRACKING_URI", "AWS_SECRET_ACCESS_KEY"} & set(env)
             assert env["RAY_SERVE_ENABLE_HA_PROXY"] == "1"

@@ -7,7 +7,8 @@ In a network namespace of its own whose /etc/hosts names the cluster's Services,
 platform of k8s/ from its rendered manifests (Postgres, MinIO, MLflow), then runs the
 recommendation workflow that `make package` serialized node by node, every Ray task as the
 RayJob Flyte's Ray plugin creates on a Ray cluster of its own, checks what it registered
-through MLflow's Service name and serves it with the RayService; then the training node of
+through MLflow's Service name, what each MLflow identity may do there (authentication is on),
+and serves it with the RayService; then the training node of
 every other workload. The FunkSVD trainer loses its first attempt at its first checkpoint
 (with --all-trainer-faults every trainer does, each training longer so that the loss lands
 mid-training). One line per node as it ends, a summary table last. Needs root (unshare,
@@ -150,7 +151,28 @@ def recommendation(args, package, store, objects, hosts, root, mlflow, postgres,
             faults.mlflow_outcome(execution),
             faults.postgres_outcome(MODEL),
         ]
+    rows += identity_rows(mlflow)
     return False
+
+
+def identity_rows(mlflow) -> list:
+    """What each MLflow identity was allowed and refused (k8s/rehearse/identities.py), asked of
+    the server by its Service name with the passwords of the rendered Secrets."""
+    from k8s.rehearse import identities
+    from k8s.rehearse.flyte import Row
+
+    began = time.monotonic()
+    checks = identities.check(mlflow.uri, mlflow.passwords(), MODEL)
+    seconds = (time.monotonic() - began) / len(checks)
+    return [
+        Row(
+            f"{c.identity}: {c.action}",
+            f"MLflow as {c.identity}",
+            seconds,
+            c.outcome if c.passed else f"FAILED: expected {c.expected}, {c.outcome}",
+        )
+        for c in checks
+    ]
 
 
 def training(args, workload, package, store, objects, hosts, root, rows) -> bool:

@@ -257,6 +257,29 @@ class Execution:
             **{e.key: e.value for e in template.container.env},
         }
 
+    def secrets(self, template, folder: Path) -> dict[str, str]:
+        """What Flyte's secret webhook gives the pod for the task's secret requests: the key of
+        the Secret its group names, in the task namespace, as a file under the secrets folder
+        (FLYTE_SECRETS_DEFAULT_DIR; /etc/flyte/secrets on a cluster) or, for ENV_VAR, as
+        _FSEC_<GROUP>_<KEY> and its env_var."""
+        env: dict[str, str] = {}
+        base = folder / "secrets"
+        for secret in template.security_context.secrets:
+            value = self.objects.secret(TASK_NAMESPACE, secret.group).get(secret.key)
+            if value is None:
+                raise RehearsalError(f"Secret {TASK_NAMESPACE}/{secret.group} has no {secret.key}")
+            if secret.mount_requirement == secret.ENV_VAR:
+                env[f"_FSEC_{secret.group.upper()}_{secret.key.upper()}"] = value
+                if secret.env_var:
+                    env[secret.env_var] = value
+                continue
+            path = base / secret.group.lower() / secret.key.lower()
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(value)
+            path.chmod(0o400)
+            env["FLYTE_SECRETS_DEFAULT_DIR"] = str(base)
+        return env
+
     def _attempt(self, node: str, template, attempt: int) -> tuple[str, Attempt]:
         folder = self.root / "pods" / f"{node}-{attempt}"
         timeout = template.metadata.timeout.seconds or 3600
@@ -269,6 +292,7 @@ class Execution:
                 "HOME": str(folder / "root"),
                 **self.objects.env(self.default_container, TASK_NAMESPACE),
                 **self.flyte_env(template, node, attempt),
+                **self.secrets(template, folder),
             }
             argv = self.args(template, node, attempt, folder / "root")
             proc = Process(node, argv, env, folder / "root", folder / "pod.log").start()

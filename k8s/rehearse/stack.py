@@ -6,12 +6,15 @@ readiness probe. What stands in for an image is said where it happens:
   init ConfigMap's SQL), run as the `postgres` user, listening on its Service address only.
 - MinIO: moto's S3 server on MinIO's Service name and port, the buckets of the minio-buckets Job
   created with MinIO's root credentials (moto checks no credentials; issue #27 adds identities).
-- MLflow: the manifest's own command (`mlflow server ...`), from this venv (images.mlflow_server
-  installs the same mlflow).
+- MLflow: the manifest's own command (`python -m flyray.registry_auth`, then `mlflow server
+  --app-name flyray-auth ...`), from this venv (images.mlflow_server installs the same mlflow and
+  flyray); its /tmp (an emptyDir on a cluster) is its folder's tmp/. The rehearsal's own reads go
+  out as the people identity (Secret flyray-mlflow-people), as a person's would.
 """
 
 from __future__ import annotations
 
+import base64
 import glob
 import shutil
 import signal
@@ -19,6 +22,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from flyray.registry import Credentials, acting_as
 from k8s.rehearse.pods import (
     IMAGE_PATH,
     Hosts,
@@ -245,9 +249,22 @@ class MLflow:
         self.address = hosts.service("mlflow", NAMESPACE)
         self.uri = f"http://mlflow.{NAMESPACE}.svc.cluster.local:{self.port}"
         self.process: Process | None = None
+        people = objects.secret(NAMESPACE, "flyray-mlflow-people")
+        self.people = Credentials(people["username"], people["password"])
+
+    def passwords(self) -> dict[str, str]:
+        """Every identity's password, as the server's Secret holds them."""
+        from flyray.registry_auth import IDENTITIES
+
+        held = self.objects.secret(NAMESPACE, "mlflow-auth")
+        return {name: held[variable] for name, (variable, _) in IDENTITIES.items()}
 
     def start(self) -> None:
         env = {"PATH": IMAGE_PATH, **self.objects.env(self.container, NAMESPACE)}
+        tmp = self.root / "tmp"
+        tmp.mkdir(parents=True, exist_ok=True)
+        env = {k: str(tmp) + v[4:] if v == "/tmp" or v.startswith("/tmp/") else v
+               for k, v in env.items()}  # fmt: skip
         argv = [*self.container["command"], *self.container["args"]]
         self.process = Process("mlflow", argv, env, self.root, self.root / "mlflow.log").start()
         probe = self.container["readinessProbe"]["httpGet"]["path"]
@@ -258,11 +275,13 @@ class MLflow:
         readiness probe's /health is not behind the Host-header check: it cannot see this)."""
         answers: list[tuple[int, str]] = []
         url = f"{self.uri}/api/2.0/mlflow/experiments/search?max_results=1"
+        auth = base64.b64encode(f"{self.people.username}:{self.people.password}".encode())
+        headers = {"Authorization": f"Basic {auth.decode()}"}
         # A fresh server's first request may be slow on a loaded machine: a time-out is "not
         # ready yet", any answer is the answer.
         wait_for(
             "mlflow API",
-            lambda: answers.append(http(url, timeout=30)) or True,
+            lambda: answers.append(http(url, headers=headers, timeout=30)) or True,
             180,
             self.process,
         )
@@ -277,7 +296,10 @@ class MLflow:
         """The registered model's versions and aliases, as a client reads them."""
         from mlflow import MlflowClient
 
-        client = MlflowClient(self.uri)
+        with acting_as(self.people):
+            return self._registry(MlflowClient(self.uri), model)
+
+    def _registry(self, client, model: str) -> str:
         versions = sorted(int(v.version) for v in client.search_model_versions(f"name='{model}'"))
         if not versions:
             raise RehearsalError(f"no version of {model} registered in {self.uri}")
