@@ -166,6 +166,20 @@ def check_table(table: str) -> None:
     assert "succeeded" in restart, restart
     [pg] = [row for row in table.splitlines() if "fault: Postgres restarted" in row]
     assert "nothing lost" in pg and "champion -> version 1" in pg, pg
+    # MLflow authenticates every client (flyray/registry_auth.py): the pipeline registered and
+    # only the gate moved the alias (champion -> version 1 above); each identity asked by name
+    identities = {
+        row.split(":", 1)[0]: row
+        for row in table.splitlines()
+        if row.startswith(("anonymous:", "flyray-")) and "MLflow as" in row
+    }
+    assert set(identities) == {"anonymous", "flyray-people", "flyray-pipeline", "flyray-gate",
+                               "flyray-serving"}  # fmt: skip
+    refusals = [r for r in table.splitlines() if "MLflow as" in r and "refused (" in r]
+    assert len(refusals) == 9, refusals
+    assert any("pipeline: move flyray-funksvd's alias" in r and "403" in r for r in refusals)
+    assert any("serving: register a version" in r for r in refusals)
+    assert any(r.startswith("anonymous:") and "401" in r for r in refusals)
     # the RayService serves the champion through its Service name; its dashboard wants the token
     [service] = [row for row in table.splitlines() if row.startswith("rayservice flyray-serve")]
     assert "4 applications RUNNING" in service, service
