@@ -36,6 +36,8 @@ import mlflow
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
+from flyray.lineage import Lineage
+
 log = logging.getLogger(__name__)
 CHAMPION = "champion"
 # Version tags that only the gate writes (the server refuses them from any other identity): the
@@ -197,11 +199,16 @@ class Registration:
     tracking_uri: str
     run_id: str
     decision: GateDecision
+    lineage: dict[str, str] = field(default_factory=dict)  # the lineage.* tags (flyray.lineage)
 
     def deck(self) -> list[str]:
         from flyray import decks
 
-        return [decks.table_html(asdict(self.decision), "Champion gate")]
+        parts = [decks.table_html(asdict(self.decision), "Champion gate")]
+        if self.lineage:
+            where = "on the MLflow run and the model version as lineage.* tags; data as inputs"
+            parts.append(decks.table_html(self.lineage, f"Lineage ({where})"))
+        return parts
 
 
 def champion_gate(
@@ -370,17 +377,22 @@ def register(
     tags: dict[str, str] | None = None,
     run_id: str | None = None,
     gate: Credentials | None = None,
+    lineage: Lineage | None = None,
 ) -> Registration:
     """The one registration path: the candidate's record into a run (a new one, or `run_id`
     continued), its model logged, then the gate on its value, with the champion scored on the
     candidate's own held-out split. A model of another task is logged but not registered.
-    `gate`: the identity the gate's writes go out as (None: this process's own)."""
+    `gate`: the identity the gate's writes go out as (None: this process's own); `lineage`: what
+    produced it, recorded on the run and on the version (flyray.lineage)."""
     use_experiment(config.experiment)
     client = MlflowClient(tracking_uri())
     identity, value = candidate.identity, candidate.value
     task_tags = {TASK_KEY: identity.key(), TASK_TEXT: identity.describe()}
     with mlflow.start_run(run_id=run_id, tags={**(tags or {}), **task_tags}) as run:
         candidate.record.log()
+        if lineage is not None:
+            lineage.log()
+        lineage_tags = lineage.tags() if lineage is not None else {}
         conflict = _other_task(client, config, identity)
         if conflict:
             info = candidate.log_model(None)  # kept in the run, so nothing trained is lost
@@ -391,12 +403,12 @@ def register(
             info = candidate.log_model(config.model_name)
             candidate.record.log_metrics(info.model_id)
             version = str(info.registered_model_version)
-            for tag, text in task_tags.items():
+            for tag, text in {**task_tags, **lineage_tags}.items():
                 client.set_model_version_tag(config.model_name, version, tag, text)
             decision = _gate_on_the_current_champion(client, config, candidate, version, gate)
         mlflow.set_tags({"promotion": "champion" if decision.promoted else "rejected",
                          "promotion_reason": decision.reason})  # fmt: skip
-    return Registration(tracking_uri(), run.info.run_id, decision)
+    return Registration(tracking_uri(), run.info.run_id, decision, lineage_tags)
 
 
 MAX_RESCORES = 5  # champions that may move under one registration before it gives up

@@ -91,12 +91,12 @@ def data_window(
 
 
 @flyray_task(
-    images.recommender, ray=True, cache="ingest-1", cache_ignore=("source",), deck=True,
+    images.recommender, ray=True, cache="ingest-2", cache_ignore=("source",), deck=True,
     timeout=minutes(120),
 )  # fmt: skip
 def ingest_clickstream(source: str, fingerprint: str, config: IngestConfig) -> IngestOutputs:
     """Validate and bucket the events on Ray; the cache key is the content fingerprint."""
-    report = ingest(source, new_output_dir(), config)
+    report = dataclasses.replace(ingest(source, new_output_dir(), config), fingerprint=fingerprint)
     first_rejects = storage.read_table(report.rejects_uri).slice(0, 20).to_pylist()
     publish("ingest", *ingest_deck(report, fingerprint, first_rejects))
     return IngestOutputs(
@@ -106,7 +106,7 @@ def ingest_clickstream(source: str, fingerprint: str, config: IngestConfig) -> I
     )
 
 
-@flyray_task(images.recommender, ray=True, cache="features-1", deck=True, timeout=minutes(60))
+@flyray_task(images.recommender, ray=True, cache="features-2", deck=True, timeout=minutes(60))
 def build_ratings(
     events: FlyteDirectory, report: IngestReport, config: FeatureConfig
 ) -> FeatureOutputs:

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import NamedTuple
 
 from flytekit import StructuredDataset
@@ -25,6 +26,7 @@ from flyray.clip.generate import demo_inputs
 from flyray.clip.images import split_embeddings
 from flyray.clip.report import TrainingReport
 from flyray.images import list_images
+from flyray.lineage import DataInput
 from flyray.raytrain import DistributedConfig
 from flyray.registry import Registration, RegistryConfig
 from tasks.deployment import current
@@ -81,7 +83,7 @@ def resolve_images(source: str, model: str, demo_per_class: int, demo_seed: int)
     return ImageSource(root, cache_key(model, list_images(root).fingerprint), model)
 
 
-@flyray_task(images.clip, ray=True, worker_gpus=WORKER_GPUS, cache="clip-embed-1", deck=True,
+@flyray_task(images.clip, ray=True, worker_gpus=WORKER_GPUS, cache="clip-embed-2", deck=True,
              timeout=minutes(180))  # fmt: skip
 def embed_images(
     root: str, fingerprint: str, model: str, config: EmbedConfig, split: SplitConfig
@@ -93,6 +95,7 @@ def embed_images(
         root, resolve_model(model), cache_uri, config.batch_size, config.max_actors,
         config.in_process,
     )  # fmt: skip
+    result = replace(result, fingerprint=fingerprint)
     splits = split_embeddings(
         storage.read_table(result.embeddings_uri), split.validation_fraction,
         split.test_fraction, split.seed, split.min_per_class,
@@ -156,4 +159,5 @@ def register_clip_classifier(
     champion is scored on this classifier's test split."""
     classifier = TrainedClassifier.load(uri(model))
     evidence = clip.candidate(classifier, _read(test), evaluation, embeddings, config.metric)
-    return register(config, evidence, run_id=training.run_id)
+    data = DataInput("images", embeddings.root, embeddings.fingerprint, rows=embeddings.images)
+    return register(config, evidence, images.clip, (data,), run_id=training.run_id)

@@ -25,6 +25,8 @@ checkpoint root. What changes per run is a workflow input, never one of these.
                              nvidia.com/gpu taint)
   FLYRAY_GPU_NODE_SELECTOR   JSON object of node labels that GPU worker pods select (default none)
   FLYRAY_TIMEOUT_SCALE (1)   multiplies every task's timeout (bigger data, slower nodes)
+  FLYRAY_CODE_VERSION        the commit registered (default: the checkout's HEAD, "+dirty" with
+                             uncommitted changes), recorded in every registered version's lineage
 """
 
 from __future__ import annotations
@@ -34,6 +36,9 @@ import json
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
+
+from flyray.lineage import code_version
 
 # The taint that GPU node pools carry (GKE, EKS and AKS GPU nodes; the NVIDIA GPU operator).
 GPU_TAINT = {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}
@@ -74,6 +79,7 @@ class Deployment:
     gpu_tolerations: tuple[dict, ...] = (GPU_TAINT,)
     gpu_node_selector: tuple[tuple[str, str], ...] = ()
     timeout_scale: float = 1.0
+    code_version: str = ""
     # Read at registration only: where images go, and the nightly launch plan's settings.
     image_registry: str = "localhost:30000"
     image_tag_format: str = ""
@@ -98,6 +104,8 @@ class Deployment:
                 raise ValueError(f"{name}: expected a {kind.__name__}, got {text!r}") from None
 
         ray = {name: get(name, default) for name, default in RAY_DEFAULTS.items()}
+        # the commit of the code being registered, carried to every task like the facts above
+        code = env.get("FLYRAY_CODE_VERSION") or code_version(Path(__file__).resolve().parents[1])
         selector = _json(env, "FLYRAY_GPU_NODE_SELECTOR", {}, dict)
         if not all(isinstance(v, str) for v in selector.values()):
             raise ValueError(
@@ -127,7 +135,9 @@ class Deployment:
             nightly_notify=tuple(
                 a.strip() for a in get("FLYRAY_NIGHTLY_NOTIFY", "").split(",") if a.strip()
             ),
-            environment=tuple((n, env[n]) for n in VARIABLES if n in env),
+            code_version=code,
+            environment=tuple((n, env[n]) for n in VARIABLES if n in env)
+            + ((("FLYRAY_CODE_VERSION", code),) if code else ()),
         )
 
 

@@ -9,13 +9,14 @@ import posixpath
 import re
 from dataclasses import asdict, is_dataclass
 
-from flytekit import Deck, Secret, StructuredDataset
+from flytekit import Deck, ImageSpec, Secret, StructuredDataset
 from flytekit import current_context as _current_context
 from flytekit.core.context_manager import FlyteContextManager
 from flytekit.types.directory import FlyteDirectory
 from flytekit.types.file import FlyteFile
 
 from flyray import console, registry, ui
+from flyray.lineage import DataInput, Lineage, file_digest
 from flyray.raytrain import DistributedConfig
 from flyray.registry import Candidate, RegistryConfig
 from tasks.deployment import Deployment, current
@@ -23,11 +24,25 @@ from tasks.deployment import Deployment, current
 GATE_KEYS = ("username", "password")
 
 
-def register(config: RegistryConfig, candidate: Candidate, run_id: str | None = None):
-    """flyray.registry.register with the execution's lineage, the gate's writes as the gate's
+def register(
+    config: RegistryConfig,
+    candidate: Candidate,
+    image: ImageSpec,
+    data: tuple[DataInput, ...],
+    run_id: str | None = None,
+):
+    """flyray.registry.register with the execution's lineage (the code registered, the task's
+    image and its locked requirements, `data` with digests), the gate's writes as the gate's
     identity; the decision becomes a deck."""
     tags = execution_tags(candidate.identity.workload)
-    registration = registry.register(config, candidate, tags, run_id, gate=gate_identity())
+    execution = "/".join((tags["flyte.project"], tags["flyte.domain"], tags["flyte.execution_id"]))
+    lineage = Lineage(
+        execution, current().code_version, image.image_name(),
+        file_digest(image.requirements), data,
+    )  # fmt: skip
+    registration = registry.register(
+        config, candidate, tags, run_id, gate=gate_identity(), lineage=lineage
+    )
     publish("registry", *registration.deck())
     return registration
 

@@ -11,6 +11,7 @@ import images
 from flyray import storage
 from flyray.clickstream.config import FeatureConfig
 from flyray.clickstream.reports import DataProfile
+from flyray.lineage import DataInput
 from flyray.raytrain import DistributedConfig
 from flyray.recsys import FactorModel, FunkSVDParams, Ratings, baselines, trainers
 from flyray.recsys import report as rec
@@ -158,4 +159,6 @@ def register_model(
         FactorModel.load(uri(model_dir)), _ratings(train_ratings), _ratings(test_ratings),
         training, evaluation, profile, source, features, ranking_users, config.metric, tuning,
     )  # fmt: skip
-    return register(config, evidence)
+    events = DataInput("clickstream", profile.source, profile.fingerprint, profile.window,
+                       profile.events)  # fmt: skip
+    return register(config, evidence, images.recommender, (events,))

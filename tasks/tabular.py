@@ -3,6 +3,7 @@ evaluate, register (MLflow xgboost flavor behind the shared champion gate)."""
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import NamedTuple
 
 from flytekit import StructuredDataset
@@ -10,6 +11,7 @@ from flytekit.types.directory import FlyteDirectory
 
 import images
 from flyray import storage
+from flyray.lineage import DataInput
 from flyray.raytrain import DistributedConfig
 from flyray.registry import Registration, RegistryConfig
 from flyray.tabular import report
@@ -64,13 +66,13 @@ def resolve_table(source: str, label: str) -> TableSource:
 
 
 @flyray_task(
-    images.tabular, ray=True, cache="tabular-prepare-1", cache_ignore=("source",), deck=True,
+    images.tabular, ray=True, cache="tabular-prepare-2", cache_ignore=("source",), deck=True,
     timeout=minutes(60),
 )  # fmt: skip
 def prepare_table(source: str, fingerprint: str, config: TableConfig) -> PreparedTable:
     """Validate, encode and split the parquet input with Ray Data; cached on its fingerprint."""
     out = new_output_dir()
-    spec = prepare(source, out, config)
+    spec = replace(prepare(source, out, config), fingerprint=fingerprint)
     publish("data", *report.data_deck(spec, fingerprint))
     return PreparedTable(*(StructuredDataset(uri=split_uri(out, n)) for n in SPLITS), spec)
 
@@ -126,4 +128,5 @@ def register_xgboost(
     booster, spec = load_model(uri(model))
     x, y = read_split(uri(test), spec)
     evidence = report.candidate(booster, spec, x, y, training, evaluation, params, config.metric)
-    return register(config, evidence)
+    table = DataInput("table", spec.source, spec.fingerprint, rows=spec.rows)
+    return register(config, evidence, images.tabular, (table,))

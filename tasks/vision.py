@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import tempfile
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from typing import NamedTuple
 
 from flytekit import Resources, StructuredDataset
@@ -14,6 +14,7 @@ from flytekit.types.file import FlyteFile
 import images
 from flyray import storage
 from flyray.images import IMAGE_SUFFIXES
+from flyray.lineage import DataInput
 from flyray.raytrain import DistributedConfig
 from flyray.registry import Registration, RegistryConfig, metric_key
 from flyray.vision import report as cnn
@@ -68,13 +69,15 @@ def resolve_image_source(source: str) -> str:
     return storage.fingerprint(storage.list_input_files(source, suffixes))
 
 
-@flyray_task(images.image, cache="vision-data-1", deck=True, timeout=minutes(60))
+@flyray_task(images.image, cache="vision-data-2", deck=True, timeout=minutes(60))
 def prepare_images(
     source: str, fingerprint: str, image_size: int, test_fraction: float, seed: int
 ) -> PreparedImages:
     """CIFAR-10 batches, an image folder or the digits demo as train/test parquet."""
     out = new_output_dir()
-    summary = prepare(source, out, image_size, test_fraction, seed)
+    summary = replace(
+        prepare(source, out, image_size, test_fraction, seed), fingerprint=fingerprint
+    )
     publish("data", *cnn.data_deck(summary, read_parquet(storage.join(out, "test"))))
     train, test = (StructuredDataset(uri=storage.join(out, n)) for n in ("train", "test"))
     return PreparedImages(train, test, summary)
@@ -143,4 +146,6 @@ def register_cnn(
         os.path.join(model.download(), MODEL_FILE), read_parquet(uri(test)), comparison,
         distributed, summary, params, metric_key(config.metric), report.download(),
     )  # fmt: skip
-    return register(config, evidence)
+    data = DataInput("images", summary.source or "demo-digits", summary.fingerprint,
+                     rows=summary.train_examples + summary.test_examples)  # fmt: skip
+    return register(config, evidence, images.image, (data,))

@@ -227,6 +227,19 @@ def mlflow_auth_server(tmp_path_factory):
     proc.wait(timeout=20)
 
 
+@pytest.fixture(scope="session")
+def small_funksvd(tmp_path_factory):
+    """A tiny trained FunkSVD and the folder it is saved in, for registry tests."""
+    from test_funksvd import synthetic
+
+    from flyray.recsys import FunkSVD
+
+    model = FunkSVD(n_factors=4, n_epochs=2).fit(synthetic(n=2_000))
+    folder = str(tmp_path_factory.mktemp("model") / "funksvd")
+    model.save(folder)
+    return model, folder
+
+
 @pytest.fixture
 def s3_env(s3_server, monkeypatch):
     """Endpoint and credentials from the environment, as a user would configure MinIO."""

@@ -34,6 +34,19 @@ def test_pipeline_registers_evaluates_and_recommends(tmp_path, monkeypatch, flyt
     client = mlflow.MlflowClient(out.registration.tracking_uri)
     run = client.get_run(out.registration.run_id)
     assert run.data.tags["flyte.execution_id"]
+    # lineage (flyray.lineage): the code, the image and its locked requirements, the data with
+    # its digest, on the version as on the run
+    tags = client.get_model_version("flyray-funksvd", "1").tags
+    assert (
+        tags["lineage.commit"] == run.data.tags["lineage.commit"]
+        and len(tags["lineage.commit"]) == 40
+    )
+    assert tags["lineage.image"].rsplit(":", 1)[0].endswith("/flyray-recommender")
+    assert len(tags["lineage.requirements_sha256"]) == 64
+    source, digest = tags["lineage.data.clickstream"].rsplit(" sha256:", 1)
+    assert len(digest) == 64 and source
+    [dataset] = run.inputs.dataset_inputs
+    assert (dataset.dataset.name, dataset.dataset.digest) == ("clickstream", digest[:32])
     assert run.data.metrics["ndcg_at_10"] == ev.model.ndcg
     assert len(client.get_metric_history(run.info.run_id, "validation_rmse")) == 8
     training = out.training

@@ -81,6 +81,9 @@ def test_every_task_that_touches_storage_requests_the_secrets():
     secrets = {name: requested for name, (requested, _) in found.items()}
     # Every task carries the deployment facts it was registered with, so the dynamic that sizes
     # a trainer's cluster at run time reads those, not the defaults of its own pod.
+    # ... and the code registered, for every version's lineage (flyray.lineage)
+    code = {env.pop("FLYRAY_CODE_VERSION") for _, env in found.values()}
+    assert len(code) == 1 and len(code.pop().removesuffix("+dirty")) == 40
     assert all(environment == facts for _, environment in found.values())
     sizers = {n for n, t in all_tasks().items() if _is_dynamic(t)}
     assert len(sizers) == 4

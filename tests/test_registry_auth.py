@@ -8,25 +8,16 @@ import os
 
 import mlflow
 import pytest
-from test_funksvd import synthetic
 
 from flyray import registry
-from flyray.recsys import FunkSVD
 from flyray.recsys.pyfunc import log_pyfunc
 from flyray.registry_auth import GATE, PIPELINE, _rules
 from k8s.rehearse.identities import check, table
 
 
-@pytest.fixture(scope="module")
-def small_model(tmp_path_factory):
-    model = FunkSVD(n_factors=4, n_epochs=2).fit(synthetic(n=2_000))
-    folder = str(tmp_path_factory.mktemp("model") / "funksvd")
-    model.save(folder)
-    return model, folder
-
-
-def _candidate(small_model, value: float) -> registry.Candidate:
-    model, folder = small_model
+def candidate(small_funksvd, value: float) -> registry.Candidate:
+    """A registry candidate of the tiny FunkSVD, with `value` as its gate figure."""
+    model, folder = small_funksvd
     identity = registry.TaskIdentity("recommendation", "top-k", "clickstream events", "ndcg@10")
     record = registry.RunRecord(params={"k": 10}, metrics={"ndcg_at_10": value})
     return registry.Candidate(
@@ -47,7 +38,7 @@ def test_the_rule_covers_every_route_of_an_alias_move():
 
 
 def test_only_the_gate_promotes_and_each_identity_gets_what_it_needs(
-    mlflow_auth_server, small_model, monkeypatch
+    mlflow_auth_server, small_funksvd, monkeypatch
 ):
     uri, passwords = mlflow_auth_server
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
@@ -57,7 +48,7 @@ def test_only_the_gate_promotes_and_each_identity_gets_what_it_needs(
     config = registry.RegistryConfig("auth-model", "auth-tests", "ndcg@10")
     gate = registry.Credentials(GATE, passwords[GATE])
 
-    first = registry.register(config, _candidate(small_model, 0.30), gate=gate)
+    first = registry.register(config, candidate(small_funksvd, 0.30), gate=gate)
     assert first.decision.promoted, first.decision.reason
     client = mlflow.MlflowClient(uri)
     assert client.get_model_version_by_alias("auth-model", "champion").version == "1"
@@ -66,7 +57,7 @@ def test_only_the_gate_promotes_and_each_identity_gets_what_it_needs(
     # Without the gate's identity the pipeline cannot promote its own model: the version stays
     # registered, the champion stays, and the refusal says who may.
     with pytest.raises(mlflow.exceptions.MlflowException, match="only flyray-gate may"):
-        registry.register(config, _candidate(small_model, 0.50), gate=None)
+        registry.register(config, candidate(small_funksvd, 0.50), gate=None)
     versions = {v.version for v in client.search_model_versions("name='auth-model'")}
     assert versions == {"1", "2"}
     assert client.get_model_version_by_alias("auth-model", "champion").version == "1"

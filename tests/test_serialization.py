@@ -35,7 +35,7 @@ WORKLOADS = {
          "recommend_users"},
         # evaluate_model and recommend_users rank in one process (compiled kernels): no cluster.
         {"ingest_clickstream", "build_ratings", "tune_params"}, "fit_recommender",
-        {"ingest_clickstream": "ingest-1", "build_ratings": "features-1", "tune_params": "tune-1",
+        {"ingest_clickstream": "ingest-2", "build_ratings": "features-2", "tune_params": "tune-1",
          "fit_recommender": "train-4", "evaluate_model": "evaluate-4",
          "recommend_users": "recommend-3"},
         ("train_recommender", "register_model"), ("resolve_source", "register_model"),
@@ -46,7 +46,7 @@ WORKLOADS = {
         {"resolve_table", "prepare_table", "train_xgboost", "fit_xgboost", "evaluate_xgboost",
          "register_xgboost"},
         {"prepare_table"}, "fit_xgboost",
-        {"prepare_table": "tabular-prepare-1", "fit_xgboost": "xgboost-train-2",
+        {"prepare_table": "tabular-prepare-2", "fit_xgboost": "xgboost-train-2",
          "evaluate_xgboost": "xgboost-evaluate-1"},
         ("train_xgboost", "register_xgboost"), ("register_xgboost",), {"xgboost_default"},
     ),
@@ -54,7 +54,7 @@ WORKLOADS = {
         ("vision",), images.image,
         {"resolve_image_source", "prepare_images", "train_baseline", "train_distributed",
          "fit_cnn", "compare_runs", "register_cnn"},
-        set(), "fit_cnn", {"prepare_images": "vision-data-1"},  # timings are never replayed
+        set(), "fit_cnn", {"prepare_images": "vision-data-2"},  # timings are never replayed
         ("register_cnn",), ("register_cnn",), {"cnn_benchmark_default"},
     ),
     "clip": Workload(
@@ -62,7 +62,7 @@ WORKLOADS = {
         {"resolve_images", "embed_images", "train_clip_classifier", "fit_clip_classifier",
          "evaluate_clip_classifier", "register_clip_classifier"},
         {"embed_images", "evaluate_clip_classifier"}, "fit_clip_classifier",
-        {"embed_images": "clip-embed-1", "fit_clip_classifier": "clip-train-2",
+        {"embed_images": "clip-embed-2", "fit_clip_classifier": "clip-train-2",
          "evaluate_clip_classifier": "clip-evaluate-1"},
         ("train_clip_classifier", "register_clip_classifier"),
         ("resolve_images", "register_clip_classifier"), {"clip_default"},

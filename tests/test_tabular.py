@@ -64,6 +64,10 @@ def test_pipeline_trains_evaluates_and_registers(tmp_path, monkeypatch, flyte_ca
     run = client.get_run(out.registration.run_id)
     assert run.data.metrics["auc"] == m.auc and run.data.metrics["baseline.auc"] == 0.5
     assert run.data.tags["promotion"] == "champion"
+    source, digest = run.data.tags["lineage.data.table"].rsplit(" sha256:", 1)
+    assert len(digest) == 64 and (source, digest) == (spec.source, spec.fingerprint)
+    [dataset] = run.inputs.dataset_inputs
+    assert dataset.dataset.digest == digest[:32]
 
     # The registered model answers in a fresh process exactly as the trained booster does.
     booster, spec2 = load_model(uri(out.model))

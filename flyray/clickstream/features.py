@@ -305,7 +305,10 @@ def build_features(
             for (_, tref), s, off, bk in zip(b, stats_b, offsets[:-1], buckets, strict=True)
         ]
     )
-    return finalize(out_fs, out_path, stats_a, stats_b, sizes, items, n_seen, ingest_report, began)
+    return finalize(
+        out_fs, out_path, stats_a, stats_b, sizes, items, n_seen, ingest_report, began,
+        _window_text(config),
+    )  # fmt: skip
 
 
 def prepare_output(output_uri: str) -> tuple[pafs.FileSystem, str]:
@@ -350,6 +353,7 @@ def finalize(
     n_seen: int,
     ingest_report: IngestReport | None,
     began: float,
+    window: str = "",
 ) -> DataProfile:
     """Write the id maps and profile.json; return the profile."""
     users = np.concatenate([s["users"] for s in stats_b])
@@ -386,9 +390,18 @@ def finalize(
         first_event=str(np.datetime64(first, "us")) + "Z",
         last_event=str(np.datetime64(last, "us")) + "Z",
         seconds=time.perf_counter() - began,
+        source=ingest_report.source if ingest_report else "",
+        fingerprint=ingest_report.fingerprint if ingest_report else "",
+        window=window,
     )
     storage.write_atomic(
         out_fs, f"{out_path}/profile.json", json.dumps(asdict(profile), indent=2).encode()
     )
     log.info("features: %s", by_split)
     return profile
+
+
+def _window_text(config: FeatureConfig) -> str:
+    """The data window as [start, end) in ISO form, "" for all events."""
+    window = config.window()
+    return f"[{window[0].isoformat()}, {window[1].isoformat()})" if window else ""

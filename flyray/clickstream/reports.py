@@ -30,6 +30,7 @@ class IngestReport:
     layout_reason: str = ""  # why: the config named it, or what `auto` saw in the first line
     user_key: str = "user"
     session_users: int = 0  # events whose user is their session (no user column or value)
+    fingerprint: str = ""  # the source's content (flyray.storage.fingerprint), for lineage
 
 
 @dataclass
@@ -54,6 +55,10 @@ class DataProfile:
     first_event: str
     last_event: str
     seconds: float
+    # lineage (flyray.lineage): where the events came from, their digest, the window used
+    source: str = ""
+    fingerprint: str = ""
+    window: str = ""
 
 
 def ingest_deck(report: IngestReport, fingerprint: str, first_rejects: list[dict]) -> list[str]:

@@ -193,6 +193,7 @@ class EmbeddingResult:
     rejected_by_reason: dict[str, int] = field(default_factory=dict)
     rejected_files: list[str] = field(default_factory=list)  # "path: reason (detail)"
     seconds: float = 0.0
+    fingerprint: str = ""  # images and model (tasks.clip.resolve_images), for lineage
     reused: bool = False
 
 

@@ -69,6 +69,7 @@ class TableSpec:
     rows_by_split: dict[str, int]
     positive_rate: float
     rejects_uri: str = ""
+    fingerprint: str = ""  # the source's content (flyray.storage.fingerprint), for lineage
 
     def feature_types(self) -> list[str]:
         """XGBoost's feature types: 'c' (categorical codes) or 'q' (numeric)."""

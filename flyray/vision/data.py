@@ -281,6 +281,7 @@ class DataSummary:
     train_class_counts: list[int]
     rejected: int  # files that could not be used (image folders), listed in rejects.parquet
     majority_test_accuracy: float  # the most frequent training class predicted for everything
+    fingerprint: str = ""  # the source's content (flyray.storage.fingerprint), for lineage
 
 
 def prepare(
