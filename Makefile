@@ -18,7 +18,7 @@ FLYTE_PROJECT   ?= flyray
 FLYTE_DOMAIN    ?= development
 VERSION         ?= $(shell git rev-parse --short=12 HEAD 2>/dev/null || echo dev)
 
-.PHONY: setup lock run ui serve test test-quick test-unit lint format bench package register images clean distclean cluster-check rehearse
+.PHONY: setup lock run backfill ui serve test test-quick test-unit lint format bench package register images clean distclean cluster-check rehearse
 
 setup: $(STAMP)
 
@@ -48,6 +48,12 @@ lock:
 run: setup
 	@mkdir -p .data/tmp
 	@$(RUN_ENV) $(BIN)/python -m workflows.run_local
+
+# The nightly retrain for past days: FROM=2026-11-01 TO=2026-11-03 (both included), as local runs;
+# ARGS="--remote -p flyray -d development" uses Flyte's backfill instead. docs/recommendation.md.
+backfill: setup
+	@mkdir -p .data/tmp
+	@$(RUN_ENV) $(BIN)/python -m workflows.backfill --from $(FROM) --to $(TO) $(ARGS)
 
 # The MLflow UI on the embedded store (127.0.0.1:5000) and a page of the latest run's decks.
 ui: setup

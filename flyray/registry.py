@@ -36,10 +36,12 @@ import mlflow
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
+from flyray import drift
 from flyray.lineage import Lineage
 
 log = logging.getLogger(__name__)
 CHAMPION = "champion"
+DRIFT_PROFILE = "drift/profile.json"  # the run's data profile, what later runs are measured against
 # Version tags that only the gate writes (the server refuses them from any other identity): the
 # gate trusts them when it settles the alias, so no pipeline may forge them.
 GATE_TAG_PREFIXES = ("gate.", "promotion")
@@ -124,11 +126,15 @@ class GateDecision:
 
 @dataclass
 class RegistryConfig:
-    """Where a workload's models go and what its champion gate compares (higher is better)."""
+    """Where a workload's models go and what its champion gate compares (higher is better);
+    `drift_threshold`: the PSI past which the data counts as drifted from the champion's
+    (flyray.drift); `hold_on_drift`: then keep the champion, whatever the metrics say."""
 
     model_name: str
     experiment: str
     metric: str
+    drift_threshold: float = 0.2
+    hold_on_drift: bool = False
 
 
 @dataclass
@@ -200,11 +206,16 @@ class Registration:
     run_id: str
     decision: GateDecision
     lineage: dict[str, str] = field(default_factory=dict)  # the lineage.* tags (flyray.lineage)
+    drift: dict[str, float] = field(default_factory=dict)  # PSI per distribution vs the champion
+    drift_summary: str = ""  # one line: against which version, the largest PSI, the verdict
+    drift_threshold: float = 0.2
 
     def deck(self) -> list[str]:
         from flyray import decks
 
         parts = [decks.table_html(asdict(self.decision), "Champion gate")]
+        if self.drift:
+            parts.append(drift.chart_html(self.drift, self.drift_threshold, self.drift_summary))
         if self.lineage:
             where = "on the MLflow run and the model version as lineage.* tags; data as inputs"
             parts.append(decks.table_html(self.lineage, f"Lineage ({where})"))
@@ -221,6 +232,7 @@ def champion_gate(
     client: MlflowClient | None = None,
     champion_value: float | None = None,
     champion_version: str | None = None,
+    hold: str = "",
 ) -> GateDecision:
     """Move the champion alias to `version` if it beats the champion and the baseline.
 
@@ -228,7 +240,8 @@ def champion_gate(
     passes, so the gate compares two numbers measured on the same data); None falls back to
     the figure recorded when the champion was gated. `champion_version`: the version it scored
     ("" for none); if the alias has moved since, ChampionMoved is raised and nothing is written,
-    so that the caller scores the new champion (`register` does).
+    so that the caller scores the new champion (`register` does). `hold`: why the champion
+    stays whatever the figures say (the data drifted, with `hold_on_drift`).
 
     Safe when pipelines finish at once: each version records its gate value and the champion it
     was compared with first; then every gate settles the alias on the best of the versions that
@@ -247,7 +260,7 @@ def champion_gate(
         raise ChampionMoved(model_name, str(champion_version), holder)
     if champion is not None and champion_value is None:
         champion_value = _gate_value(client, champion, key)
-    failures = []
+    failures = [hold] if hold else []
     if baseline_value is not None and not beats(value, baseline_value):
         failures.append(f"{metric} {value:.4f} does not beat the baseline's {baseline_value:.4f}")
     if champion_value is not None and not beats(value, champion_value):
@@ -369,6 +382,8 @@ class Candidate:
     value: float
     baseline_value: float | None
     score_champion: Callable[[str], float]
+    # the training data to profile for drift (flyray.drift): distribution name -> values
+    columns: dict[str, drift.Column] = field(default_factory=dict)
 
 
 def register(
@@ -390,10 +405,13 @@ def register(
     task_tags = {TASK_KEY: identity.key(), TASK_TEXT: identity.describe()}
     with mlflow.start_run(run_id=run_id, tags={**(tags or {}), **task_tags}) as run:
         candidate.record.log()
+        if candidate.columns:
+            mlflow.log_dict(drift.to_json(drift.profile(candidate.columns)), DRIFT_PROFILE)
         if lineage is not None:
             lineage.log()
         lineage_tags = lineage.tags() if lineage is not None else {}
         conflict = _other_task(client, config, identity)
+        measured = None
         if conflict:
             info = candidate.log_model(None)  # kept in the run, so nothing trained is lost
             candidate.record.log_metrics(info.model_id)
@@ -405,10 +423,16 @@ def register(
             version = str(info.registered_model_version)
             for tag, text in {**task_tags, **lineage_tags}.items():
                 client.set_model_version_tag(config.model_name, version, tag, text)
-            decision = _gate_on_the_current_champion(client, config, candidate, version, gate)
+            decision, measured = _gate_on_the_current_champion(
+                client, config, candidate, version, gate
+            )
         mlflow.set_tags({"promotion": "champion" if decision.promoted else "rejected",
                          "promotion_reason": decision.reason})  # fmt: skip
-    return Registration(tracking_uri(), run.info.run_id, decision, lineage_tags)
+    return Registration(
+        tracking_uri(), run.info.run_id, decision, lineage_tags,
+        measured.psi if measured else {}, measured.summary() if measured else "",
+        config.drift_threshold,
+    )  # fmt: skip
 
 
 MAX_RESCORES = 5  # champions that may move under one registration before it gives up
@@ -420,28 +444,53 @@ def _gate_on_the_current_champion(
     candidate: Candidate,
     version: str,
     gate: Credentials | None = None,
-) -> GateDecision:
-    """Score the champion on the candidate's split and gate; when another pipeline moved the
-    alias while it scored (scoring takes minutes), score the new champion and gate again."""
+) -> tuple[GateDecision, drift.Drift | None]:
+    """Score the champion on the candidate's split, measure the data's drift from the
+    champion's, and gate; when another pipeline moved the alias while it scored (scoring takes
+    minutes), score the new champion and gate again."""
     for _ in range(MAX_RESCORES):
         champion = _alias_holder(client, config.model_name)
         scored = str(champion.version) if champion is not None else ""
         champion_value = (
             candidate.score_champion(f"models:/{config.model_name}/{scored}") if scored else None
         )
+        measured = _drift(config, candidate, champion) if champion is not None else None
+        hold = ""
+        if measured is not None:
+            mlflow.log_dict({"against": scored, "psi": measured.psi}, "drift/psi.json")
+            for tag, text in measured.tags().items():
+                client.set_model_version_tag(config.model_name, version, tag, text)
+            if config.hold_on_drift and measured.drifted:
+                hold = f"{measured.summary()}; hold_on_drift keeps the champion"
         try:
             with acting_as(gate):
-                return champion_gate(
+                decision = champion_gate(
                     config.model_name, version, config.metric, candidate.value,
                     candidate.baseline_value, client=client, champion_value=champion_value,
-                    champion_version=scored,
+                    champion_version=scored, hold=hold,
                 )  # fmt: skip
+            return decision, measured
         except ChampionMoved as moved:
             log.info("registry: %s; scoring v%s on this split", moved, moved.holder)
     raise RuntimeError(
         f"{config.model_name}: the champion moved {MAX_RESCORES} times while v{version} was "
         "being gated; it stays registered, unpromoted: run the gate again"
     )
+
+
+def _drift(config: RegistryConfig, candidate: Candidate, champion) -> drift.Drift | None:
+    """The candidate's data against the profile its champion was registered with (None: no
+    data to profile, or a champion registered before profiles were kept)."""
+    if not candidate.columns or not champion.run_id:
+        return None
+    try:
+        reference = mlflow.artifacts.load_dict(f"runs:/{champion.run_id}/{DRIFT_PROFILE}")
+    except (MlflowException, OSError):
+        return None
+    return drift.compare(
+        drift.from_json(reference), candidate.columns, str(champion.version),
+        config.drift_threshold,
+    )  # fmt: skip
 
 
 def _other_task(client: MlflowClient, config: RegistryConfig, identity: TaskIdentity) -> str:

@@ -188,7 +188,7 @@ def test_a_champion_that_moved_while_scoring_is_scored_again(
     name = f"moved-{slow_wins}"
     task = _identity("top-k items of shop A")
     _through_register(name, task, 0.30, small_model)
-    fast_done = threading.Event()
+    slow_scoring, fast_done = threading.Event(), threading.Event()
     written: list[str] = []
     set_alias = mlflow.MlflowClient.set_registered_model_alias
 
@@ -200,6 +200,7 @@ def test_a_champion_that_moved_while_scoring_is_scored_again(
 
     def slow_scores(uri: str) -> float:
         if uri.endswith("/1"):  # the champion it found: scoring takes long, meanwhile...
+            slow_scoring.set()
             assert fast_done.wait(timeout=120)
             return 0.30
         return new_champion_on_slow_split  # the champion that took the alias meanwhile
@@ -208,7 +209,8 @@ def test_a_champion_that_moved_while_scoring_is_scored_again(
     slow = threading.Thread(target=lambda: results.update(
         slow=_through_register(name, task, 0.40, small_model, slow_scores)))  # fmt: skip
     slow.start()
-    results["fast"] = _through_register(name, task, 0.50, small_model, 0.30)
+    assert slow_scoring.wait(timeout=120)  # the slow one scores v1 ...
+    results["fast"] = _through_register(name, task, 0.50, small_model, 0.30)  # ... as this wins
     fast_done.set()
     slow.join(timeout=300)
     (fast, _), (late, scored) = results["fast"], results["slow"]

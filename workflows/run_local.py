@@ -53,6 +53,8 @@ def main() -> None:
     status = "now the champion" if decision.promoted else "not promoted"
     print(f"\nregistered: {decision.model_name} version {decision.version} ({status}): "
           f"{decision.reason}")  # fmt: skip
+    if reg.drift_summary:
+        print(reg.drift_summary)
     print(f"MLflow run {reg.run_id} in {reg.tracking_uri}")
     print(f"model files: {out.model.path}")
     print(f"recommendations (parquet): {out.recommendations.literal.uri}")

@@ -17,6 +17,7 @@ from flyray.clip.embed import EmbeddingResult, matrix
 from flyray.clip.evaluate import EvaluationReport, champion_metrics
 from flyray.clip.images import Splits
 from flyray.clip.pyfunc import log_pyfunc
+from flyray.drift import Column
 from flyray.raytrain import DistributedConfig
 from flyray.registry import Candidate, RunRecord, TaskIdentity
 
@@ -141,4 +142,12 @@ def candidate(
         evaluation.model.get(metric),
         evaluation.baseline.get(metric),
         lambda uri: champion_metrics(uri, test).get(metric),
+        {"class_balance": Column(counts=_label_counts(test))},
     )
+
+
+def _label_counts(table: pa.Table) -> dict[str, float]:
+    labels, counts = np.unique(
+        np.asarray(table["label"].to_pylist(), dtype=str), return_counts=True
+    )
+    return {str(label): float(n) for label, n in zip(labels, counts, strict=True)}

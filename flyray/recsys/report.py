@@ -8,9 +8,12 @@ import os
 import tempfile
 from dataclasses import asdict, dataclass
 
+import numpy as np
+
 from flyray import decks
 from flyray.clickstream.config import FeatureConfig
 from flyray.clickstream.reports import DataProfile
+from flyray.drift import Column
 from flyray.recsys.evaluate import Metrics, champion_metrics
 from flyray.recsys.model import FactorModel, Ratings
 from flyray.recsys.pyfunc import log_pyfunc
@@ -169,4 +172,19 @@ def candidate(
         evaluation.model.get(metric),
         evaluation.popularity.get(metric),
         lambda uri: champion_metrics(uri, model, train, test, k, ranking_users).get(metric),
+        drift_columns(model, train, profile),
     )
+
+
+def drift_columns(model: FactorModel, train: Ratings, profile: DataProfile) -> dict[str, Column]:
+    """What a recommender's data drift is measured on: events by type, the share of training
+    interactions of each item (raw ids, so a different id map compares), and interactions per
+    user."""
+    per_item = np.bincount(train.items, minlength=len(model.item_ids))
+    seen = np.flatnonzero(per_item)
+    raw = zip(np.asarray(model.item_ids)[seen].tolist(), per_item[seen].tolist(), strict=True)
+    return {
+        "event_type": Column(counts=dict(profile.events_by_type)),
+        "item_popularity": Column(counts={str(i): float(c) for i, c in raw}),
+        "user_activity": Column(values=np.bincount(train.users)[np.unique(train.users)]),
+    }

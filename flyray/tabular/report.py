@@ -11,6 +11,7 @@ import numpy as np
 import pandas as pd
 
 from flyray import decks
+from flyray.drift import Column
 from flyray.registry import Candidate, RunRecord, TaskIdentity
 from flyray.tabular.data import TableSpec
 from flyray.tabular.evaluate import (
@@ -171,4 +172,23 @@ def candidate(
         getattr(evaluation.model, metric),
         getattr(evaluation.baseline, metric),
         lambda uri: getattr(champion_metrics(uri, x, y, spec), metric),
+        drift_columns(spec, x, y),
     )
+
+
+def drift_columns(spec: TableSpec, x: np.ndarray, y: np.ndarray) -> dict[str, Column]:
+    """Each feature (numeric: its values; categorical: its categories' counts) and the label."""
+
+    def counts(codes: np.ndarray, names: list[str]) -> Column:
+        found, n = np.unique(codes[np.isfinite(codes)].astype(int), return_counts=True)
+        named = (names[c] if 0 <= c < len(names) else str(c) for c in found)
+        return Column(counts=dict(zip(named, map(float, n), strict=True)))
+
+    columns = {
+        name: counts(x[:, i], spec.categories[name])
+        if name in spec.categories
+        else Column(values=x[:, i])
+        for i, name in enumerate(spec.features)
+    }
+    columns["label"] = counts(np.asarray(y, dtype=np.float64), spec.label_classes)
+    return columns

@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from flyray import decks, storage
+from flyray.drift import Column
 from flyray.registry import Candidate, RunRecord, TaskIdentity
 from flyray.vision.data import DataSummary, ImageSet
 from flyray.vision.evaluate import champion_accuracy
@@ -230,4 +231,11 @@ def candidate(
         comparison.distributed_test_accuracy,
         summary.majority_test_accuracy,
         lambda uri: champion_accuracy(uri, test),
+        {
+            "class_balance": Column(
+                counts=dict(
+                    zip(summary.class_names, map(float, summary.train_class_counts), strict=True)
+                )
+            )
+        },  # fmt: skip
     )
