@@ -102,8 +102,13 @@ def test_no_secret_reaches_logs_decks_outputs_or_mlflow(
     assert [int(v.version) for v in versions] == [1]  # `pyflyte run` registered one version
     for version in versions:
         texts += list(version.tags.items()) + [version.source or ""]
+    # lineage (flyray.lineage): tags and MLflow dataset inputs, names and digests only
+    texts += [
+        (d.dataset.name, d.dataset.source, d.dataset.digest) for d in run.inputs.dataset_inputs
+    ]
     flat = repr(texts)
     assert "model.n_factors" in flat  # the params were read
+    assert "lineage.data.clickstream" in flat and "s3://secret-test/clicks/" in flat
     assert not [n for n, s in SECRETS.items() if s in flat]
     artifacts = tmp_path / "artifacts"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)  # models:/ URIs resolve through it
