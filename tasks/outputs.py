@@ -7,6 +7,8 @@ import json
 import os
 import posixpath
 import re
+import socket
+import time
 from dataclasses import asdict, is_dataclass
 
 from flytekit import Deck, ImageSpec, Secret, StructuredDataset
@@ -36,6 +38,9 @@ def register(
     identity; the decision becomes a deck."""
     tags = execution_tags(candidate.identity.workload)
     execution = "/".join((tags["flyte.project"], tags["flyte.domain"], tags["flyte.execution_id"]))
+    if tags["flyte.execution_id"] == "local":  # every local run is "local": name this one
+        now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        execution += f"/{socket.gethostname()}/pid-{os.getpid()}@{now}"
     lineage = Lineage(
         execution, current().code_version, image.image_name(),
         file_digest(image.requirements), data,

@@ -43,6 +43,10 @@ def test_pipeline_registers_evaluates_and_recommends(tmp_path, monkeypatch, flyt
     )
     assert tags["lineage.image"].rsplit(":", 1)[0].endswith("/flyray-recommender")
     assert len(tags["lineage.requirements_sha256"]) == 64
+    assert (
+        tags["lineage.execution"].startswith("local/local/local/")
+        and "/pid-" in tags["lineage.execution"]
+    )  # a local run, named by host, process and time
     source, digest = tags["lineage.data.clickstream"].rsplit(" sha256:", 1)
     assert len(digest) == 64 and source
     [dataset] = run.inputs.dataset_inputs
