@@ -152,6 +152,20 @@ def test_every_pod_is_non_root_and_bounded(manifests, flyte_values):
     _assert_hardened(_pod_specs(task_defaults)[0], "flyray-task-defaults", needs_resources=False)
 
 
+def test_mlflow_runs_on_a_read_only_root_with_tmp_writable(manifests):
+    [mlflow] = [
+        d for d in manifests if d["kind"] == "Deployment" and d["metadata"]["name"] == "mlflow"
+    ]
+    pod = mlflow["spec"]["template"]["spec"]
+    [container] = pod["containers"]
+    assert container["securityContext"]["readOnlyRootFilesystem"] is True
+    [tmp] = [m for m in container["volumeMounts"] if m["mountPath"] == "/tmp"]
+    [volume] = [v for v in pod["volumes"] if v["name"] == tmp["name"]]
+    assert "emptyDir" in volume
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    assert env["HOME"].startswith("/tmp") and env["MLFLOW_AUTH_CONFIG_PATH"].startswith("/tmp/")
+
+
 def test_nothing_is_exposed_outside_the_cluster(manifests, flyte_values):
     assert not [d for d in manifests if d["kind"] == "Ingress"]
     for service in (d for d in manifests if d["kind"] == "Service"):
