@@ -481,5 +481,17 @@ def test_the_bucket_job_scopes_its_user_to_the_bucket_and_hides_no_error(manifes
     assert "|| true" not in script and "readwrite" not in script
     assert container["command"] == ["/bin/sh", "-ec"]  # -e: any failing step fails the job
     assert '"arn:aws:s3:::$BUCKET", "arn:aws:s3:::$BUCKET/*"' in script
+    # MLflow's own user: the bucket's mlflow/ prefix only, and MLflow takes its keys, not the
+    # tasks' bucket-wide ones
+    assert '"Resource": ["arn:aws:s3:::$BUCKET/mlflow/*"]' in script
+    assert 'attach store flyray-mlflow --user "$MLFLOW_S3_KEY"' in script
+    [mlflow] = [
+        d for d in manifests if d["kind"] == "Deployment" and d["metadata"]["name"] == "mlflow"
+    ]
+    refs = [
+        r["secretRef"]["name"]
+        for r in mlflow["spec"]["template"]["spec"]["containers"][0]["envFrom"]
+    ]
+    assert "mlflow-s3" in refs and "flyray-s3" not in refs
     [root] = [line for line in script.splitlines() if "MINIO_ROOT_PASSWORD" in line]
     assert root.startswith("export MC_HOST_store=")  # an environment variable, not an argument
