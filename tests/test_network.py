@@ -100,7 +100,7 @@ MATRIX = [
     ("a task pod, on GCS", TASK, RAY_HEAD, 6379, False),
     ("another namespace", STRANGER, RAY_HEAD, 8265, False),
     ("serving", SERVE, MLFLOW, 5000, True),
-    ("serving", SERVE, MINIO, 9000, True),
+    ("serving (models come through MLflow)", SERVE, MINIO, 9000, False),
     ("serving", SERVE, POSTGRES, 5432, False),
     ("a client", STRANGER, SERVE, 8000, True),
     ("another namespace, on GCS", STRANGER, SERVE, 6379, False),

@@ -141,6 +141,7 @@ def test_pods_read_mlflow_and_credentials_from_the_platform(service):
             assert set(held) <= secrets
             # MLflow as the read-only serving identity (flyray/registry_auth.py)
             assert identities[held[-1]] == "flyray-serving"
+            assert "flyray-s3" not in held  # no S3 keys: models come through MLflow's proxy
             env = {e["name"]: e.get("value") for e in container.get("env", [])}
             assert not {"MLFLOW_TRACKING_URI", "AWS_SECRET_ACCESS_KEY"} & set(env)
             assert env["RAY_SERVE_ENABLE_HA_PROXY"] == "1"
