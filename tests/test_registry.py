@@ -9,10 +9,8 @@ import threading
 
 import mlflow
 import pytest
-from test_funksvd import synthetic
 
 from flyray import registry
-from flyray.recsys import FunkSVD
 from flyray.recsys.pyfunc import log_pyfunc
 
 
@@ -23,25 +21,17 @@ def tracking(mlflow_server, monkeypatch):
     return mlflow_server
 
 
-@pytest.fixture(scope="module")
-def small_model(tmp_path_factory):
-    model = FunkSVD(n_factors=4, n_epochs=3).fit(synthetic(n=3_000))
-    folder = str(tmp_path_factory.mktemp("model") / "funksvd")
-    model.save(folder)
-    return model, folder
-
-
-def _register(name, value, small_model):
-    model, folder = small_model
+def _register(name, value, small_funksvd):
+    model, folder = small_funksvd
     with mlflow.start_run():
         mlflow.log_metric("ndcg_at_10", value)
         info = log_pyfunc(model, folder, registered_name=name)
     return str(info.registered_model_version)
 
 
-def test_pyfunc_answers_in_a_fresh_process(tracking, small_model):
-    model, _ = small_model
-    version = _register("pyfunc-check", 0.1, small_model)
+def test_pyfunc_answers_in_a_fresh_process(tracking, small_funksvd):
+    model, _ = small_funksvd
+    version = _register("pyfunc-check", 0.1, small_funksvd)
     users = model.user_ids[:2].tolist()
     code = (
         "import mlflow, pandas as pd, json; "
@@ -60,23 +50,23 @@ def test_pyfunc_answers_in_a_fresh_process(tracking, small_model):
     assert answer["score"] == pytest.approx(float(want), rel=1e-5)
 
 
-def test_gate_promotes_better_and_refuses_worse(tracking, small_model):
+def test_gate_promotes_better_and_refuses_worse(tracking, small_funksvd):
     name = "gate-check"
     client = mlflow.MlflowClient(tracking)
-    v1 = _register(name, 0.10, small_model)
+    v1 = _register(name, 0.10, small_funksvd)
     first = registry.champion_gate(name, v1, "ndcg@10", 0.10, baseline_value=0.05)
     assert first.promoted and "no champion yet" in first.reason
-    v2 = _register(name, 0.08, small_model)
+    v2 = _register(name, 0.08, small_funksvd)
     worse = registry.champion_gate(name, v2, "ndcg@10", 0.08, baseline_value=0.05)
     assert not worse.promoted and f"champion v{v1}" in worse.reason
     assert client.get_model_version_by_alias(name, "champion").version == v1
     tags = client.get_model_version(name, v2).tags
     assert tags["promotion"] == "rejected" and "does not beat champion" in tags["promotion_reason"]
-    v3 = _register(name, 0.20, small_model)
+    v3 = _register(name, 0.20, small_funksvd)
     better = registry.champion_gate(name, v3, "ndcg@10", 0.20, baseline_value=0.05)
     assert better.promoted and better.champion_version == v1
     assert client.get_model_version_by_alias(name, "champion").version == v3
-    v4 = _register(name, 0.30, small_model)
+    v4 = _register(name, 0.30, small_funksvd)
     below_baseline = registry.champion_gate(name, v4, "ndcg@10", 0.30, baseline_value=0.35)
     assert not below_baseline.promoted and "baseline" in below_baseline.reason
     assert client.get_model_version_by_alias(name, "champion").version == v3
@@ -92,13 +82,13 @@ def test_embedded_store_lives_in_the_data_dir(tmp_path, monkeypatch):
     assert list((tmp_path / "mlflow" / "artifacts").rglob("x.json"))
 
 
-def _race(name: str, values: tuple[float, float], small_model) -> dict:
+def _race(name: str, values: tuple[float, float], small_funksvd) -> dict:
     """Two pipelines register and run their gates at the same moment."""
     barrier = threading.Barrier(2)
     decisions: dict = {}
 
     def pipeline(value: float) -> None:
-        version = _register(name, value, small_model)
+        version = _register(name, value, small_funksvd)
         barrier.wait()
         decisions[value] = registry.champion_gate(
             name, version, "ndcg@10", value, baseline_value=0.1
@@ -113,12 +103,12 @@ def _race(name: str, values: tuple[float, float], small_model) -> dict:
 
 
 @pytest.mark.e2e
-def test_concurrent_registrations_end_with_the_better_champion(tracking, small_model):
+def test_concurrent_registrations_end_with_the_better_champion(tracking, small_funksvd):
     """Both versions exist and the better one holds the alias, whichever gate wrote last."""
     client = mlflow.MlflowClient(tracking)
     for attempt, values in enumerate([(0.30, 0.40), (0.40, 0.30)]):  # both orders
         name = f"race-{attempt}"
-        decisions = _race(name, values, small_model)
+        decisions = _race(name, values, small_funksvd)
         versions = {v.version for v in client.search_model_versions(f"name='{name}'")}
         assert versions == {decisions[0.30].version, decisions[0.40].version}
         champion = client.get_model_version_by_alias(name, "champion").version
@@ -132,9 +122,9 @@ def _identity(target: str) -> registry.TaskIdentity:
     return registry.TaskIdentity("recommendation", target, "clickstream events", "ndcg@10")
 
 
-def _through_register(name, identity, value, small_model, champion_on_my_split=None):
+def _through_register(name, identity, value, small_funksvd, champion_on_my_split=None):
     """One registration through the shared path; returns (registration, champion URIs scored)."""
-    model, folder = small_model
+    model, folder = small_funksvd
     scored: list[str] = []
 
     def score(uri: str) -> float:
@@ -154,13 +144,13 @@ def _through_register(name, identity, value, small_model, champion_on_my_split=N
     return registration, scored
 
 
-def test_the_gate_compares_the_champion_on_the_challengers_split(tracking, small_model):
+def test_the_gate_compares_the_champion_on_the_challengers_split(tracking, small_funksvd):
     """The champion's own recorded figure (0.30, on its data) is not what the challenger meets:
     the champion scored on the challenger's split (0.20) is."""
     name, task = "same-split", _identity("top-k items of shop A")
-    first, scored = _through_register(name, task, 0.30, small_model)
+    first, scored = _through_register(name, task, 0.30, small_funksvd)
     assert first.decision.promoted and scored == []  # no champion yet: nothing to score
-    second, scored = _through_register(name, task, 0.25, small_model, champion_on_my_split=0.20)
+    second, scored = _through_register(name, task, 0.25, small_funksvd, champion_on_my_split=0.20)
     assert scored == [f"models:/{name}/{first.decision.version}"]
     gate = second.decision
     assert gate.promoted and gate.champion_value == 0.20 and gate.champion_version == "1"
@@ -169,7 +159,7 @@ def test_the_gate_compares_the_champion_on_the_challengers_split(tracking, small
     assert client.get_model_version_by_alias(name, "champion").version == gate.version
     tags = client.get_model_version(name, gate.version).tags
     assert tags["task.key"] == task.key() and tags["gate.champion_value"] == "0.2"
-    third, _ = _through_register(name, task, 0.22, small_model, champion_on_my_split=0.24)
+    third, _ = _through_register(name, task, 0.22, small_funksvd, champion_on_my_split=0.24)
     assert not third.decision.promoted and "does not beat champion v2's 0.2400" in (
         third.decision.reason
     )
@@ -180,14 +170,14 @@ def test_the_gate_compares_the_champion_on_the_challengers_split(tracking, small
 
 @pytest.mark.parametrize("new_champion_on_slow_split, slow_wins", [(0.45, False), (0.35, True)])
 def test_a_champion_that_moved_while_scoring_is_scored_again(
-    tracking, small_model, monkeypatch, new_champion_on_slow_split, slow_wins
+    tracking, small_funksvd, monkeypatch, new_champion_on_slow_split, slow_wins
 ):
     """Two registrations at once: the slow one scores v1, and while it does, the fast one
     beats v1 and takes the alias. The slow one must then score the new champion on its own
     split and be gated against that; the alias is written once per promotion, to the winner."""
     name = f"moved-{slow_wins}"
     task = _identity("top-k items of shop A")
-    _through_register(name, task, 0.30, small_model)
+    _through_register(name, task, 0.30, small_funksvd)
     slow_scoring, fast_done = threading.Event(), threading.Event()
     written: list[str] = []
     set_alias = mlflow.MlflowClient.set_registered_model_alias
@@ -207,10 +197,10 @@ def test_a_champion_that_moved_while_scoring_is_scored_again(
 
     results = {}
     slow = threading.Thread(target=lambda: results.update(
-        slow=_through_register(name, task, 0.40, small_model, slow_scores)))  # fmt: skip
+        slow=_through_register(name, task, 0.40, small_funksvd, slow_scores)))  # fmt: skip
     slow.start()
     assert slow_scoring.wait(timeout=120)  # the slow one scores v1 ...
-    results["fast"] = _through_register(name, task, 0.50, small_model, 0.30)  # ... as this wins
+    results["fast"] = _through_register(name, task, 0.50, small_funksvd, 0.30)  # ... as this wins
     fast_done.set()
     slow.join(timeout=300)
     (fast, _), (late, scored) = results["fast"], results["slow"]
@@ -229,11 +219,11 @@ def test_a_champion_that_moved_while_scoring_is_scored_again(
         assert f"does not beat champion v{fast_version}'s 0.4500" in gate.reason
 
 
-def test_another_task_never_displaces_the_champion(tracking, small_model):
+def test_another_task_never_displaces_the_champion(tracking, small_funksvd):
     name = "one-task"
-    first, _ = _through_register(name, _identity("top-k items of shop A"), 0.10, small_model)
+    first, _ = _through_register(name, _identity("top-k items of shop A"), 0.10, small_funksvd)
     other = _identity("top-k items of shop B")
-    refused, scored = _through_register(name, other, 0.90, small_model, 0.01)
+    refused, scored = _through_register(name, other, 0.90, small_funksvd, 0.01)
     gate = refused.decision
     assert not gate.promoted and gate.version == "" and scored == []
     assert "shop A" in gate.reason and "shop B" in gate.reason
