@@ -18,7 +18,7 @@ FLYTE_PROJECT   ?= flyray
 FLYTE_DOMAIN    ?= development
 VERSION         ?= $(shell git rev-parse --short=12 HEAD 2>/dev/null || echo dev)
 
-.PHONY: setup lock run backfill ui serve test test-quick test-unit lint format bench package register images clean distclean cluster-check rehearse
+.PHONY: setup lock run backfill reproduce ui serve test test-quick test-unit lint format bench package register images clean distclean cluster-check rehearse
 
 setup: $(STAMP)
 
@@ -58,6 +58,12 @@ backfill: setup
 # The MLflow UI on the embedded store (127.0.0.1:5000) and a page of the latest run's decks.
 ui: setup
 	@$(BIN)/python -m flyray.ui
+
+# Train a registered version again from its lineage and compare its metrics with the recorded
+# ones: MODEL=flyray-xgboost VERSION=3 (docs/platform.md#reproduce).
+reproduce: setup
+	@mkdir -p .data/tmp
+	@$(RUN_ENV) $(BIN)/python -m workflows.reproduce --model $(MODEL) --version $(VERSION) $(ARGS)
 
 # Every registered champion over HTTP on 127.0.0.1:8000 (Ray Serve), from the store `make run`
 # registers into; each follows its champion alias. docs/serving.md.

@@ -244,7 +244,9 @@ def _sha256(path: str) -> str:
 
 
 def fingerprint(files: list[InputFile]) -> str:
-    """A digest that changes whenever the content changes, not only the path.
+    """A digest of the content: each file's name relative to the files' common folder, its
+    size and its bytes, so the same files anywhere (a copy, demo data generated again from its
+    seed) have the same digest and any change of content has another (flyray.lineage).
 
     Local files are hashed in full (sha256, one thread per file; about 1 s per GB here). Object
     stores rewrite an object's size or Last-Modified on every PUT, so those stand for content.
@@ -252,7 +254,10 @@ def fingerprint(files: list[InputFile]) -> str:
     local = [f.path for f in files if not is_s3(f.path)]
     with ThreadPoolExecutor(max_workers=min(8, max(1, len(local)))) as pool:
         digests = dict(zip(local, pool.map(_sha256, local), strict=True))
+    paths = [f.path for f in files]
+    base = posixpath.commonpath(paths) if len(paths) > 1 else posixpath.dirname(paths[0] if paths else "")
     h = hashlib.sha256()
     for f in files:
-        h.update(f"{f.path}\0{f.size}\0{digests.get(f.path) or f.mtime_ns}\n".encode())
+        name = posixpath.relpath(f.path, base)
+        h.update(f"{name}\0{f.size}\0{digests.get(f.path) or f.mtime_ns}\n".encode())
     return h.hexdigest()

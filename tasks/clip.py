@@ -153,11 +153,11 @@ def evaluate_clip_classifier(
 @flyray_task(images.clip, deck=True, gate=True, timeout=minutes(30))
 def register_clip_classifier(
     model: FlyteDirectory, training: TrainingReport, evaluation: EvaluationReport,
-    embeddings: EmbeddingResult, test: StructuredDataset, config: RegistryConfig,
+    embeddings: EmbeddingResult, test: StructuredDataset, config: RegistryConfig, recipe: str,
 ) -> Registration:  # fmt: skip
     """Evaluation into the training run, the pyfunc registered, then the champion gate: the
     champion is scored on this classifier's test split."""
     classifier = TrainedClassifier.load(uri(model))
     evidence = clip.candidate(classifier, _read(test), evaluation, embeddings, config.metric)
     data = DataInput("images", embeddings.root, embeddings.fingerprint, rows=embeddings.images)
-    return register(config, evidence, images.clip, (data,), run_id=training.run_id)
+    return register(config, evidence, images.clip, (data,), recipe, run_id=training.run_id)

@@ -31,11 +31,13 @@ def register(
     candidate: Candidate,
     image: ImageSpec,
     data: tuple[DataInput, ...],
+    recipe: str,
     run_id: str | None = None,
 ):
     """flyray.registry.register with the execution's lineage (the code registered, the task's
-    image and its locked requirements, `data` with digests), the gate's writes as the gate's
-    identity; the decision becomes a deck."""
+    image and its locked requirements, `data` with digests, the workflow's `recipe`: its
+    inputs, tasks/recipe.py), the gate's writes as the gate's identity; the decision becomes a
+    deck."""
     tags = execution_tags(candidate.identity.workload)
     execution = "/".join((tags["flyte.project"], tags["flyte.domain"], tags["flyte.execution_id"]))
     if tags["flyte.execution_id"] == "local":  # every local run is "local": name this one
@@ -43,7 +45,7 @@ def register(
         execution += f"/{socket.gethostname()}/pid-{os.getpid()}@{now}"
     lineage = Lineage(
         execution, current().code_version, image.image_name(),
-        file_digest(image.requirements), data,
+        file_digest(image.requirements), data, recipe,
     )  # fmt: skip
     registration = registry.register(
         config, candidate, tags, run_id, gate=gate_identity(), lineage=lineage

@@ -151,6 +151,7 @@ def register_model(
     features: FeatureConfig,
     ranking_users: int,
     config: RegistryConfig,
+    recipe: str,
     tuning: TuningReport = _NOT_TUNED,
 ) -> Registration:
     """The pyfunc in MLflow with the search that chose it, then the champion gate against
@@ -161,4 +162,4 @@ def register_model(
     )  # fmt: skip
     events = DataInput("clickstream", profile.source, profile.fingerprint, profile.window,
                        profile.events)  # fmt: skip
-    return register(config, evidence, images.recommender, (events,))
+    return register(config, evidence, images.recommender, (events,), recipe)

@@ -122,6 +122,7 @@ def register_xgboost(
     evaluation: EvaluationReport,
     params: XGBParams,
     config: RegistryConfig,
+    recipe: str,
 ) -> Registration:
     """The booster in MLflow (xgboost flavor, signature, encoding), then the champion gate:
     the champion is scored on this model's test split."""
@@ -129,4 +130,4 @@ def register_xgboost(
     x, y = read_split(uri(test), spec)
     evidence = report.candidate(booster, spec, x, y, training, evaluation, params, config.metric)
     table = DataInput("table", spec.source, spec.fingerprint, rows=spec.rows)
-    return register(config, evidence, images.tabular, (table,))
+    return register(config, evidence, images.tabular, (table,), recipe)

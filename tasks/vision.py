@@ -139,6 +139,7 @@ def register_cnn(
     summary: DataSummary,
     params: CNNParams,
     config: RegistryConfig,
+    recipe: str,
 ) -> Registration:
     """The Ray-trained model in MLflow (tensorflow flavor), then the champion gate on test
     accuracy against the majority class and the champion scored on the same test images."""
@@ -148,4 +149,4 @@ def register_cnn(
     )  # fmt: skip
     data = DataInput("images", summary.source or "demo-digits", summary.fingerprint,
                      rows=summary.train_examples + summary.test_examples)  # fmt: skip
-    return register(config, evidence, images.image, (data,))
+    return register(config, evidence, images.image, (data,), recipe)

@@ -97,11 +97,11 @@ def serialized() -> dict:
 @pytest.fixture(scope="session")
 def task_templates(serialized) -> Callable[..., dict]:
     """`task_templates("clip")`: the task templates of tasks/clip.py by short name (no
-    argument: every task's)."""
+    argument: every task's); a dotted name is a module of its own ("workflows.clip")."""
     from flytekit.models.task import TaskSpec
 
     def of(*modules: str) -> dict:
-        prefixes = tuple(f"tasks.{m}." for m in modules) or ("tasks.",)
+        prefixes = tuple(m + "." if "." in m else f"tasks.{m}." for m in modules) or ("tasks.",)
         return {v.template.id.name.split(".")[-1]: v.template for v in serialized.values()
                 if isinstance(v, TaskSpec) and v.template.id.name.startswith(prefixes)}  # fmt: skip
 

@@ -495,3 +495,32 @@ def test_the_bucket_job_scopes_its_user_to_the_bucket_and_hides_no_error(manifes
     assert "mlflow-s3" in refs and "flyray-s3" not in refs
     [root] = [line for line in script.splitlines() if "MINIO_ROOT_PASSWORD" in line]
     assert root.startswith("export MC_HOST_store=")  # an environment variable, not an argument
+
+
+def test_the_bucket_job_puts_no_secret_on_a_command_line(manifests, tmp_path):
+    """The job's script run as the Job runs it (`/bin/sh -ec`), with an `mc` on PATH that records
+    every command line and what it reads on stdin: no secret is ever an argument, and each user
+    gets its secret key through stdin."""
+    [job] = [
+        d for d in manifests if d["kind"] == "Job" and d["metadata"]["name"] == "minio-buckets"
+    ]
+    [container] = job["spec"]["template"]["spec"]["containers"]
+    log = tmp_path / "mc.log"
+    mc = tmp_path / "bin" / "mc"
+    mc.parent.mkdir()
+    mc.write_text(f"""#!/bin/sh
+echo "argv: $*" >> {log}
+case "$*" in "admin user add "*) read -r secret; echo "stdin: $secret" >> {log};; esac
+""")
+    mc.chmod(0o755)
+    secrets = {"MINIO_ROOT_PASSWORD": "root-pw-1", "AWS_SECRET_ACCESS_KEY": "task-secret-2",
+               "MLFLOW_S3_SECRET": "mlflow-secret-3"}  # fmt: skip
+    env = {"PATH": f"{mc.parent}:/usr/bin:/bin", "MINIO_ROOT_USER": "root", "BUCKET": "flyray",
+           "AWS_ACCESS_KEY_ID": "task", "MLFLOW_S3_KEY": "mlflow", **secrets}  # fmt: skip
+    subprocess.run([*container["command"], container["args"][0]], env=env, check=True, timeout=60)
+    lines = log.read_text().splitlines()
+    argv = [line for line in lines if line.startswith("argv: ")]
+    assert any("admin policy attach store flyray-mlflow --user mlflow" in a for a in argv)
+    for secret in secrets.values():
+        assert not any(secret in a for a in argv), secret
+    assert "stdin: task-secret-2" in lines and "stdin: mlflow-secret-3" in lines

@@ -121,5 +121,6 @@ def test_no_secret_reaches_logs_decks_outputs_or_mlflow(
             dst_path=str(artifacts / version.version), tracking_uri=mlflow_server,
         )  # fmt: skip
     assert list(artifacts.rglob("*.npz")), "no model artifact downloaded"
+    assert (artifacts / "run" / "lineage" / "recipe.json").exists()  # the workflow's inputs
     assert not _leaks(artifacts)
     assert not _leaks(mlflow_root)  # the server's database and artifact store

@@ -29,10 +29,10 @@ class Workload:
 
 WORKLOADS = {
     "recommendation": Workload(
-        ("clickstream", "recommender"), images.recommender,
+        ("clickstream", "recommender", "workflows.recommendation"), images.recommender,
         {"resolve_source", "ingest_clickstream", "data_window", "build_ratings", "tune_params",
          "train_recommender", "fit_recommender", "evaluate_model", "register_model",
-         "recommend_users"},
+         "recommend_users", "pipeline_recipe"},
         # evaluate_model and recommend_users rank in one process (compiled kernels): no cluster.
         {"ingest_clickstream", "build_ratings", "tune_params"}, "fit_recommender",
         {"ingest_clickstream": "ingest-2", "build_ratings": "features-2", "tune_params": "tune-1",
@@ -42,25 +42,25 @@ WORKLOADS = {
         {"recommendation_default", "recommendation_nightly"},
     ),
     "tabular": Workload(
-        ("tabular",), images.tabular,
+        ("tabular", "workflows.tabular"), images.tabular,
         {"resolve_table", "prepare_table", "train_xgboost", "fit_xgboost", "evaluate_xgboost",
-         "register_xgboost"},
+         "register_xgboost", "xgboost_recipe"},
         {"prepare_table"}, "fit_xgboost",
         {"prepare_table": "tabular-prepare-2", "fit_xgboost": "xgboost-train-2",
          "evaluate_xgboost": "xgboost-evaluate-1"},
         ("train_xgboost", "register_xgboost"), ("register_xgboost",), {"xgboost_default"},
     ),
     "vision": Workload(
-        ("vision",), images.image,
+        ("vision", "workflows.image_classification"), images.image,
         {"resolve_image_source", "prepare_images", "train_baseline", "train_distributed",
-         "fit_cnn", "compare_runs", "register_cnn"},
+         "fit_cnn", "compare_runs", "register_cnn", "cnn_recipe"},
         set(), "fit_cnn", {"prepare_images": "vision-data-2"},  # timings are never replayed
         ("register_cnn",), ("register_cnn",), {"cnn_benchmark_default"},
     ),
     "clip": Workload(
-        ("clip",), images.clip,
+        ("clip", "workflows.clip"), images.clip,
         {"resolve_images", "embed_images", "train_clip_classifier", "fit_clip_classifier",
-         "evaluate_clip_classifier", "register_clip_classifier"},
+         "evaluate_clip_classifier", "register_clip_classifier", "clip_recipe"},
         {"embed_images", "evaluate_clip_classifier"}, "fit_clip_classifier",
         {"embed_images": "clip-embed-2", "fit_clip_classifier": "clip-train-2",
          "evaluate_clip_classifier": "clip-evaluate-1"},

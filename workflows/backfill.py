@@ -15,7 +15,6 @@ a workflow running the plan for every scheduled kickoff in the range (serial unl
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import subprocess
 import sys
@@ -56,20 +55,6 @@ def kickoffs(first: date, last: date) -> list[datetime]:
     ]
 
 
-def _typed(inputs: dict) -> dict:
-    """JSON values as the plan's inputs: objects become their dataclass."""
-    from workflows.recommendation import recommendation_pipeline
-
-    types = recommendation_pipeline.python_interface.inputs
-    unknown = set(inputs) - set(types)
-    if unknown:
-        raise SystemExit(f"--inputs: unknown {sorted(unknown)}; the plan takes {sorted(types)}")
-    return {
-        name: types[name](**value) if dataclasses.is_dataclass(types[name]) else value
-        for name, value in inputs.items()
-    }
-
-
 def remote(args: argparse.Namespace) -> int:
     argv = [str(_pyflyte()), "backfill", "-p", args.project, "-d", args.domain,
             "--from-date", args.first.isoformat(), "--to-date", args.last.isoformat(),
@@ -86,10 +71,14 @@ def _pyflyte():
 
 def local(args: argparse.Namespace) -> list[dict]:
     from flyray import console
-    from workflows.recommendation import nightly_plan
+    from tasks.recipe import typed_inputs
+    from workflows.recommendation import nightly_plan, recommendation_pipeline
 
     console.configure()
-    inputs = _typed(args.inputs)
+    try:
+        inputs = typed_inputs(recommendation_pipeline, args.inputs, "--inputs")
+    except ValueError as err:
+        raise SystemExit(str(err)) from None
     if args.demo_events is not None:
         inputs["demo_events"] = args.demo_events
     rows = []

@@ -12,6 +12,7 @@ from typing import NamedTuple
 from flytekit import LaunchPlan, StructuredDataset, workflow
 from flytekit.types.directory import FlyteDirectory
 
+import images
 from flyray.clip.classifier import ClassifierParams
 from flyray.clip.config import EmbedConfig, SplitConfig
 from flyray.clip.embed import EmbeddingResult
@@ -26,6 +27,7 @@ from tasks.clip import (
     resolve_images,
     train_clip_classifier,
 )
+from tasks.recipe import recipe_task
 
 DEFAULT_REGISTRATION = RegistryConfig("flyray-clip", "flyray-clip", "f1_macro")
 
@@ -54,26 +56,28 @@ def clip_pipeline(
     """`source`: a folder of class folders (local or s3://; empty = generated coloured shapes);
     `model`: a saved CLIP folder (local or s3://) or a hub id (empty = the tiny demo CLIP,
     with the demo images only)."""
-    images = resolve_images(
+    recipe = clip_recipe(**locals())  # the inputs, recorded with the version (tasks/recipe.py)
+    found = resolve_images(
         source=source, model=model, demo_per_class=demo_per_class, demo_seed=demo_seed
     )
     data = embed_images(
-        root=images.root, fingerprint=images.fingerprint, model=images.model, config=embed_config,
+        root=found.root, fingerprint=found.fingerprint, model=found.model, config=embed_config,
         split=split_config,
     )  # fmt: skip
     trained = train_clip_classifier(
         train=data.train, validation=data.validation, labels=data.labels,
-        embedding_model=images.model, params=params, config=training,
+        embedding_model=found.model, params=params, config=training,
         experiment=registration.experiment,
     )  # fmt: skip
     evaluation = evaluate_clip_classifier(model=trained.model, test=data.test, train=data.train)
     registered = register_clip_classifier(
         model=trained.model, training=trained.report, evaluation=evaluation,
-        embeddings=data.report, test=data.test, config=registration,
+        embeddings=data.report, test=data.test, config=registration, recipe=recipe,
     )  # fmt: skip
     return ClipOutputs(
         trained.model, data.report, data.rejects, trained.report, evaluation, registered
     )
 
 
+clip_recipe = recipe_task(clip_pipeline, images.clip, "clip_recipe")
 clip_default = LaunchPlan.get_or_create(clip_pipeline, name="clip_default")

@@ -12,10 +12,12 @@ from flytekit import LaunchPlan, workflow
 from flytekit.types.directory import FlyteDirectory
 from flytekit.types.file import FlyteFile
 
+import images
 from flyray.raytrain import DistributedConfig
 from flyray.registry import Registration, RegistryConfig
 from flyray.vision.model import CNNParams
 from flyray.vision.report import Comparison
+from tasks.recipe import recipe_task
 from tasks.vision import (
     compare_runs,
     prepare_images,
@@ -50,6 +52,7 @@ def cnn_benchmark(
     """Images (CIFAR-10 batches, an image folder, or "" for the digits demo) -> baseline run ->
     Ray Train run -> comparison.json and deck -> the Ray model in MLflow behind the champion
     gate."""
+    recipe = cnn_recipe(**locals())  # the inputs, recorded with the version (tasks/recipe.py)
     fingerprint = resolve_image_source(source=source)
     data = prepare_images(
         source=source, fingerprint=fingerprint, image_size=image_size,
@@ -67,8 +70,10 @@ def cnn_benchmark(
     registered = register_cnn(
         model=ray_run.model, test=data.test, report=report.report, comparison=report.comparison,
         distributed=ray_run.report, summary=data.summary, params=params, config=registration,
+        recipe=recipe,
     )  # fmt: skip
     return BenchmarkOutputs(report.report, report.comparison, ray_run.model, registered)
 
 
+cnn_recipe = recipe_task(cnn_benchmark, images.image, "cnn_recipe")
 default_plan = LaunchPlan.get_or_create(cnn_benchmark, name="cnn_benchmark_default")

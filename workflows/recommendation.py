@@ -19,6 +19,7 @@ from flytekit import (
 )
 from flytekit.types.directory import FlyteDirectory
 
+import images
 from flyray.clickstream.config import FeatureConfig, IngestConfig
 from flyray.raytrain import DistributedConfig
 from flyray.recsys import FunkSVDParams
@@ -34,6 +35,7 @@ from tasks.clickstream import (
     resolve_source,
 )
 from tasks.deployment import current
+from tasks.recipe import recipe_task
 from tasks.recommender import (
     evaluate_model,
     recommend_users,
@@ -109,6 +111,7 @@ def recommendation_pipeline(
     """The main job: clickstream -> ratings -> Ray Tune search on validation NDCG -> the best
     model (FunkSVD or iALS, `model`) trained on Ray -> evaluation against baselines -> MLflow
     registry behind the champion gate, plus top-N recommendations for every user."""
+    recipe = pipeline_recipe(**locals())  # the inputs, recorded with the version (tasks/recipe.py)
     data = prepare_data(
         source=source, demo_events=demo_events, demo_seed=demo_seed, ingest_config=ingest_config,
         feature_config=feature_config, run_date=run_date, window_days=window_days,
@@ -129,7 +132,7 @@ def recommendation_pipeline(
         model_dir=trained.model, train_ratings=data.train, test_ratings=data.test,
         training=trained.report, evaluation=evaluation, profile=data.profile,
         source=source, features=feature_config, ranking_users=ranking_users, config=registration,
-        tuning=tuned.report,
+        tuning=tuned.report, recipe=recipe,
     )  # fmt: skip
     recommendations = recommend_users(model_dir=trained.model, n=n_recommendations)
     return PipelineOutputs(
@@ -137,6 +140,7 @@ def recommendation_pipeline(
     )
 
 
+pipeline_recipe = recipe_task(recommendation_pipeline, images.recommender, "pipeline_recipe")
 default_plan = LaunchPlan.get_or_create(recommendation_pipeline, name="recommendation_default")
 
 

@@ -13,11 +13,13 @@ from typing import NamedTuple
 from flytekit import LaunchPlan, StructuredDataset, workflow
 from flytekit.types.directory import FlyteDirectory
 
+import images
 from flyray.raytrain import DistributedConfig
 from flyray.registry import Registration, RegistryConfig
 from flyray.tabular.data import TableConfig, TableSpec
 from flyray.tabular.report import EvaluationReport
 from flyray.tabular.train import TrainingReport, XGBParams
+from tasks.recipe import recipe_task
 from tasks.tabular import (
     evaluate_xgboost,
     prepare_table,
@@ -49,6 +51,7 @@ def xgboost_pipeline(
 ) -> XGBoostOutputs:
     """Binary XGBoost classifier from parquet (a file, directory or glob, local or s3://; empty:
     scikit-learn's breast-cancer table), evaluated on a held-out split and registered."""
+    recipe = xgboost_recipe(**locals())  # the inputs, recorded with the version (tasks/recipe.py)
     src = resolve_table(source=source, label=table.label)
     data = prepare_table(source=src.source, fingerprint=src.fingerprint, config=table)
     trained = train_xgboost(
@@ -58,11 +61,12 @@ def xgboost_pipeline(
     evaluation = evaluate_xgboost(model=trained.model, test=data.test)
     registered = register_xgboost(
         model=trained.model, test=data.test, training=trained.report, evaluation=evaluation,
-        params=params, config=registration,
+        params=params, config=registration, recipe=recipe,
     )  # fmt: skip
     return XGBoostOutputs(
         trained.model, data.spec, data.test, trained.report, evaluation, registered
     )
 
 
+xgboost_recipe = recipe_task(xgboost_pipeline, images.tabular, "xgboost_recipe")
 default_plan = LaunchPlan.get_or_create(xgboost_pipeline, name="xgboost_default")
