@@ -251,11 +251,13 @@ def fingerprint(files: list[InputFile]) -> str:
     Local files are hashed in full (sha256, one thread per file; about 1 s per GB here). Object
     stores rewrite an object's size or Last-Modified on every PUT, so those stand for content.
     """
+    if not files:
+        raise ValueError("fingerprint: no files")
     local = [f.path for f in files if not is_s3(f.path)]
     with ThreadPoolExecutor(max_workers=min(8, max(1, len(local)))) as pool:
         digests = dict(zip(local, pool.map(_sha256, local), strict=True))
     paths = [f.path for f in files]
-    base = posixpath.commonpath(paths) if len(paths) > 1 else posixpath.dirname(paths[0] if paths else "")
+    base = posixpath.commonpath(paths) if len(paths) > 1 else posixpath.dirname(paths[0])
     h = hashlib.sha256()
     for f in files:
         name = posixpath.relpath(f.path, base)
