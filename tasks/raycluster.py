@@ -69,6 +69,15 @@ def ray_job(
     )
 
 
+# A task's or Ray pod's writable folders (emptyDirs) on its read-only root filesystem, and what
+# is sent there: HOME (a non-root user without a passwd entry gets "/"), and numba's cache
+# (`cache=True` kernels fail to compile, "no locator available", where the code's folder is
+# read-only). The default PodTemplate of task pods (k8s/helm/flyte-binary.values.yaml) mounts
+# and sets the same.
+WRITABLE = {"tmp": "/tmp", "home": "/root"}
+WRITABLE_ENV = {"HOME": "/root", "NUMBA_CACHE_DIR": "/tmp/numba-cache"}
+
+
 def _ray_pod(container: str, resources: Resources, deploy: Deployment, gpu: bool = False
              ) -> PodTemplate:  # fmt: skip
     """A Ray head or worker pod: fixed resources, non-root, environment from the ConfigMap and
@@ -77,11 +86,15 @@ def _ray_pod(container: str, resources: Resources, deploy: Deployment, gpu: bool
     from kubernetes.client import (
         V1Capabilities,
         V1ConfigMapEnvSource,
+        V1EmptyDirVolumeSource,
         V1EnvFromSource,
+        V1EnvVar,
         V1PodSecurityContext,
         V1SeccompProfile,
         V1SecretEnvSource,
         V1SecurityContext,
+        V1Volume,
+        V1VolumeMount,
     )
 
     spec = pod_spec_from_resources(container, requests=resources, limits=resources)
@@ -92,8 +105,14 @@ def _ray_pod(container: str, resources: Resources, deploy: Deployment, gpu: bool
     )  # fmt: skip
     [primary] = spec.containers
     primary.security_context = V1SecurityContext(
-        allow_privilege_escalation=False, capabilities=V1Capabilities(drop=["ALL"])
-    )
+        allow_privilege_escalation=False, capabilities=V1Capabilities(drop=["ALL"]),
+        read_only_root_filesystem=True,
+    )  # fmt: skip
+    # The image stays read-only; what a pod writes goes to emptyDirs: /tmp (Ray's session,
+    # runtime envs, numba's cache) and /root (where fast registration unpacks the code; HOME).
+    spec.volumes = [V1Volume(name=n, empty_dir=V1EmptyDirVolumeSource()) for n in WRITABLE]
+    primary.volume_mounts = [V1VolumeMount(name=n, mount_path=p) for n, p in WRITABLE.items()]
+    primary.env = [V1EnvVar(name=k, value=v) for k, v in WRITABLE_ENV.items()]
     primary.env_from = [
         V1EnvFromSource(config_map_ref=V1ConfigMapEnvSource(name=deploy.k8s_configmap,
                                                             optional=True)),

@@ -250,6 +250,22 @@ def s3_env(s3_server, monkeypatch):
     return s3_server
 
 
+PINNED_COMMIT = "a" * 40
+
+
+@pytest.fixture
+def pinned_commit(monkeypatch):
+    """Lineage records PINNED_COMMIT, clean, and `make reproduce` sees it checked out, whatever
+    the checkout's state (the suite may run with uncommitted changes)."""
+    from tasks import deployment
+
+    monkeypatch.setenv("FLYRAY_CODE_VERSION", PINNED_COMMIT)
+    deployment.current.cache_clear()
+    yield PINNED_COMMIT
+    monkeypatch.delenv("FLYRAY_CODE_VERSION")
+    deployment.current.cache_clear()
+
+
 @pytest.fixture
 def flyte_cache(tmp_path, monkeypatch):
     """A fresh local Flyte cache per test: no result leaks between tests or from user runs."""

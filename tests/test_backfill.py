@@ -1,14 +1,19 @@
 """The nightly plan backfilled over three past days (workflows/backfill.py), as local runs: one
-version a day, each with its own data window and data digest in its lineage."""
+version a day, each with its own data window and data digest in its lineage; the last day's
+version trained again by `make reproduce` with the same numbers."""
 
 from __future__ import annotations
 
 import json
+import os
+import re
+import shutil
 from datetime import date
 
 import mlflow
 import pytest
 
+from tests.test_reproduce import reproduced
 from workflows import backfill
 
 
@@ -23,8 +28,8 @@ def test_kickoffs_are_the_schedules_and_include_both_ends():
 
 @pytest.mark.e2e
 @pytest.mark.usefixtures("ray_cluster")
-def test_a_three_day_backfill_registers_a_version_per_day_with_its_window(
-    tmp_path, monkeypatch, flyte_cache, capsys
+def test_a_three_day_backfill_registers_a_version_per_day_and_each_reproduces(
+    tmp_path, monkeypatch, flyte_cache, pinned_commit, capsys
 ):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.setenv("FLYRAY_DATA_DIR", str(tmp_path / "data"))
@@ -50,3 +55,22 @@ def test_a_three_day_backfill_registers_a_version_per_day_with_its_window(
         assert v.tags["drift.against"] and float(v.tags["drift.max_psi"]) >= 0
     for day in ("2026-11-01", "2026-11-02", "2026-11-03"):
         assert f"\n{day}" in printed
+
+    # `make reproduce` of the last day: its recipe names the day, the window's demo events are
+    # generated again (the recorded file is gone) with the same digest, the numbers are the same
+    source = versions[2].tags["lineage.data.clickstream"].rpartition(" sha256:")[0]
+    shutil.rmtree(os.path.dirname(source))
+    again = reproduced("flyray-funksvd", "3", capsys)
+    assert "clickstream: demo data, generated again from the recipe's seed" in again
+    [digests] = [line for line in again.splitlines() if "data clickstream: sha256" in line]
+    recorded, reproduced_digest = re.findall(r"sha256 (\w+) recorded, (\w+) reproduced", digests)[0]
+    assert recorded == reproduced_digest
+    [ndcg] = [line.split() for line in again.splitlines() if line.startswith("ndcg_at_10 ")]
+    assert ndcg[-2:] == ["identical", "yes"]
+    recorded_window = versions[2].tags["lineage.window.clickstream"]
+    assert (
+        client.get_model_version("flyray-funksvd-reproduced", "1").tags[
+            "lineage.window.clickstream"
+        ]
+        == recorded_window
+    )

@@ -122,6 +122,8 @@ def _pod_specs(doc: dict) -> list[dict]:
         return [g["template"]["spec"] for g in groups]
     if doc["kind"] == "RayJob":
         return [spec["submitterPodTemplate"]["spec"]]
+    if doc["kind"] == "RayService":
+        return _pod_specs({"kind": "RayCluster", "spec": spec["rayClusterConfig"]})
     if doc["kind"] == "PodTemplate":
         return [doc["template"]["spec"]]
     return []
@@ -152,18 +154,41 @@ def test_every_pod_is_non_root_and_bounded(manifests, flyte_values):
     _assert_hardened(_pod_specs(task_defaults)[0], "flyray-task-defaults", needs_resources=False)
 
 
-def test_mlflow_runs_on_a_read_only_root_with_tmp_writable(manifests):
-    [mlflow] = [
-        d for d in manifests if d["kind"] == "Deployment" and d["metadata"]["name"] == "mlflow"
+# MinIO's server keeps a writable root: its start creates ${HOME}/.minio/certs, and no MinIO
+# server runs on this machine to rehearse it read-only (moto stands in; docs/deploy.md).
+WRITABLE_ROOT = {"minio"}
+
+
+def test_root_filesystems_are_read_only_with_an_empty_dir_for_what_they_write(
+    manifests, flyte_values, task_templates
+):
+    """Every flyray container but MinIO's server runs on a read-only root filesystem, with an
+    emptyDir on /tmp and HOME and numba's cache inside a writable folder (the rehearsal runs
+    Postgres, MLflow, every task pod and every Ray pod so: k8s/rehearse/pods.py)."""
+    pods = [(d["metadata"]["name"], p) for d in manifests for p in _pod_specs(d)]
+    [task_defaults] = [
+        d for d in check.cluster_resource_templates(flyte_values) if d["kind"] == "PodTemplate"
     ]
-    pod = mlflow["spec"]["template"]["spec"]
-    [container] = pod["containers"]
-    assert container["securityContext"]["readOnlyRootFilesystem"] is True
-    [tmp] = [m for m in container["volumeMounts"] if m["mountPath"] == "/tmp"]
-    [volume] = [v for v in pod["volumes"] if v["name"] == tmp["name"]]
-    assert "emptyDir" in volume
-    env = {e["name"]: e.get("value") for e in container["env"]}
-    assert env["HOME"].startswith("/tmp") and env["MLFLOW_AUTH_CONFIG_PATH"].startswith("/tmp/")
+    pods.append(("flyray-task-defaults", _pod_specs(task_defaults)[0]))
+    for name, template in task_templates().items():
+        if template.type == "ray":
+            cluster = template.custom["rayCluster"]
+            groups = [cluster["headGroupSpec"], *cluster["workerGroupSpec"]]
+            pods += [(name, g["k8sPod"]["podSpec"]) for g in groups]
+    assert {n for n, _ in pods} >= {"postgres", "mlflow", "flyray-serve", "fit_recommender"}
+    for name, pod in pods:
+        volumes = {v["name"]: v for v in pod.get("volumes", [])}
+        for container in pod["containers"]:
+            read_only = container["securityContext"].get("readOnlyRootFilesystem", False)
+            assert read_only is (name not in WRITABLE_ROOT), name
+            if not read_only:
+                continue
+            mounts = {m["mountPath"]: m["name"] for m in container.get("volumeMounts", [])}
+            assert "emptyDir" in volumes[mounts["/tmp"]], name
+            env = {e["name"]: e.get("value", "") for e in container.get("env", [])}
+            for variable in ("HOME", "NUMBA_CACHE_DIR"):
+                path = env.get(variable, "/tmp")  # unset: nothing of it runs there
+                assert any(path.startswith(m) for m in mounts), (name, variable, path)
 
 
 def test_nothing_is_exposed_outside_the_cluster(manifests, flyte_values):

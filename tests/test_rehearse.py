@@ -143,8 +143,8 @@ def check_table(table: str) -> None:
         line = _node_row(table, name)
         assert "Ray job on" in line and "succeeded" in line, line
     # evaluation and top-N rank in one process (compiled kernels), so no Ray cluster is started
-    processes = ["resolve_source", "data_window", "train_recommender", "evaluate_model",
-                 "register_model", "recommend_users"]  # fmt: skip
+    processes = ["pipeline_recipe", "resolve_source", "data_window", "train_recommender",
+                 "evaluate_model", "register_model", "recommend_users"]  # fmt: skip
     for name in processes:
         line = _node_row(table, name)
         assert "process" in line and "succeeded" in line, line

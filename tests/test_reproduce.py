@@ -1,6 +1,8 @@
 """`make reproduce` (workflows/reproduce.py): a registered version trained again from its lineage
 (recipe, commit, data digests), with the recorded and reproduced metrics side by side, and a
-clear refusal when the code or the data is not what the version was trained on."""
+clear refusal when the code or the data is not what the version was trained on. The whole runs
+reuse the pipelines of other tests (each pipeline scenario runs once): an XGBoost version in
+test_tabular.py, a backfilled recommender version in test_backfill.py."""
 
 from __future__ import annotations
 
@@ -9,13 +11,10 @@ import json
 import shutil
 from datetime import UTC, datetime
 
-import mlflow
 import pytest
 
 from flyray import storage
 from flyray.lineage import NotReproducible, Recorded, check_code, compare_metrics
-from flyray.tabular.data import write_breast_cancer
-from tasks import deployment
 from tasks.recipe import encode_recipe, typed_inputs
 from workflows import reproduce
 
@@ -75,77 +74,18 @@ def test_the_data_digest_follows_content_not_location(tmp_path):
     assert storage.fingerprint(storage.list_input_files(str(b), (".jsonl",))) != digest
 
 
-@pytest.fixture
-def local_store(tmp_path, monkeypatch, flyte_cache):
-    """An embedded MLflow store, and a clean checkout at COMMIT as far as lineage can tell (the
-    suite may run in a tree with uncommitted changes)."""
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    monkeypatch.setenv("FLYRAY_DATA_DIR", str(tmp_path / "data"))
-    monkeypatch.setenv("FLYRAY_CODE_VERSION", COMMIT)
-    deployment.current.cache_clear()
-    yield mlflow.MlflowClient(f"sqlite:///{tmp_path / 'data' / 'mlflow' / 'mlflow.db'}")
-    deployment.current.cache_clear()
-
-
-@pytest.mark.e2e
-@pytest.mark.usefixtures("ray_cluster")
-def test_an_xgboost_version_reproduces_and_changed_data_is_refused(
-    tmp_path, local_store, monkeypatch, capsys
-):
-    from flyray.tabular.train import XGBParams
-    from workflows.tabular import xgboost_pipeline
-
-    table = write_breast_cancer(str(tmp_path / "table"))
-    out = xgboost_pipeline(source=table, params=XGBParams(num_boost_round=30))
-    version = out.registration.decision.version
+def reproduced(model: str, version: str, capsys) -> str:
+    """`make reproduce` of a version (exit 0 asserted): what it printed."""
     capsys.readouterr()
-    code = reproduce.main(["--model", "flyray-xgboost", "--version", version])
+    code = reproduce.main(["--model", model, "--version", version])
     printed = capsys.readouterr().out
     print(printed)
-    assert code == 0
-    assert f"data table: {table} unchanged" in printed
-    assert "auc" in printed and "22 of 22 metrics identical" in printed  # bit for bit
-    again = local_store.get_model_version("flyray-xgboost-reproduced", "1")
-    recorded = local_store.get_model_version("flyray-xgboost", version)
-    assert again.tags["lineage.data.table"] == recorded.tags["lineage.data.table"]
-    assert local_store.get_registered_model("flyray-xgboost").aliases == {"champion": int(version)}
-
-    # the table changed since: refused before anything runs, naming it
-    write_breast_cancer(str(tmp_path / "table"), label="diagnosis")
-    assert reproduce.main(["--model", "flyray-xgboost", "--version", version]) == 2
-    assert f"data input table: {table} changed since version {version}" in capsys.readouterr().err
-    # another commit checked out: refused, naming both
-    monkeypatch.setenv("FLYRAY_CODE_VERSION", "b" * 40)
-    deployment.current.cache_clear()
-    assert reproduce.main(["--model", "flyray-xgboost", "--version", version]) == 2
-    err = capsys.readouterr().err
-    assert f"trained from commit {COMMIT}; this checkout is {'b' * 40}" in err
-    # a version that does not exist
-    assert reproduce.main(["--model", "flyray-xgboost", "--version", "9"]) == 2
-    assert "flyray-xgboost version 9: not in the registry" in capsys.readouterr().err
+    assert code == 0, printed
+    return printed
 
 
-@pytest.mark.e2e
-@pytest.mark.usefixtures("ray_cluster")
-def test_a_recommender_version_reproduces_with_its_demo_data_generated_again(local_store, capsys):
-    from flyray.recsys.tuning import TuningConfig
-    from workflows.recommendation import IALS_PARAMS, recommendation_pipeline
-
-    out = recommendation_pipeline(
-        demo_events=20_000, model="ials", ials_params=dataclasses.replace(IALS_PARAMS, n_factors=8),
-        tuning=TuningConfig(trials=0), ranking_users=500,
-    )  # fmt: skip
-    version = out.registration.decision.version
-    source = out.registration.lineage["lineage.data.clickstream"].rpartition(" sha256:")[0]
-    shutil.rmtree(source.rsplit("/", 1)[0])  # the generated demo file is gone
+def refused(model: str, version: str, capsys) -> str:
+    """`make reproduce` of a version that must be refused (exit 2): its one-line reason."""
     capsys.readouterr()
-    assert reproduce.main(["--model", "flyray-funksvd", "--version", version]) == 0
-    printed = capsys.readouterr().out
-    print(printed)
-    assert "clickstream: demo data, generated again from the recipe's seed" in printed
-    digests = [line for line in printed.splitlines() if "data clickstream: sha256" in line]
-    recorded, reproduced = digests[0].split("sha256 ")[1].split(" recorded, ")
-    assert reproduced.removesuffix(" reproduced") == recorded  # the same events again
-    assert "ndcg_at_10" in printed and "metrics identical" in printed
-    rows = [line.split() for line in printed.splitlines() if line.startswith("ndcg_at_10")]
-    assert rows[0][-1] == "yes"
+    assert reproduce.main(["--model", model, "--version", version]) == 2
+    return capsys.readouterr().err

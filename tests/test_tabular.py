@@ -32,12 +32,16 @@ from flyray.tabular.data import (
 from flyray.tabular.evaluate import evaluate
 from flyray.tabular.report import identity
 from flyray.tabular.train import XGBParams, load_model, predict, train_distributed
+from tasks import deployment
 from tasks.outputs import uri
+from tests.test_reproduce import refused, reproduced
 
 
 @pytest.mark.e2e
 @pytest.mark.usefixtures("ray_cluster")
-def test_pipeline_trains_evaluates_and_registers(tmp_path, monkeypatch, flyte_cache):
+def test_pipeline_trains_evaluates_registers_and_reproduces(
+    tmp_path, monkeypatch, flyte_cache, pinned_commit, capsys
+):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.setenv("FLYRAY_DATA_DIR", str(tmp_path / "data"))
     out = wf.xgboost_pipeline()
@@ -87,6 +91,25 @@ def test_pipeline_trains_evaluates_and_registers(tmp_path, monkeypatch, flyte_ca
     )  # fmt: skip
     got = json.loads(proc.stdout.strip().splitlines()[-1])
     np.testing.assert_allclose(got, want[:20], rtol=1e-5)
+
+    # `make reproduce`: the same table (checked), the same code, the same numbers bit for bit;
+    # the original model and its champion untouched
+    printed = reproduced("flyray-xgboost", "1", capsys)
+    assert f"data table: {spec.source} unchanged" in printed
+    assert "auc" in printed and "22 of 22 metrics identical" in printed
+    again = client.get_model_version("flyray-xgboost-reproduced", "1")
+    assert again.tags["lineage.data.table"].endswith(f" sha256:{digest}")  # demo table rewritten
+    assert client.get_registered_model("flyray-xgboost").aliases == {"champion": 1}
+    # refused before anything runs: the table changed since, naming it; another commit
+    pq.write_table(pq.read_table(spec.source).slice(1), spec.source)
+    assert f"data input table: {spec.source} changed since version 1" in refused(
+        "flyray-xgboost", "1", capsys
+    )
+    monkeypatch.setenv("FLYRAY_CODE_VERSION", "b" * 40)
+    deployment.current.cache_clear()
+    why = refused("flyray-xgboost", "1", capsys)
+    assert f"trained from commit {pinned_commit}; this checkout is {'b' * 40}" in why
+    assert "not in the registry" in refused("flyray-xgboost", "9", capsys)
 
 
 def test_identity_tells_another_table_from_a_new_split_of_the_same():

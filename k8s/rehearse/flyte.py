@@ -25,7 +25,14 @@ from flyteidl.core import dynamic_job_pb2, errors_pb2, literals_pb2
 from flyteidl.core import workflow_pb2 as core_wf
 
 from k8s import check
-from k8s.rehearse.pods import IMAGE_PATH, Objects, Process, RehearsalError
+from k8s.rehearse.pods import (
+    IMAGE_PATH,
+    Objects,
+    Process,
+    RehearsalError,
+    declares_read_only_root,
+    pod_paths,
+)
 from k8s.rehearse.raycluster import RayCluster
 
 PROJECT, DOMAIN = "flyray", "development"
@@ -281,7 +288,7 @@ class Execution:
         return env
 
     def _attempt(self, node: str, template, attempt: int) -> tuple[str, Attempt]:
-        folder = self.root / "pods" / f"{node}-{attempt}"
+        folder = self.root / "pods" / self.name / f"{node}-{attempt}"
         timeout = template.metadata.timeout.seconds or 3600
         if template.type == "ray":
             how, status, log = self._ray(node, template, attempt, folder, timeout)
@@ -294,8 +301,12 @@ class Execution:
                 **self.flyte_env(template, node, attempt),
                 **self.secrets(template, folder),
             }
+            env = pod_paths(env, folder / "root")
             argv = self.args(template, node, attempt, folder / "root")
-            proc = Process(node, argv, env, folder / "root", folder / "pod.log").start()
+            read_only = declares_read_only_root(self.default_container)
+            proc = Process(
+                node, argv, env, folder / "root", folder / "pod.log", read_only=read_only
+            ).start()
             began = time.monotonic()
             try:
                 while proc.proc.poll() is None and time.monotonic() - began < timeout:

@@ -176,6 +176,28 @@ def mount_hosts(path: Path) -> None:
     subprocess.run(["mount", "--bind", str(path), "/etc/hosts"], check=True)
 
 
+def pod_paths(env: dict[str, str], home: Path) -> dict[str, str]:
+    """A pod's environment with its /root emptyDir (HOME, where fast registration unpacks the
+    code) as the pod's own folder here; /tmp is the host's."""
+    return {k: str(home) + v[5:] if v == "/root" or v.startswith("/root/") else v
+            for k, v in env.items()}  # fmt: skip
+
+
+def declares_read_only_root(container: dict) -> bool:
+    return bool((container.get("securityContext") or {}).get("readOnlyRootFilesystem"))
+
+
+def read_only_root(argv: list[str]) -> list[str]:
+    """`argv` as a container with `readOnlyRootFilesystem: true` runs: in a mount namespace of
+    its own, / read-only (the image: the venv, the code, /etc, /root, /var), writable only
+    under /tmp (every such flyray pod mounts an emptyDir there; the rehearsal keeps each pod's
+    folders, its /root and volumes included, under /tmp too), /dev/shm and /proc. A write
+    anywhere else fails as it would on the cluster."""
+    script = 'mount --bind /tmp /tmp && mount -o remount,bind,ro / && exec "$@"'
+    return ["unshare", "--mount", "--propagation", "private", "--", "/bin/sh", "-ec", script,
+            "sh", *argv]  # fmt: skip
+
+
 class Process:
     """One container's main process: its own session and log file."""
 
@@ -187,15 +209,18 @@ class Process:
         cwd: Path,
         log: Path,
         user: str | None = None,
+        read_only: bool = False,
     ):
         self.name, self.argv, self.env, self.cwd, self.log = name, argv, env, cwd, log
-        self.user = user
+        self.user, self.read_only = user, read_only
         self.proc: subprocess.Popen | None = None
 
     def start(self) -> Process:
         self.cwd.mkdir(parents=True, exist_ok=True)
         runuser = shutil.which("runuser") or "/usr/sbin/runuser"
         argv = [runuser, "-u", self.user, "--", *self.argv] if self.user else self.argv
+        if self.read_only:
+            argv = read_only_root(argv)
         with self.log.open("ab") as out:
             self.proc = subprocess.Popen(
                 argv,

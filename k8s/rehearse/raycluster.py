@@ -35,7 +35,9 @@ from k8s.rehearse.pods import (
     Hosts,
     Objects,
     Process,
+    declares_read_only_root,
     http,
+    pod_paths,
     quantity,
     stop_all,
     wait_for,
@@ -120,6 +122,7 @@ class RayCluster:
             **self.objects.env(container, self.namespace),
             **self.extra_env,
         }
+        env = pod_paths(env, folder / "root")
         argv = [
             str(Path(IMAGE_PATH.split(":")[0]) / "ray"),
             "start",
@@ -140,9 +143,11 @@ class RayCluster:
         else:
             argv.append(f"--address={self.head_service}:6379")
         argv += start_params(params, address)
+        read_only = declares_read_only_root(container)
         return Process(
-            f"{self.name}/{role}", argv, env, folder / "root", folder / "ray.log"
-        ).start()
+            f"{self.name}/{role}", argv, env, folder / "root", folder / "ray.log",
+            read_only=read_only,
+        ).start()  # fmt: skip
 
     def start(self, timeout: float = 180) -> None:
         head = self.spec["headGroupSpec"]

@@ -29,6 +29,7 @@ from k8s.rehearse.pods import (
     Objects,
     Process,
     RehearsalError,
+    declares_read_only_root,
     http,
     wait_for,
 )
@@ -74,8 +75,8 @@ class Postgres:
 
     def __init__(self, objects: Objects, hosts: Hosts, root: Path):
         self.objects, self.root = objects, root
-        container = _container(objects.find("Deployment", NAMESPACE, "postgres"))
-        self.env = objects.env(container, NAMESPACE)
+        self.container = _container(objects.find("Deployment", NAMESPACE, "postgres"))
+        self.env = objects.env(self.container, NAMESPACE)
         self.port = _port(objects, "postgres", "postgres")
         self.address = hosts.service("postgres", NAMESPACE)
         self.data = root / "data"
@@ -140,6 +141,7 @@ class Postgres:
             self.root,
             self.root / "postgres.log",
             user="postgres",
+            read_only=declares_read_only_root(self.container),
         ).start()
         # The Deployment's readinessProbe: pg_isready -U flyray -d mlflow (its database exists
         # only after initialisation, so before that the server itself is probed).
@@ -266,7 +268,10 @@ class MLflow:
         env = {k: str(tmp) + v[4:] if v == "/tmp" or v.startswith("/tmp/") else v
                for k, v in env.items()}  # fmt: skip
         argv = [*self.container["command"], *self.container["args"]]
-        self.process = Process("mlflow", argv, env, self.root, self.root / "mlflow.log").start()
+        read_only = declares_read_only_root(self.container)
+        self.process = Process(
+            "mlflow", argv, env, self.root, self.root / "mlflow.log", read_only=read_only
+        ).start()
         probe = self.container["readinessProbe"]["httpGet"]["path"]
         wait_for("mlflow", lambda: http(self.uri + probe)[0] == 200, 180, self.process)
 
