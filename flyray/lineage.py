@@ -192,7 +192,7 @@ def check_code(recorded: Recorded, here: str) -> None:
 
 
 # Metrics that time the run rather than judge the model are not compared.
-_TIMINGS = ("seconds", "per_second", "throughput", "_time", "speedup")
+_TIMINGS = ("seconds", "per_second", "throughput", "_time", "speedup", "efficiency")
 
 
 def compare_metrics(

@@ -39,7 +39,7 @@ def test_code_is_refused_unless_the_checkout_is_the_recorded_commit_and_clean():
 
 
 def test_metrics_compare_within_tolerance_and_timings_are_left_out():
-    recorded = {"auc": 0.90, "ndcg_at_10": 0.20, "rmse": 1.0, "fit_seconds": 3.0}
+    recorded = {"auc": 0.90, "ndcg_at_10": 0.20, "rmse": 1.0, "fit_seconds": 3.0, "efficiency": 0.2}
     reproduced = {"auc": 0.90, "ndcg_at_10": 0.203, "rmse": 1.2, "fit_seconds": 9.0}
     rows = {key: ok for key, _, _, ok in compare_metrics(recorded, reproduced, 0.02, 1e-3)}
     assert rows == {"auc": True, "ndcg_at_10": True, "rmse": False}
