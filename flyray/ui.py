@@ -39,8 +39,8 @@ class DeckFile:
 
 
 def sandboxes() -> list[Path]:
-    """Local Flyte sandboxes: `make run` keeps its temp files under <data dir>/tmp; a plain
-    `pyflyte run` uses the system temp folder."""
+    """Local Flyte sandboxes: `make run`, backfill and reproduce keep theirs under
+    <data dir>/tmp (workflows/local.py); a plain `pyflyte run` uses the system temp folder."""
     roots = {registry.data_dir() / "tmp", Path(tempfile.gettempdir())}
     return [p for root in roots if root.is_dir() for p in root.glob("flyte-*") if p.is_dir()]
 

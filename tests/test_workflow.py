@@ -1,13 +1,20 @@
-"""prepare_data as Flyte runs it locally: typed outputs, and a cache keyed on content."""
+"""prepare_data as Flyte runs it locally: typed outputs, a cache keyed on content, kept with its
+outputs."""
 
 from __future__ import annotations
 
+import os
+import shutil
 from pathlib import Path
 
 import pandas as pd
 import pytest
+from flytekit import Cache, task, workflow
+from flytekit.types.directory import FlyteDirectory
 
 from flyray.clickstream.generate import GeneratorConfig, generate
+from tasks.outputs import new_output_dir
+from workflows.local import local_run
 from workflows.recommendation import prepare_data
 
 
@@ -48,3 +55,44 @@ def test_run_date_selects_the_data_window(flyte_cache):
     assert out.profile.first_event >= "2025-05-22T03:00:00"
     assert out.profile.last_event < "2025-06-01T03:00:00"
     assert out.profile.events < 20_000  # the demo covers 30 days; the window keeps 10
+
+
+RUNS: list[int] = []
+
+
+@task(cache=Cache(version="1"))
+def _write(n: int) -> FlyteDirectory:
+    RUNS.append(n)
+    out = new_output_dir()
+    os.makedirs(out)
+    Path(out, "n.txt").write_text(str(n))
+    return FlyteDirectory(out, remote_directory=False)
+
+
+@task
+def _read(d: FlyteDirectory) -> str:
+    return Path(d.download(), "n.txt").read_text()
+
+
+@workflow
+def _written_then_read(n: int) -> str:
+    return _read(d=_write(n=n))
+
+
+def test_a_local_run_keeps_its_outputs_and_cache_together_under_the_data_dir(tmp_path, monkeypatch):
+    """flyteorg/flyte#6393: a cache entry outliving the temporary folder of the outputs it names
+    failed the next run (`make run` in CI, after another run's tmp_path was removed)."""
+    monkeypatch.setenv("FLYRAY_DATA_DIR", str(tmp_path / "data"))
+    monkeypatch.setenv("FLYTE_LOCAL_CACHE_ENABLED", "true")
+    RUNS.clear()
+    with local_run() as root:
+        assert _written_then_read(n=3) == "3"
+    assert root == tmp_path / "data" / "flyte"
+    assert [p.read_text() for p in (root / "raw").rglob("n.txt")] == ["3"]
+    with local_run():
+        assert _written_then_read(n=3) == "3"  # a cache hit whose outputs are still there
+    assert RUNS == [3]
+    shutil.rmtree(tmp_path / "data")  # `make clean`: the cache goes with the outputs
+    with local_run():
+        assert _written_then_read(n=3) == "3"
+    assert RUNS == [3, 3]

@@ -72,6 +72,7 @@ def _pyflyte():
 def local(args: argparse.Namespace) -> list[dict]:
     from flyray import console
     from tasks.recipe import typed_inputs
+    from workflows.local import local_run
     from workflows.recommendation import nightly_plan, recommendation_pipeline
 
     console.configure()
@@ -83,7 +84,8 @@ def local(args: argparse.Namespace) -> list[dict]:
         inputs["demo_events"] = args.demo_events
     rows = []
     for kickoff in kickoffs(args.first, args.last):
-        out = nightly_plan(run_date=kickoff, **inputs)
+        with local_run():
+            out = nightly_plan(run_date=kickoff, **inputs)
         decision, registration = out.registration.decision, out.registration
         data = registration.lineage.get("lineage.data.clickstream", "")
         rows.append({

@@ -82,6 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     args = _parse(sys.argv[1:] if argv is None else argv)
     from flyray import console
     from tasks.deployment import current
+    from workflows.local import local_run
 
     console.configure()
     try:
@@ -97,7 +98,8 @@ def main(argv: list[str] | None = None) -> int:
     for line in checked:
         print(f"  data {line}")
     os.environ["FLYTE_LOCAL_CACHE_ENABLED"] = "false"  # every task runs again: none is cached
-    registration = workflow(**inputs).registration
+    with local_run():
+        registration = workflow(**inputs).registration
     again = load(args.model + SUFFIX, registration.decision.version)
     print(f"reproduced as {args.model}{SUFFIX} version {again.version} (run {again.run_id})")
     same_data = [d[::2] for d in recorded.data()] == [d[::2] for d in again.data()]

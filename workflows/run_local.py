@@ -29,12 +29,14 @@ def main() -> None:
         os.environ["FLYRAY_LOG_LEVEL"] = "DEBUG"
     from flyray import console, ui
     from flyray.recsys.tuning import TuningConfig
+    from workflows.local import local_run
     from workflows.recommendation import recommendation_pipeline
 
     console.configure()
     began = time.time()
     tuning = {} if args.tune_trials is None else {"tuning": TuningConfig(trials=args.tune_trials)}
-    out = recommendation_pipeline(source=args.source, demo_events=args.demo_events, **tuning)
+    with local_run():
+        out = recommendation_pipeline(source=args.source, demo_events=args.demo_events, **tuning)
     seconds = time.time() - began
     reg, ev = out.registration, out.evaluation
     decision = reg.decision
