@@ -17,6 +17,9 @@ DIRTY = "+dirty"
 RECIPE_ARTIFACT = "lineage/recipe.json"  # the run's artifact holding the workflow's inputs
 
 
+_SHA256 = " sha256:"
+
+
 @dataclass(frozen=True)
 class DataInput:
     """One input of a training run: what it is, where it was read, its content digest (the
@@ -27,6 +30,17 @@ class DataInput:
     digest: str
     window: str = ""
     rows: int | None = None
+
+    @property
+    def tag(self) -> str:
+        """The `lineage.data.<name>` tag's value: `<source> sha256:<digest>`."""
+        return f"{self.source}{_SHA256}{self.digest}"
+
+    @staticmethod
+    def read_tag(text: str) -> tuple[str, str]:
+        """(source, digest) of a `lineage.data.*` tag's value."""
+        source, _, digest = text.rpartition(_SHA256)
+        return source, digest
 
 
 @dataclass(frozen=True)
@@ -60,7 +74,7 @@ class Lineage:
             tags["lineage.workflow"] = json.loads(self.recipe)["workflow"]
             tags["lineage.recipe"] = RECIPE_ARTIFACT
         for data in self.inputs:
-            tags[f"lineage.data.{data.name}"] = f"{data.source} sha256:{data.digest}"
+            tags[f"lineage.data.{data.name}"] = data.tag
             if data.window:
                 tags[f"lineage.window.{data.name}"] = data.window
         return tags
@@ -137,8 +151,7 @@ class Recorded:
         rows = []
         for tag, text in sorted(self.tags.items()):
             if tag.startswith("lineage.data."):
-                source, _, digest = text.rpartition(" sha256:")
-                rows.append((tag.removeprefix("lineage.data."), source, digest))
+                rows.append((tag.removeprefix("lineage.data."), *DataInput.read_tag(text)))
         return rows
 
 

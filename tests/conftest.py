@@ -267,6 +267,14 @@ def pinned_commit(monkeypatch):
 
 
 @pytest.fixture
+def data_dir(tmp_path, monkeypatch) -> Path:
+    """FLYRAY_DATA_DIR in this test's folder, MLflow on the embedded store there."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.setenv("FLYRAY_DATA_DIR", str(tmp_path / "data"))
+    return tmp_path / "data"
+
+
+@pytest.fixture
 def flyte_cache(tmp_path, monkeypatch):
     """A fresh local Flyte cache per test: no result leaks between tests or from user runs."""
     monkeypatch.setattr(local_cache, "CACHE_LOCATION", str(tmp_path / "flyte-cache"))

@@ -13,6 +13,7 @@ from datetime import date
 import mlflow
 import pytest
 
+from flyray.lineage import DataInput
 from tests.test_reproduce import reproduced
 from workflows import backfill
 
@@ -29,10 +30,8 @@ def test_kickoffs_are_the_schedules_and_include_both_ends():
 @pytest.mark.e2e
 @pytest.mark.usefixtures("ray_cluster")
 def test_a_three_day_backfill_registers_a_version_per_day_and_each_reproduces(
-    tmp_path, monkeypatch, flyte_cache, pinned_commit, capsys
+    tmp_path, flyte_cache, pinned_commit, capsys, data_dir
 ):
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    monkeypatch.setenv("FLYRAY_DATA_DIR", str(tmp_path / "data"))
     inputs = {"tuning": {"trials": 0}, "ranking_users": 500,
               "params": {"n_factors": 8, "n_epochs": 4}}  # fmt: skip
     code = backfill.main(["--from", "2026-11-01", "--to", "2026-11-03", "--demo-events", "20000",
@@ -40,7 +39,7 @@ def test_a_three_day_backfill_registers_a_version_per_day_and_each_reproduces(
     printed = capsys.readouterr().out
     print(printed)
     assert code == 0
-    client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'data' / 'mlflow' / 'mlflow.db'}")
+    client = mlflow.MlflowClient(f"sqlite:///{data_dir / 'mlflow' / 'mlflow.db'}")
     versions = sorted(client.search_model_versions("name='flyray-funksvd'"),
                       key=lambda v: int(v.version))  # fmt: skip
     assert [str(v.version) for v in versions] == ["1", "2", "3"]
@@ -58,7 +57,7 @@ def test_a_three_day_backfill_registers_a_version_per_day_and_each_reproduces(
 
     # `make reproduce` of the last day: its recipe names the day, the window's demo events are
     # generated again (the recorded file is gone) with the same digest, the numbers are the same
-    source = versions[2].tags["lineage.data.clickstream"].rpartition(" sha256:")[0]
+    source = DataInput.read_tag(versions[2].tags["lineage.data.clickstream"])[0]
     shutil.rmtree(os.path.dirname(source))
     again = reproduced("flyray-funksvd", "3", capsys)
     assert "clickstream: demo data, generated again from the recipe's seed" in again

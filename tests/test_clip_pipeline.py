@@ -29,12 +29,10 @@ SMALL = ClassifierParams(hidden=32, epochs=10, lr=0.005, batch_size=16)
 @pytest.mark.usefixtures("ray_cluster")
 def test_pipeline_embeds_trains_evaluates_and_registers(
     tmp_path,
-    monkeypatch,
     flyte_cache,
     tiny_clip,  # noqa: F811
+    data_dir,
 ):
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    monkeypatch.setenv("FLYRAY_DATA_DIR", str(tmp_path / "data"))
     images = tmp_path / "images"
     expected_rejects = shapes_with_bad_files(images, per_class=20)
     checkpoints = tmp_path / "ray-train"
@@ -86,11 +84,9 @@ def test_pipeline_embeds_trains_evaluates_and_registers(
 
 def test_pyfunc_classifies_images_and_embeddings_in_a_fresh_process(
     tmp_path,
-    monkeypatch,
     tiny_clip,  # noqa: F811
+    data_dir,
 ):
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    monkeypatch.setenv("FLYRAY_DATA_DIR", str(tmp_path / "data"))
     registry.use_experiment("clip-pyfunc")
     shapes_with_bad_files(tmp_path / "images", per_class=2)
     files = sorted(str(p) for p in (tmp_path / "images").glob("*/0000*.png"))

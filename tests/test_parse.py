@@ -115,20 +115,27 @@ def test_csv_rejects_name_their_lines():
     assert result.events["item_id"].to_pylist() == [44600062, 19]
 
 
+OK = b'{"user_id": 1, "item_id": 2, "event_type": "view", "timestamp": 1700000000}'
+
+
+def _screened(lines: list[bytes], max_line_bytes: int):
+    data = b"\n".join(lines) + b"\n"
+    return parse_block(data, "jsonl", limits=Limits(max_line_bytes=max_line_bytes, max_depth=8))
+
+
+def _rejects(result) -> list[tuple[int, str]]:
+    return list(zip(result.reject_lines, result.reject_reasons, strict=True))
+
+
 def test_records_past_the_limits_are_rejected_before_any_parser():
     """A 20,000-deep record (json.loads would raise RecursionError) and an overlong line are
     rejected and counted; brackets inside strings do not count as depth."""
-    ok = b'{"user_id": 1, "item_id": 2, "event_type": "view", "timestamp": 1700000000}'
     deep = b'{"user_id": 1, "x": ' + b"[" * 20_000 + b"]" * 20_000 + b"}"
-    quoted = ok[:-1] + b', "pad": "' + b"[{" * 500 + b'\\"[["}'
-    long = ok[:-1] + b', "pad": "' + b"z" * 60_000 + b'"}'
-    data = b"\n".join([ok, deep, quoted, long, ok]) + b"\n"
-    result = parse_block(data, "jsonl", limits=Limits(max_line_bytes=50_000, max_depth=8))
+    quoted = OK[:-1] + b', "pad": "' + b"[{" * 500 + b'\\"[["}'
+    long = OK[:-1] + b', "pad": "' + b"z" * 60_000 + b'"}'
+    result = _screened([OK, deep, quoted, long, OK], max_line_bytes=50_000)
     assert result.events.num_rows == 3
-    assert list(zip(result.reject_lines, result.reject_reasons, strict=True)) == [
-        (1, "nested_too_deep"),
-        (3, "line_too_long"),
-    ]
+    assert _rejects(result) == [(1, "nested_too_deep"), (3, "line_too_long")]
     assert "nested 20,001 deep, over the limit of 8" in result.reject_details[0]
 
 
@@ -153,18 +160,13 @@ def test_the_screen_finds_lines_after_a_long_one_and_stays_small_on_a_flood_of_l
     (32 million lines) is screened without per-line arrays of the whole block."""
     import tracemalloc
 
-    ok = b'{"user_id": 1, "item_id": 2, "event_type": "view", "timestamp": 1700000000}'
     long = b'{"pad": "' + b"z" * 5000 + b'"}'
     deep = b'{"x": ' + b"[" * 50 + b"]" * 50 + b"}"
-    data = b"\n".join([ok, long, ok, deep, ok]) + b"\n"
-    result = parse_block(data, "jsonl", limits=Limits(max_line_bytes=1000, max_depth=8))
+    result = _screened([OK, long, OK, deep, OK], max_line_bytes=1000)
     assert result.events.num_rows == 3
-    assert list(zip(result.reject_lines, result.reject_reasons, strict=True)) == [
-        (1, "line_too_long"),
-        (3, "nested_too_deep"),
-    ]
+    assert _rejects(result) == [(1, "line_too_long"), (3, "nested_too_deep")]
     assert result.reject_raw[1].startswith('{"x": [[[')
-    flood = ok + b"\n" + b"\n" * (32 << 20) + b"[" * 40 + b"\n" + ok + b"\n"
+    flood = OK + b"\n" + b"\n" * (32 << 20) + b"[" * 40 + b"\n" + OK + b"\n"
     tracemalloc.start()
     result = parse_block(flood, "jsonl")
     peak = tracemalloc.get_traced_memory()[1]

@@ -7,6 +7,7 @@ import mlflow
 import pandas as pd
 import pytest
 
+from flyray.lineage import DataInput
 from flyray.recsys import FunkSVDParams
 from flyray.recsys.tuning import TuningConfig
 from workflows.recommendation import recommendation_pipeline
@@ -17,9 +18,7 @@ UNTUNED = TuningConfig(trials=0)  # these runs check training and registration (
 
 @pytest.mark.e2e
 @pytest.mark.usefixtures("ray_cluster")
-def test_pipeline_registers_evaluates_and_recommends(tmp_path, monkeypatch, flyte_cache):
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    monkeypatch.setenv("FLYRAY_DATA_DIR", str(tmp_path / "data"))
+def test_pipeline_registers_evaluates_and_recommends(tmp_path, flyte_cache, data_dir):
     out = recommendation_pipeline(
         demo_events=40_000, params=SMALL, n_recommendations=5, tuning=UNTUNED
     )
@@ -30,7 +29,7 @@ def test_pipeline_registers_evaluates_and_recommends(tmp_path, monkeypatch, flyt
     decision = out.registration.decision
     assert decision.version == "1" and decision.metric == "ndcg@10"
     assert decision.promoted == (ev.model.ndcg > ev.popularity.ndcg)
-    assert out.registration.tracking_uri.startswith(f"sqlite:///{tmp_path / 'data'}")
+    assert out.registration.tracking_uri.startswith(f"sqlite:///{data_dir}")
     client = mlflow.MlflowClient(out.registration.tracking_uri)
     run = client.get_run(out.registration.run_id)
     assert run.data.tags["flyte.execution_id"]
@@ -47,7 +46,7 @@ def test_pipeline_registers_evaluates_and_recommends(tmp_path, monkeypatch, flyt
         tags["lineage.execution"].startswith("local/local/local/")
         and "/pid-" in tags["lineage.execution"]
     )  # a local run, named by host, process and time
-    source, digest = tags["lineage.data.clickstream"].rsplit(" sha256:", 1)
+    source, digest = DataInput.read_tag(tags["lineage.data.clickstream"])
     assert len(digest) == 64 and source
     [dataset] = run.inputs.dataset_inputs
     assert (dataset.dataset.name, dataset.dataset.digest) == ("clickstream", digest[:32])

@@ -72,14 +72,12 @@ def test_gate_promotes_better_and_refuses_worse(tracking, small_funksvd):
     assert client.get_model_version_by_alias(name, "champion").version == v3
 
 
-def test_embedded_store_lives_in_the_data_dir(tmp_path, monkeypatch):
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    monkeypatch.setenv("FLYRAY_DATA_DIR", str(tmp_path))
-    assert registry.tracking_uri() == f"sqlite:///{tmp_path / 'mlflow' / 'mlflow.db'}"
+def test_embedded_store_lives_in_the_data_dir(data_dir):
+    assert registry.tracking_uri() == f"sqlite:///{data_dir / 'mlflow' / 'mlflow.db'}"
     registry.use_experiment("embedded")
     with mlflow.start_run():
         mlflow.log_dict({"a": 1}, "x.json")
-    assert list((tmp_path / "mlflow" / "artifacts").rglob("x.json"))
+    assert list((data_dir / "mlflow" / "artifacts").rglob("x.json"))
 
 
 def _race(name: str, values: tuple[float, float], small_funksvd) -> dict:

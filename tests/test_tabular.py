@@ -19,6 +19,7 @@ import pytest
 
 import workflows.tabular as wf
 from flyray import storage
+from flyray.lineage import DataInput
 from flyray.raytrain import DistributedConfig
 from flyray.tabular.data import (
     TableConfig,
@@ -40,10 +41,8 @@ from tests.test_reproduce import refused, reproduced
 @pytest.mark.e2e
 @pytest.mark.usefixtures("ray_cluster")
 def test_pipeline_trains_evaluates_registers_and_reproduces(
-    tmp_path, monkeypatch, flyte_cache, pinned_commit, capsys
+    tmp_path, monkeypatch, flyte_cache, pinned_commit, capsys, data_dir
 ):
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    monkeypatch.setenv("FLYRAY_DATA_DIR", str(tmp_path / "data"))
     out = wf.xgboost_pipeline()
     spec, ev, training = out.spec, out.evaluation, out.training
     assert spec.rows == 569 and len(spec.features) == 30 and spec.label_classes == ["0", "1"]
@@ -68,7 +67,7 @@ def test_pipeline_trains_evaluates_registers_and_reproduces(
     run = client.get_run(out.registration.run_id)
     assert run.data.metrics["auc"] == m.auc and run.data.metrics["baseline.auc"] == 0.5
     assert run.data.tags["promotion"] == "champion"
-    source, digest = run.data.tags["lineage.data.table"].rsplit(" sha256:", 1)
+    source, digest = DataInput.read_tag(run.data.tags["lineage.data.table"])
     assert len(digest) == 64 and (source, digest) == (spec.source, spec.fingerprint)
     [dataset] = run.inputs.dataset_inputs
     assert dataset.dataset.digest == digest[:32]

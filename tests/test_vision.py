@@ -236,11 +236,11 @@ def _exit_rank_1_after_two_checkpoints(monkeypatch, storage_dir, marker) -> None
 
 @pytest.mark.e2e
 @pytest.mark.usefixtures("ray_cluster")
-def test_cnn_benchmark_end_to_end_through_a_worker_failure(tmp_path, monkeypatch, flyte_cache):
+def test_cnn_benchmark_end_to_end_through_a_worker_failure(
+    tmp_path, monkeypatch, flyte_cache, data_dir
+):
     """Both runs on the digits demo (3 epochs), the report and the registered model; a Ray
     worker dies after epoch 2 and the run resumes from its checkpoint instead of starting over."""
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    monkeypatch.setenv("FLYRAY_DATA_DIR", str(tmp_path / "data"))
     storage_dir, marker = tmp_path / "ray-train", tmp_path / "worker-exited"
     _exit_rank_1_after_two_checkpoints(monkeypatch, storage_dir, marker)
     params = CNNParams(epochs=3, global_batch_size=64)

@@ -71,6 +71,7 @@ def _pyflyte():
 
 def local(args: argparse.Namespace) -> list[dict]:
     from flyray import console
+    from flyray.lineage import DataInput
     from tasks.recipe import typed_inputs
     from workflows.local import local_run
     from workflows.recommendation import nightly_plan, recommendation_pipeline
@@ -93,7 +94,7 @@ def local(args: argparse.Namespace) -> list[dict]:
             "version": decision.version,
             "promoted": decision.promoted,
             "window": registration.lineage.get("lineage.window.clickstream", ""),
-            "data": data.rsplit(":", 1)[-1][:12],
+            "data": DataInput.read_tag(data)[1][:12],
             "drift": registration.drift_summary or "(no champion before)",
         })  # fmt: skip
         print(f"backfill {rows[-1]['day']}: version {decision.version} "
