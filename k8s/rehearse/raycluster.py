@@ -1,7 +1,8 @@
 """A Ray cluster made of a RayJob's (or RayService's) cluster spec, pod by pod, as KubeRay makes
 it: every head and worker replica is a separate `ray start --block` process with its pod's
 environment (env and envFrom resolved), its container's CPU, GPU and memory limits as Ray
-resources and its group's rayStartParams; workers join through the head's Service name. A job
+resources and its group's rayStartParams; workers join through the head's Service name once its
+GCS takes connections (KubeRay's wait-gcs-ready init container). A job
 is submitted through the Ray Jobs API of the head's dashboard, as KubeRay's submitter does
 (`ray job submit --address http://<head-svc>:8265 --submission-id <rayjob>`).
 
@@ -43,6 +44,7 @@ from k8s.rehearse.pods import (
     wait_for,
 )
 
+GCS_PORT = 6379  # the head Service's gcs-server port, KubeRay's default
 MEMORY_SCALE = 0.25
 OBJECT_STORE_SHARE = 0.3  # of a pod's memory, Ray's and KubeRay's default
 # rayStartParams that `ray start` takes as bare flags ("true": the flag, "false": left out).
@@ -50,6 +52,12 @@ _FLAGS = {"disable-usage-stats", "block", "no-monitor", "head"}
 TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
 _POD_IDS = itertools.count()  # Ray's temp dirs are short: its socket paths have 107 bytes
 _DELETING: list[threading.Thread] = []  # clusters whose pods are still terminating
+
+
+def _listening(address: str, port: int) -> bool:
+    with socket.socket() as sock:
+        sock.settimeout(1)
+        return sock.connect_ex((address, port)) == 0
 
 
 def _free_port(address: str) -> int:
@@ -136,12 +144,12 @@ class RayCluster:
         if head:
             argv += [
                 "--head",
-                "--port=6379",
+                f"--port={GCS_PORT}",
                 "--dashboard-port=8265",
                 "--ray-client-server-port=10001",
             ]
         else:
-            argv.append(f"--address={self.head_service}:6379")
+            argv.append(f"--address={self.head_service}:{GCS_PORT}")
         argv += start_params(params, address)
         read_only = declares_read_only_root(container)
         return Process(
@@ -155,7 +163,9 @@ class RayCluster:
         self.head = self._pod(
             "head", head["template"], head.get("rayStartParams") or {}, address, head=True
         )
-        wait_for(f"{self.name} head", self._dashboard_up, timeout, self.head)
+        # KubeRay's workers wait in an init container until the head's GCS answers, not for
+        # the dashboard: they start here once its port takes connections.
+        wait_for(f"{self.name} GCS", lambda: _listening(address, GCS_PORT), timeout, self.head)
         for group in self.spec.get("workerGroupSpecs") or []:
             for i in range(int(group.get("replicas", group.get("minReplicas", 0)))):
                 self.workers.append(
@@ -167,6 +177,7 @@ class RayCluster:
                         head=False,
                     )
                 )
+        wait_for(f"{self.name} head", self._dashboard_up, timeout, self.head)
         wait_for(
             f"{self.name}: {self.nodes_expected} Ray nodes",
             lambda: self.alive_nodes() >= self.nodes_expected,
