@@ -5,7 +5,8 @@ Tiers, run in this order (`make test` runs all, `make test-unit` the first alone
 - integration: a test that asks for a service fixture: `ray_cluster` (one local Ray for the
   session), `s3_server` / `s3_env` (moto on loopback), `mlflow_server` (a real `mlflow server`),
   `mlflow_auth_server` (one with flyray's identities, as k8s/mlflow.yaml starts it).
-- e2e: `@pytest.mark.e2e`: whole pipelines, CLIs in subprocesses, the cluster rehearsal.
+- e2e: `@pytest.mark.e2e`: whole pipelines, CLIs in subprocesses, the cluster rehearsal (which
+  starts with the session and runs beside the other tests: tests/rehearsal.py).
 A test's tier is set here from its fixtures and marker, so it cannot be mislabelled.
 """
 
@@ -25,6 +26,9 @@ import mlflow
 import pytest
 import ray
 from flytekit.core import local_cache
+
+from k8s.rehearse.pods import namespace_unavailable
+from tests import rehearsal
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
@@ -46,6 +50,7 @@ def rees46_sample() -> Path:
 
 
 TIERS = ("unit", "integration", "e2e")
+REHEARSAL = "test_rehearsal"
 SERVICES = {"ray_cluster", "s3_server", "mlflow_server", "mlflow_auth_server"}
 _TIER = pytest.StashKey[str]()
 
@@ -62,7 +67,20 @@ def pytest_collection_modifyitems(config, items) -> None:
             tier = "unit"
         item.stash[_TIER] = tier
         item.add_marker(getattr(pytest.mark, tier))
-    items.sort(key=lambda item: TIERS.index(item.stash[_TIER]))
+    items.sort(key=lambda item: (TIERS.index(item.stash[_TIER]), item.name == REHEARSAL))
+
+
+def pytest_collection_finish(session) -> None:
+    """The cluster rehearsal starts now and runs beside the other tests (tests/rehearsal.py);
+    its test, the last, collects it."""
+    if session.config.option.collectonly:
+        return
+    if any(item.name == REHEARSAL for item in session.items) and not namespace_unavailable():
+        rehearsal.start()
+
+
+def pytest_sessionfinish(session) -> None:
+    rehearsal.stop()
 
 
 @pytest.fixture(autouse=True)

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import importlib.util
 import re
-import subprocess
 import sys
 import urllib.error
 import urllib.request
@@ -18,6 +17,7 @@ from conftest import REPO, _free_port, serve
 import images
 from k8s import render
 from k8s.rehearse.pods import namespace_unavailable
+from tests import rehearsal
 
 SECRETS = {name: f"dummy-{name.lower()}" for name in render.SECRETS}
 
@@ -108,7 +108,7 @@ def test_mlflow_backend_uri_names_a_driver_the_image_installs():
 
 @pytest.mark.e2e
 @pytest.mark.timeout(3000)
-def test_rehearsal(tmp_path):
+def test_rehearsal():
     """`make rehearse`: the platform from its manifests and the packaged recommendation
     workflow, every Ray task a RayJob on a Ray cluster of its own, ending with a version
     registered and promoted in the Postgres-backed MLflow, reached by its Service name, and
@@ -118,17 +118,10 @@ def test_rehearsal(tmp_path):
     reason = namespace_unavailable()
     if reason:
         pytest.skip(f"the rehearsal needs a network namespace: {reason}")
-    archive = tmp_path / "flyray-flyte.tgz"
-    pyflyte = Path(sys.executable).parent / "pyflyte"
-    subprocess.run([str(pyflyte), "--pkgs", "workflows", "package", "--fast", "--force",
-                    "--output", str(archive)], cwd=REPO, check=True, capture_output=True)  # fmt: skip
-    done = subprocess.run(
-        [sys.executable, "-m", "k8s.rehearse", "--archive", str(archive)],
-        cwd=REPO, capture_output=True, text=True, timeout=2700,
-    )  # fmt: skip
-    print(done.stdout[-6000:])
-    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
-    check_table(done.stdout[done.stdout.index("\nnode ") :])
+    code, out, err = rehearsal.result()  # started with the session, beside the other tests
+    print(out[-6000:])
+    assert code == 0, out[-4000:] + err[-4000:]
+    check_table(out[out.index("\nnode ") :])
 
 
 def check_table(table: str) -> None:
