@@ -123,10 +123,6 @@ def _screened(lines: list[bytes], max_line_bytes: int):
     return parse_block(data, "jsonl", limits=Limits(max_line_bytes=max_line_bytes, max_depth=8))
 
 
-def _rejects(result) -> list[tuple[int, str]]:
-    return list(zip(result.reject_lines, result.reject_reasons, strict=True))
-
-
 def test_records_past_the_limits_are_rejected_before_any_parser():
     """A 20,000-deep record (json.loads would raise RecursionError) and an overlong line are
     rejected and counted; brackets inside strings do not count as depth."""
@@ -135,7 +131,7 @@ def test_records_past_the_limits_are_rejected_before_any_parser():
     long = OK[:-1] + b', "pad": "' + b"z" * 60_000 + b'"}'
     result = _screened([OK, deep, quoted, long, OK], max_line_bytes=50_000)
     assert result.events.num_rows == 3
-    assert _rejects(result) == [(1, "nested_too_deep"), (3, "line_too_long")]
+    assert [r[:2] for r in _rejects(result)] == [(1, "nested_too_deep"), (3, "line_too_long")]
     assert "nested 20,001 deep, over the limit of 8" in result.reject_details[0]
 
 
@@ -164,7 +160,7 @@ def test_the_screen_finds_lines_after_a_long_one_and_stays_small_on_a_flood_of_l
     deep = b'{"x": ' + b"[" * 50 + b"]" * 50 + b"}"
     result = _screened([OK, long, OK, deep, OK], max_line_bytes=1000)
     assert result.events.num_rows == 3
-    assert _rejects(result) == [(1, "line_too_long"), (3, "nested_too_deep")]
+    assert [r[:2] for r in _rejects(result)] == [(1, "line_too_long"), (3, "nested_too_deep")]
     assert result.reject_raw[1].startswith('{"x": [[[')
     flood = OK + b"\n" + b"\n" * (32 << 20) + b"[" * 40 + b"\n" + OK + b"\n"
     tracemalloc.start()
