@@ -4,7 +4,7 @@
 namespaces (addresses, ports, /etc/hosts), its own Ray temp dirs, buckets and Postgres. Started
 when the session's tests are collected (conftest), it runs while they do, and `test_rehearsal`,
 sorted last, collects its outcome: the suite takes about the longer of the two, not their sum
-(each alone keeps one of the 2 cores idle a third of the time).
+(the e2e tier alone kept the 2 cores 58% busy; together they are 95% busy).
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-DEADLINE_S = 2700  # from its start: the rehearsal alone takes 15 minutes here
+DEADLINE_S = 2700  # from its start: the rehearsal alone took 10 minutes in CI (616 s)
 
 
 @dataclass
