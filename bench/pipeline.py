@@ -15,6 +15,7 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import threading
@@ -30,16 +31,17 @@ DATA = REPO / ".data" / "bench"
 RESULTS = REPO / "bench" / "results"
 
 
-def _tree_memory(root: psutil.Process) -> tuple[int, int]:
-    """(driver RSS, PSS summed over the driver and every descendant), in bytes."""
+def _tree_memory(root: psutil.Process) -> tuple[int, dict[str, int]]:
+    """(driver RSS, PSS of the driver and of every descendant by process title), in bytes."""
     driver = root.memory_info().rss
-    total = 0
+    by_title: dict[str, int] = {}
     for proc in [root, *root.children(recursive=True)]:
         try:
-            total += proc.memory_full_info().pss
+            title = " ".join(proc.cmdline())[:60] or proc.name()
+            by_title[title] = by_title.get(title, 0) + proc.memory_full_info().pss
         except (psutil.NoSuchProcess, psutil.AccessDenied):
             continue
-    return driver, total
+    return driver, by_title
 
 
 def run(source: Path, work: Path) -> dict:
@@ -52,16 +54,22 @@ def run(source: Path, work: Path) -> dict:
         cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )  # fmt: skip
     peaks = {"driver": 0, "tree": 0}
+    at_peak: dict = {}
     root = psutil.Process(proc.pid)
 
     def sample() -> None:
         while proc.poll() is None:
             try:
-                driver, tree = _tree_memory(root)
+                driver, by_title = _tree_memory(root)
             except psutil.NoSuchProcess:
                 return
+            tree = sum(by_title.values())
             peaks["driver"] = max(peaks["driver"], driver)
-            peaks["tree"] = max(peaks["tree"], tree)
+            if tree > peaks["tree"]:
+                peaks["tree"] = tree
+                top = sorted(by_title.items(), key=lambda kv: -kv[1])[:6]
+                at_peak.update(second=round(time.perf_counter() - began),
+                               top_mb={k: round(v / 2**20) for k, v in top})  # fmt: skip
             time.sleep(1.0)  # reading every process's PSS costs CPU the pipeline needs
 
     sampler = threading.Thread(target=sample, daemon=True)
@@ -74,6 +82,7 @@ def run(source: Path, work: Path) -> dict:
         "seconds": time.perf_counter() - began,
         "driver_peak_rss_mb": peaks["driver"] / 2**20,
         "tree_peak_pss_mb": peaks["tree"] / 2**20,
+        "at_tree_peak": at_peak,
         "summary": output[output.find("=== recommendation_pipeline") :].strip(),
     }
 
@@ -87,6 +96,7 @@ def main() -> None:
     if not source.exists():
         generate(source, GeneratorConfig(n_events=args.events, seed=0))
     work = DATA / f"pipeline-{args.events}"
+    shutil.rmtree(work, ignore_errors=True)  # a fresh store and task cache: nothing is reused
     row = run(source, work)
     result = {"events": args.events, "cpus": os.cpu_count(), "machine": platform.machine(),
               "memory_gb": psutil.virtual_memory().total / 2**30, **row}  # fmt: skip

@@ -56,6 +56,19 @@ def test_kernel_matches_reference_sgd():
     assert np.abs(model.P - init_factors(params, 6, 5)[0]).max() > 1e-3  # it did learn
 
 
+def test_each_epoch_visits_every_rating_once_user_by_user_in_a_seeded_order():
+    users = np.random.default_rng(2).integers(0, 50, 2_000).astype(np.int32)
+    visit = VisitOrder(users, FunkSVDParams(seed=4))
+    first = visit(1).copy()
+    assert np.array_equal(np.sort(first), np.arange(len(users)))  # every rating, once
+    runs = users[first][np.r_[True, np.diff(users[first]) != 0]]
+    assert len(runs) == len(np.unique(users))  # each user's ratings together
+    assert all(np.all(np.diff(first[users[first] == u]) > 0) for u in runs[:5])  # in file order
+    second = visit(2).copy()
+    assert not np.array_equal(first, second)  # users come in a fresh order each epoch
+    assert np.array_equal(VisitOrder(users, FunkSVDParams(seed=4))(2), second)  # seeded
+
+
 def test_converges_far_beyond_biases_on_ground_truth():
     data = synthetic()
     train, test = data.iloc[:25_000], data.iloc[25_000:]

@@ -18,7 +18,6 @@ import numpy as np
 import pandas as pd
 
 from flyray import console
-from flyray.arrays import segment_ranges
 from flyray.recsys import kernels
 from flyray.recsys.model import EpochMetrics, FactorModel, seen_csr
 
@@ -86,21 +85,25 @@ class VisitOrder:
     training repeats exactly. With shuffle=False users come in id order, like Surprise."""
 
     def __init__(self, users: np.ndarray, params: FunkSVDParams, *stream: int):
-        self.by_user = np.argsort(users, kind="stable")
+        # int32 positions, and one buffer refilled every epoch: at 10M events the order is 22M
+        # entries, and int64 temporaries per epoch made up a third of a tuning trial's memory.
+        self.by_user = np.argsort(users, kind="stable").astype(np.int32)
         sorted_users = np.asarray(users)[self.by_user]
         self.starts = np.flatnonzero(np.r_[True, sorted_users[1:] != sorted_users[:-1]])
         if len(users) == 0:
             self.starts = np.zeros(0, np.int64)
         self.lengths = np.diff(np.r_[self.starts, len(users)])
         self.params, self.stream = params, stream
+        self._order = np.empty(len(users) if params.shuffle else 0, np.int32)
 
     def __call__(self, epoch: int) -> np.ndarray:
+        """The epoch's order (a buffer the next call overwrites)."""
         if not self.params.shuffle:
             return self.by_user
         rng = np.random.default_rng((self.params.seed, epoch, *self.stream))
         perm = rng.permutation(len(self.starts))
-        lengths = self.lengths[perm]
-        return self.by_user[np.repeat(self.starts[perm], lengths) + segment_ranges(lengths)]
+        kernels.gather_runs(self.by_user, self.starts, self.lengths, perm, self._order)
+        return self._order
 
 
 class TrainingSet:
@@ -127,16 +130,22 @@ class TrainingSet:
         neg_users: np.ndarray | None = None,
     ):
         self.params, self.stream, self.n_ratings = params, stream, len(r)
+        n, k = len(r), params.negatives
+        n_neg = n * k if neg_users is None else len(neg_users)
+        # Filled in place: no concatenated temporaries (22M entries each at 10M events).
+        self.users = np.empty(n + n_neg, np.int32)
+        self.users[:n] = u
         if neg_users is None:
-            neg_users = np.repeat(u, params.negatives) if params.negatives else u[:0]
-        neg_users = np.asarray(neg_users, np.int32)
-        self.users = np.concatenate([u, neg_users]).astype(np.int32)
-        self.items = np.concatenate([i, np.zeros(len(neg_users), np.int32)]).astype(np.int32)
-        neg = np.full(len(neg_users), params.negative_rating, np.float32)
-        self.ratings = np.concatenate([r, neg]).astype(np.float32)
+            self.users[n:].reshape(n, k)[:] = np.asarray(u, np.int32)[:, None]  # k per rating
+        else:
+            self.users[n:] = neg_users
+        self.items = np.zeros(n + n_neg, np.int32)
+        self.items[:n] = i
+        self.ratings = np.full(n + n_neg, params.negative_rating, np.float32)
+        self.ratings[:n] = r
         self.seen_indptr, self.seen_items = seen_csr(u, i, n_users)
         weights = np.asarray(weights, np.float64)
-        drawable = len(neg_users) and len(weights) and weights.sum() > 0
+        drawable = n_neg and len(weights) and weights.sum() > 0
         self.alias = kernels.alias_table(weights) if drawable else None
         self._drawn = -1
 

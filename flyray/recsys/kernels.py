@@ -12,6 +12,19 @@ import numba
 import numpy as np
 
 
+@numba.njit(nogil=True, cache=True)
+def gather_runs(
+    values: np.ndarray, starts: np.ndarray, lengths: np.ndarray, perm: np.ndarray, out: np.ndarray
+) -> None:
+    """out = the runs values[starts[p] : starts[p] + lengths[p]] for p in perm, concatenated
+    (numpy would build two index arrays of out's length to do it)."""
+    pos = 0
+    for p in perm:
+        for s in range(starts[p], starts[p] + lengths[p]):
+            out[pos] = values[s]
+            pos += 1
+
+
 @numba.njit(nogil=True, fastmath=True, cache=True)
 def sgd_epoch(
     users: np.ndarray,
