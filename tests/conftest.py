@@ -5,8 +5,9 @@ Tiers, run in this order (`make test` runs all, `make test-unit` the first alone
 - integration: a test that asks for a service fixture: `ray_cluster` (one local Ray for the
   session), `s3_server` / `s3_env` (moto on loopback), `mlflow_server` (a real `mlflow server`),
   `mlflow_auth_server` (one with flyray's identities, as k8s/mlflow.yaml starts it).
-- e2e: `@pytest.mark.e2e`: whole pipelines, CLIs in subprocesses, the cluster rehearsal (which
-  starts with the session and runs beside the other tests: tests/rehearsal.py).
+- e2e: `@pytest.mark.e2e`: whole pipelines, CLIs in subprocesses, the cluster rehearsal and the
+  node-loss scenarios (`@pytest.mark.background(job)`: jobs that start with the session and run
+  beside the other tests, tests/background.py; their tests come last and collect them).
 A test's tier is set here from its fixtures and marker, so it cannot be mislabelled.
 """
 
@@ -28,7 +29,7 @@ import ray
 from flytekit.core import local_cache
 
 from k8s.rehearse.pods import namespace_unavailable
-from tests import rehearsal
+from tests import background
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
@@ -50,7 +51,6 @@ def rees46_sample() -> Path:
 
 
 TIERS = ("unit", "integration", "e2e")
-REHEARSAL = "test_rehearsal"
 SERVICES = {"ray_cluster", "s3_server", "mlflow_server", "mlflow_auth_server"}
 _TIER = pytest.StashKey[str]()
 
@@ -67,20 +67,27 @@ def pytest_collection_modifyitems(config, items) -> None:
             tier = "unit"
         item.stash[_TIER] = tier
         item.add_marker(getattr(pytest.mark, tier))
-    items.sort(key=lambda item: (TIERS.index(item.stash[_TIER]), item.name == REHEARSAL))
+    items.sort(key=lambda item: (TIERS.index(item.stash[_TIER]), _job(item) is not None))
+
+
+def _job(item) -> str | None:
+    marker = item.get_closest_marker("background")
+    return marker.args[0] if marker else None
 
 
 def pytest_collection_finish(session) -> None:
-    """The cluster rehearsal starts now and runs beside the other tests (tests/rehearsal.py);
-    its test, the last, collects it."""
+    """The selected tests' background jobs start now and run beside the other tests
+    (tests/background.py); their tests, the last, collect them."""
     if session.config.option.collectonly:
         return
-    if any(item.name == REHEARSAL for item in session.items) and not namespace_unavailable():
-        rehearsal.start()
+    jobs = [job for job in map(_job, session.items) if job is not None]
+    if "rehearsal" in jobs and namespace_unavailable():
+        jobs.remove("rehearsal")  # its test skips, naming why
+    background.start(jobs)
 
 
 def pytest_sessionfinish(session) -> None:
-    rehearsal.stop()
+    background.stop()
 
 
 @pytest.fixture(autouse=True)

@@ -12,6 +12,8 @@ from pathlib import Path
 import pytest
 from conftest import REPO, shared_data
 
+from tests import background
+
 # Logs as flyray, Ray, Ray Data and MLflow do, inside one task's lines.
 SCRIPT = textwrap.dedent(
     """
@@ -80,17 +82,12 @@ def test_bad_log_level_names_the_variable(tmp_path):
 
 
 @pytest.mark.e2e
-def test_make_run_prints_a_short_summary_with_the_log_and_the_deck_page(tmp_path):
+@pytest.mark.background("make run")
+def test_make_run_prints_a_short_summary_with_the_log_and_the_deck_page():
     """`make run`'s entry point on a small demo: at most 40 lines, every task's start and end,
     the summary; the log file it names holds the epochs; the deck page links existing decks."""
-    environ = {k: v for k, v in os.environ.items() if not k.startswith(("FLYRAY_LOG", "RAY_LOG"))}
-    environ.update(FLYRAY_DATA_DIR=str(tmp_path / "data"), TMPDIR=str(tmp_path), RAY_TMPDIR="/tmp")
-    environ.pop("MLFLOW_TRACKING_URI", None)
-    proc = subprocess.run(
-        [sys.executable, "-m", "workflows.run_local", "--demo-events", "30000"],
-        capture_output=True, text=True, timeout=900, env=environ, cwd=REPO,
-    )  # fmt: skip
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = background.result("make run")  # started with the session, beside the other tests
+    assert proc.code == 0, proc.stderr[-3000:]
     lines = [line for line in (proc.stderr + proc.stdout).splitlines() if line.strip()]
     assert len(lines) <= 40, "\n".join(lines)
     for name in ("ingest_clickstream", "build_ratings", "train_recommender", "evaluate_model",
@@ -99,7 +96,7 @@ def test_make_run_prints_a_short_summary_with_the_log_and_the_deck_page(tmp_path
         assert any(re.fullmatch(rf"{name} done in \d+\.\d s", line) for line in lines), name
     assert not [line for line in lines if " INFO " in line or "Reporting training result" in line]
     log = Path(re.search(r"full log: (\S+)", proc.stdout).group(1))
-    assert log.parent == tmp_path / "data" / "logs"
+    assert log.parent == proc.folder / "data" / "logs"
     assert re.search(r"epoch (\d+)/\1:", log.read_text())  # the final training's last epoch
     page = Path(re.search(r"decks \(.*\): file://(\S+)", proc.stdout).group(1))
     links = re.findall(r'href="file://([^"]+)"', page.read_text())

@@ -6,32 +6,25 @@ and the Torch classifier as elastic Ray Train runs)."""
 from __future__ import annotations
 
 import json
-import os
 import re
-import subprocess
-import sys
 
 import pytest
 
-from tests.conftest import REPO
+from tests import background
 
 
-def _scenario(name: str, tmp_path) -> dict:
-    out = tmp_path / f"{name}.json"
-    # Ray Train waits this long for the old worker count before going on with fewer (60 s by
-    # default): the lost node never comes back here, so the wait is only time.
-    env = {**os.environ, "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "15"}
-    proc = subprocess.run(
-        [sys.executable, "-m", "tests.node_loss", name, str(out)],
-        cwd=REPO, capture_output=True, text=True, timeout=600, env=env,
-    )  # fmt: skip
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return json.loads(out.read_text())
+def _scenario(name: str) -> dict:
+    """The scenario's outcome: it runs in a process of its own (a session already holds one Ray
+    instance), started with the session beside the other tests (tests/background.py)."""
+    run = background.result(f"node_loss {name}")
+    assert run.code == 0, run.stderr[-3000:]
+    return json.loads((run.folder / "result.json").read_text())
 
 
 @pytest.mark.e2e
-def test_funksvd_dsgd_survives_losing_a_node(tmp_path):
-    result = _scenario("funksvd", tmp_path)
+@pytest.mark.background("node_loss funksvd")
+def test_funksvd_dsgd_survives_losing_a_node():
+    result = _scenario("funksvd")
     assert result["killed_after"] is not None
     assert len(result["lost"]) == 1
     [resumed] = [int(m) for r in result["resumes"] for m in re.findall(r"at epoch (\d+)", r)]
@@ -48,8 +41,9 @@ def _within_one_percent(result: dict) -> None:
 
 
 @pytest.mark.e2e
-def test_xgboost_resumes_from_its_checkpoint_after_losing_a_node(tmp_path):
-    result = _scenario("xgboost", tmp_path)
+@pytest.mark.background("node_loss xgboost")
+def test_xgboost_resumes_from_its_checkpoint_after_losing_a_node():
+    result = _scenario("xgboost")
     assert result["killed_after"] is not None
     assert result["restored_from"] in range(10, 60, 10)  # a checkpoint round, not round 0
     assert result["rounds"] == [60, 60]
@@ -58,8 +52,9 @@ def test_xgboost_resumes_from_its_checkpoint_after_losing_a_node(tmp_path):
 
 
 @pytest.mark.e2e
-def test_torch_classifier_resumes_from_its_checkpoint_after_losing_a_node(tmp_path):
-    result = _scenario("torch", tmp_path)
+@pytest.mark.background("node_loss torch")
+def test_torch_classifier_resumes_from_its_checkpoint_after_losing_a_node():
+    result = _scenario("torch")
     assert result["killed_after"] is not None
     assert 1 <= result["restored_from"] < 4
     assert result["epochs"] == list(range(1, 5))

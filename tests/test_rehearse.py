@@ -17,7 +17,7 @@ from conftest import REPO, _free_port, serve
 import images
 from k8s import render
 from k8s.rehearse.pods import namespace_unavailable
-from tests import rehearsal
+from tests import background
 
 SECRETS = {name: f"dummy-{name.lower()}" for name in render.SECRETS}
 
@@ -107,6 +107,7 @@ def test_mlflow_backend_uri_names_a_driver_the_image_installs():
 
 
 @pytest.mark.e2e
+@pytest.mark.background("rehearsal")
 @pytest.mark.timeout(3000)
 def test_rehearsal():
     """`make rehearse`: the platform from its manifests and the packaged recommendation
@@ -118,9 +119,10 @@ def test_rehearsal():
     reason = namespace_unavailable()
     if reason:
         pytest.skip(f"the rehearsal needs a network namespace: {reason}")
-    code, out, err = rehearsal.result()  # started with the session, beside the other tests
+    run = background.result("rehearsal")  # started with the session, beside the other tests
+    out = run.stdout
     print(out[-6000:])
-    assert code == 0, out[-4000:] + err[-4000:]
+    assert run.code == 0, out[-4000:] + run.stderr[-4000:]
     check_table(out[out.index("\nnode ") :])
 
 
