@@ -14,6 +14,7 @@ A test's tier is set here from its fixtures and marker, so it cannot be mislabel
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -163,10 +164,13 @@ def _free_port() -> int:
 
 
 def serve(
-    command: list[str], port: int, ready_url: str, timeout: float = 90, env: dict | None = None
+    command: list[str], port: int, ready_url: str, timeout: float = 300, env: dict | None = None
 ):
-    """Start a server process on loopback and wait until `ready_url` answers."""
-    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    """Start a server process on loopback (a process group of its own: `mlflow server` runs
+    its app in a child) and wait until `ready_url` answers. The deadline is generous: seconds
+    on a quiet machine, 90 s seen with the suite's background jobs on 2 slow cores."""
+    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env,
+                            start_new_session=True)  # fmt: skip
     deadline = time.time() + timeout
     while time.time() < deadline:
         try:
@@ -176,8 +180,24 @@ def serve(
             return proc
         except OSError:
             time.sleep(0.3)
-    proc.kill()
+    stop(proc)
     raise RuntimeError(f"{command[:4]} did not answer on port {port}")
+
+
+def stop(proc: subprocess.Popen, grace: float = 60) -> None:
+    """Stop a server of `serve` and its children: SIGTERM, then SIGKILL after `grace` seconds
+    (a loaded machine took over 20 s to let `mlflow server` go)."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(proc.pid, sig)
+            proc.wait(timeout=grace)
+            return
+        except ProcessLookupError:
+            proc.wait()
+            return
+        except subprocess.TimeoutExpired:
+            continue
+    proc.wait()
 
 
 @pytest.fixture(scope="session")
@@ -188,8 +208,7 @@ def s3_server():
     cmd = [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)]
     proc = serve(cmd, port, endpoint)
     yield endpoint
-    proc.terminate()
-    proc.wait(timeout=10)
+    stop(proc)
 
 
 @pytest.fixture(scope="session")
@@ -211,8 +230,7 @@ def mlflow_server(mlflow_root):
         port, f"{uri}/health",
     )  # fmt: skip
     yield uri
-    proc.terminate()
-    proc.wait(timeout=20)
+    stop(proc)
 
 
 @pytest.fixture(scope="session")
@@ -248,8 +266,7 @@ def mlflow_auth_server(tmp_path_factory):
         port, f"{uri}/health", env=env,
     )  # fmt: skip
     yield uri, passwords
-    proc.terminate()
-    proc.wait(timeout=20)
+    stop(proc)
 
 
 @pytest.fixture(scope="session")

@@ -12,7 +12,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from conftest import REPO, _free_port, serve
+from conftest import REPO, _free_port, serve, stop
 
 import images
 from k8s import render
@@ -91,8 +91,7 @@ def test_mlflow_with_the_manifests_hosts_answers_its_service_name(tmp_path):
             assert status(f"{name}:5000") == 200, name
         assert status("attacker.example:5000") == 403
     finally:
-        proc.terminate()
-        proc.wait(timeout=20)
+        stop(proc)
 
 
 def test_mlflow_backend_uri_names_a_driver_the_image_installs():

@@ -23,7 +23,7 @@ from flyray.clickstream.features import FeatureError, build_features
 from flyray.clickstream.generate import GeneratorConfig, generate
 from flyray.clickstream.ingest import ingest
 from tasks.retries import is_transient
-from tests.conftest import _free_port, serve
+from tests.conftest import _free_port, serve, stop
 
 SLOW_DOWN = (
     b"<Error><Code>SlowDown</Code><Message>Please reduce your request rate.</Message></Error>"
@@ -109,8 +109,7 @@ def moto_port():
     cmd = [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)]
     proc = serve(cmd, port, f"http://127.0.0.1:{port}")
     yield port, proc
-    proc.terminate()
-    proc.wait(timeout=10)
+    stop(proc)
 
 
 @pytest.fixture(scope="module")
@@ -214,8 +213,7 @@ def test_an_outage_mid_read_fails_cleanly_and_the_next_run_succeeds(
     deadline = time.time() + 120
     while time.time() < deadline and not list(out.glob("events/bucket=*/part-*.parquet")):
         time.sleep(0.005)
-    proc.terminate()  # the store goes away with the ingest half done
-    proc.wait(timeout=10)
+    stop(proc)  # the store goes away with the ingest half done
     worker.join(timeout=300)
     assert "error" in result, "the ingest finished before the outage; make the input larger"
     assert is_transient(result["error"]), repr(result["error"])
@@ -228,8 +226,7 @@ def test_an_outage_mid_read_fails_cleanly_and_the_next_run_succeeds(
         _bucket(port, "inbox", path)  # moto keeps nothing across restarts
         report = ingest("s3://inbox/in/events.jsonl", str(out), IngestConfig(block_mb=1))
     finally:
-        restarted.terminate()
-        restarted.wait(timeout=10)
+        stop(restarted)
     assert report.events == summary["events"]
     fs, events = storage.filesystem(str(out / "events"))
     assert _events(fs, events) == summary["events"]  # no part of the failed run left over
