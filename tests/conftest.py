@@ -5,9 +5,10 @@ Tiers, run in this order (`make test` runs all, `make test-unit` the first alone
 - integration: a test that asks for a service fixture: `ray_cluster` (one local Ray for the
   session), `s3_server` / `s3_env` (moto on loopback), `mlflow_server` (a real `mlflow server`),
   `mlflow_auth_server` (one with flyray's identities, as k8s/mlflow.yaml starts it).
-- e2e: `@pytest.mark.e2e`: whole pipelines, CLIs in subprocesses, the cluster rehearsal and the
-  node-loss scenarios (`@pytest.mark.background(job)`: jobs that start with the session and run
-  beside the other tests, tests/background.py; their tests come last and collect them).
+- e2e: `@pytest.mark.e2e`: whole pipelines, CLIs in subprocesses, the cluster rehearsal, the
+  node-loss scenarios and `make run` (`@pytest.mark.background(job)`: jobs that start with
+  the session and run beside the other tests, tests/background.py; their tests come last and
+  collect them).
 A test's tier is set here from its fixtures and marker, so it cannot be mislabelled.
 """
 
