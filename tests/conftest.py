@@ -15,7 +15,6 @@ A test's tier is set here from its fixtures and marker, so it cannot be mislabel
 from __future__ import annotations
 
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -181,24 +180,8 @@ def serve(
             return proc
         except OSError:
             time.sleep(0.3)
-    stop(proc)
+    background.stop_group(proc)
     raise RuntimeError(f"{command[:4]} did not answer on port {port}")
-
-
-def stop(proc: subprocess.Popen, grace: float = 60) -> None:
-    """Stop a server of `serve` and its children: SIGTERM, then SIGKILL after `grace` seconds
-    (a loaded machine took over 20 s to let `mlflow server` go)."""
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        try:
-            os.killpg(proc.pid, sig)
-            proc.wait(timeout=grace)
-            return
-        except ProcessLookupError:
-            proc.wait()
-            return
-        except subprocess.TimeoutExpired:
-            continue
-    proc.wait()
 
 
 @pytest.fixture(scope="session")
@@ -209,7 +192,7 @@ def s3_server():
     cmd = [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)]
     proc = serve(cmd, port, endpoint)
     yield endpoint
-    stop(proc)
+    background.stop_group(proc)
 
 
 @pytest.fixture(scope="session")
@@ -231,7 +214,7 @@ def mlflow_server(mlflow_root):
         port, f"{uri}/health",
     )  # fmt: skip
     yield uri
-    stop(proc)
+    background.stop_group(proc)
 
 
 @pytest.fixture(scope="session")
@@ -267,7 +250,7 @@ def mlflow_auth_server(tmp_path_factory):
         port, f"{uri}/health", env=env,
     )  # fmt: skip
     yield uri, passwords
-    stop(proc)
+    background.stop_group(proc)
 
 
 @pytest.fixture(scope="session")

@@ -12,8 +12,11 @@ design, XGBoost and the Torch classifier as elastic Ray Train runs); no replacem
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import os
+import signal
 import sys
 import tempfile
 import threading
@@ -34,10 +37,19 @@ class _Disturber:
         # 3 s (Ray's defaults, for real networks); what follows is the same, only sooner.
         checks = {"health_check_period_ms": 500, "health_check_failure_threshold": 3,
                   "health_check_initial_delay_ms": 1000}  # fmt: skip
-        self.cluster = Cluster(
-            initialize_head=True, head_node_args={"num_cpus": 0, "_system_config": checks}
-        )
-        self.nodes = [self.cluster.add_node(num_cpus=1) for _ in range(2)]
+        for attempt in range(3):
+            self.cluster = Cluster()
+            try:
+                self.cluster.add_node(num_cpus=0, _system_config=checks)  # the head
+                self.nodes = [self.cluster.add_node(num_cpus=1) for _ in range(2)]
+                break
+            except Exception as exc:
+                # Ray gives a node a fixed 30 s to register, which a loaded 2-core machine has
+                # missed: clear what the failed start left running and start again.
+                if "timed out during startup" not in str(exc) or attempt == 2:
+                    raise
+                self.cluster.shutdown()
+                _kill_children()
         self.cluster.wait_for_nodes()
         ray.init(address=self.cluster.address, log_to_driver=False)
         self.killed_after: float | None = None  # seconds into the disturbed run
@@ -79,6 +91,16 @@ class _Disturber:
                                    **result}))  # fmt: skip
         ray.shutdown()
         self.cluster.shutdown()
+
+
+def _kill_children() -> None:
+    """This process's children: the GCS, raylets and agents of a node that failed to start
+    (Ray keeps no handle on them when its Node constructor raises)."""
+    me = str(os.getpid())
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError):  # gone meanwhile
+            if stat.read_text().rsplit(")", 1)[1].split()[1] == me:
+                os.kill(int(stat.parent.name), signal.SIGKILL)
 
 
 def _checkpoints_seen(folder: Path, n: int) -> Callable[[], bool]:

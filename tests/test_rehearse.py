@@ -12,7 +12,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from conftest import REPO, _free_port, serve, stop
+from conftest import REPO, _free_port, serve
 
 import images
 from k8s import render
@@ -91,7 +91,7 @@ def test_mlflow_with_the_manifests_hosts_answers_its_service_name(tmp_path):
             assert status(f"{name}:5000") == 200, name
         assert status("attacker.example:5000") == 403
     finally:
-        stop(proc)
+        background.stop_group(proc)
 
 
 def test_mlflow_backend_uri_names_a_driver_the_image_installs():

@@ -24,7 +24,8 @@ import tasks.clickstream as clickstream
 from flyray.clickstream.ingest import IngestError
 from k8s import check
 from tasks.retries import is_transient
-from tests.conftest import REPO, _free_port, event, jsonl, serve, stop
+from tests.background import stop_group
+from tests.conftest import REPO, _free_port, event, jsonl, serve
 
 RECOVERABLE = errors_pb2.ContainerError.RECOVERABLE
 NON_RECOVERABLE = errors_pb2.ContainerError.NON_RECOVERABLE
@@ -72,7 +73,7 @@ def test_a_store_outage_is_retried_and_the_retry_succeeds(tmp_path):
     endpoint = f"http://127.0.0.1:{port}"
     server = _moto(port)
     _upload(endpoint)
-    stop(server)  # the store goes down before the task runs
+    stop_group(server)  # the store goes down before the task runs
     retries = clickstream.resolve_source.metadata.retries
     assert retries >= 1
 
@@ -86,7 +87,7 @@ def test_a_store_outage_is_retried_and_the_retry_succeeds(tmp_path):
         error, outputs = _execute(clickstream.resolve_source, INPUTS, tmp_path / "attempt-2",
                                   endpoint)  # fmt: skip
     finally:
-        stop(server)
+        stop_group(server)
     assert error is None
     assert outputs.literals["source"].scalar.primitive.string_value == "s3://clicks/day/"
     assert outputs.literals["fingerprint"].scalar.primitive.string_value

@@ -23,7 +23,8 @@ from flyray.clickstream.features import FeatureError, build_features
 from flyray.clickstream.generate import GeneratorConfig, generate
 from flyray.clickstream.ingest import ingest
 from tasks.retries import is_transient
-from tests.conftest import _free_port, serve, stop
+from tests.background import stop_group
+from tests.conftest import _free_port, serve
 
 SLOW_DOWN = (
     b"<Error><Code>SlowDown</Code><Message>Please reduce your request rate.</Message></Error>"
@@ -109,7 +110,7 @@ def moto_port():
     cmd = [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)]
     proc = serve(cmd, port, f"http://127.0.0.1:{port}")
     yield port, proc
-    stop(proc)
+    stop_group(proc)
 
 
 @pytest.fixture(scope="module")
@@ -213,7 +214,7 @@ def test_an_outage_mid_read_fails_cleanly_and_the_next_run_succeeds(
     deadline = time.time() + 120
     while time.time() < deadline and not list(out.glob("events/bucket=*/part-*.parquet")):
         time.sleep(0.005)
-    stop(proc)  # the store goes away with the ingest half done
+    stop_group(proc)  # the store goes away with the ingest half done
     worker.join(timeout=300)
     assert "error" in result, "the ingest finished before the outage; make the input larger"
     assert is_transient(result["error"]), repr(result["error"])
@@ -226,7 +227,7 @@ def test_an_outage_mid_read_fails_cleanly_and_the_next_run_succeeds(
         _bucket(port, "inbox", path)  # moto keeps nothing across restarts
         report = ingest("s3://inbox/in/events.jsonl", str(out), IngestConfig(block_mb=1))
     finally:
-        stop(restarted)
+        stop_group(restarted)
     assert report.events == summary["events"]
     fs, events = storage.filesystem(str(out / "events"))
     assert _events(fs, events) == summary["events"]  # no part of the failed run left over

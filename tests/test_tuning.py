@@ -106,6 +106,17 @@ def test_search_on_ray_reports_every_epoch_and_returns_the_winner(tmp_path):
     assert Path(png).read_bytes()[:4] == b"\x89PNG"
 
 
+@pytest.mark.e2e
+@pytest.mark.usefixtures("ray_cluster")
+def test_a_budget_spent_before_any_trial_reports_trains_the_given_parameters_and_says_so():
+    train, val = splits()
+    config = TuningConfig(trials=3, time_budget_s=0.01, validation_users=0)
+    result = tune_recommender(train, val, 300, 120, "funksvd", GIVEN, GIVEN_IALS, config)
+    assert (result.model, result.funksvd, result.ials) == ("funksvd", GIVEN, GIVEN_IALS)
+    assert result.report.table == [] and "0.01 s budget" in result.report.decision
+    assert "given parameters are trained" in result.report.deck()[0]
+
+
 def _trial(name: str, score: float, se: float, given: bool = False) -> dict:
     return {"trial": name, "model": "ials", "reg": 1.0, "score": score, "se": se,
             "best epoch": 4, "epochs run": 4, "given": given}  # fmt: skip

@@ -139,12 +139,13 @@ def run_record(
         curves=curves,
         documents={"data_profile.json": asdict(profile)},
     )
+    if tuning is not None and (tuning.table or tuning.decision):
+        record.documents["tuning.json"] = asdict(tuning)
     if tuning is not None and tuning.table:
         record.params["tuning.trials"] = tuning.trials
         record.metrics[f"tuning.best_validation_{tuning.metric.replace('@', '_at_')}"] = (
             tuning.best_score
         )
-        record.documents["tuning.json"] = asdict(tuning)
         record.files.append(tuning.plot(os.path.join(tempfile.mkdtemp(), "tuning_ndcg.png")))
     return record
 

@@ -127,7 +127,8 @@ class TuningReport:
 
     def deck(self) -> list[str]:
         if not self.table:
-            return [decks.table_html({"tuning": "off (trials = 0)"}, "Hyperparameter search")]
+            said = self.decision or "off (trials = 0)"
+            return [decks.table_html({"tuning": said}, "Hyperparameter search")]
         longest = max(len(c) for c in self.curves.values())
         padded = {t: c + [math.nan] * (longest - len(c)) for t, c in self.curves.items()}
         return [
@@ -300,11 +301,14 @@ def tune_recommender(
             run_config=tune.RunConfig(storage_path=storage, name="tune", verbose=0),
         ).fit()
         finished = [r for r in results if r.metrics and "score" in r.metrics]
-        if not finished:
-            raise RuntimeError(
-                f"no tuning trial reported a score within {config.time_budget_s:g} s: raise "
-                "TuningConfig.time_budget_s or set trials = 0"
+        if not finished:  # the budget bounds the time, not the run: train what was given
+            report.seconds = time.perf_counter() - began
+            report.decision = (
+                f"no trial reported a score within the {config.time_budget_s:g} s budget: the "
+                "given parameters are trained (raise TuningConfig.time_budget_s to search)"
             )
+            log.warning("tuning: %s", report.decision)
+            return TuningResult(model, funksvd, ials_params, report)
         for n, result in enumerate(finished):
             family = result.config["model"]
             params = {k: _plain(v) for k, v in result.config[family].items()}

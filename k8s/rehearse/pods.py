@@ -275,7 +275,15 @@ def _group_alive(pgid: int) -> bool:
         return False
 
 
-def wait_for(what: str, ready: Callable[[], bool], timeout: float, process: Process | None = None):
+# How long a pod may take to become ready. A process that exits fails at once, so this bounds
+# only a hang: a 2-core machine running the test suite beside the rehearsal took over 180 s to
+# start MLflow.
+READY_S = 600.0
+
+
+def wait_for(
+    what: str, ready: Callable[[], bool], timeout: float = READY_S, process: Process | None = None
+):
     """Poll `ready` until it holds, as a readiness probe would; fail naming `what`."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

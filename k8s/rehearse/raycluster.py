@@ -33,6 +33,7 @@ from pathlib import Path
 
 from k8s.rehearse.pods import (
     IMAGE_PATH,
+    READY_S,
     Hosts,
     Objects,
     Process,
@@ -157,7 +158,7 @@ class RayCluster:
             read_only=read_only,
         ).start()  # fmt: skip
 
-    def start(self, timeout: float = 180) -> None:
+    def start(self, timeout: float = READY_S) -> None:
         head = self.spec["headGroupSpec"]
         address = self.hosts.service(f"{self.name}-head-svc", self.namespace)
         self.head = self._pod(

@@ -145,7 +145,7 @@ class Postgres:
         ).start()
         # The Deployment's readinessProbe: pg_isready -U flyray -d mlflow (its database exists
         # only after initialisation, so before that the server itself is probed).
-        wait_for("postgres", self._ready, 60, self.process)
+        wait_for("postgres", self._ready, process=self.process)
         if fresh:
             self._initialise()
 
@@ -217,7 +217,7 @@ class MinIO:
         self.process = Process(
             "minio", argv, {"PATH": IMAGE_PATH}, self.root, self.root / "minio.log"
         ).start()
-        wait_for("minio", lambda: http(self.endpoint)[0] < 500, 60, self.process)
+        wait_for("minio", lambda: http(self.endpoint)[0] < 500, process=self.process)
         job = self.objects.find("Job", NAMESPACE, "minio-buckets")
         [container] = job["spec"]["template"]["spec"]["containers"]
         env = self.objects.env(container, NAMESPACE)
@@ -273,7 +273,7 @@ class MLflow:
             "mlflow", argv, env, self.root, self.root / "mlflow.log", read_only=read_only
         ).start()
         probe = self.container["readinessProbe"]["httpGet"]["path"]
-        wait_for("mlflow", lambda: http(self.uri + probe)[0] == 200, 180, self.process)
+        wait_for("mlflow", lambda: http(self.uri + probe)[0] == 200, process=self.process)
 
     def check_api(self) -> None:
         """What every client does first, by the Service name the ConfigMap gives them (the
@@ -287,8 +287,7 @@ class MLflow:
         wait_for(
             "mlflow API",
             lambda: answers.append(http(url, headers=headers, timeout=30)) or True,
-            180,
-            self.process,
+            process=self.process,
         )
         status, body = answers[-1]
         if status != 200:
