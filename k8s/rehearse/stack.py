@@ -273,7 +273,9 @@ class MLflow:
             "mlflow", argv, env, self.root, self.root / "mlflow.log", read_only=read_only
         ).start()
         probe = self.container["readinessProbe"]["httpGet"]["path"]
-        wait_for("mlflow", lambda: http(self.uri + probe)[0] == 200, process=self.process)
+        startup = self.container.get("startupProbe") or {}  # the time it is given to start
+        budget = startup.get("periodSeconds", 10) * startup.get("failureThreshold", 3)
+        wait_for("mlflow", lambda: http(self.uri + probe)[0] == 200, budget, self.process)
 
     def check_api(self) -> None:
         """What every client does first, by the Service name the ConfigMap gives them (the
