@@ -243,7 +243,7 @@ def test_cnn_benchmark_end_to_end_through_a_worker_failure(
     worker dies after epoch 2 and the run resumes from its checkpoint instead of starting over."""
     storage_dir, marker = tmp_path / "ray-train", tmp_path / "worker-exited"
     _exit_rank_1_after_two_checkpoints(monkeypatch, storage_dir, marker)
-    params = CNNParams(epochs=3, global_batch_size=64)
+    params = CNNParams(epochs=3, global_batch_size=64, filters=[16, 32, 64], dense_units=64)
     distributed = DistributedConfig(checkpoint_uri=str(storage_dir), max_failures=1)
     out = wf.cnn_benchmark(params=params, training=distributed)
     with open(out.report.download()) as fh:
