@@ -104,12 +104,17 @@ def _kill_children() -> None:
 
 
 def _checkpoints_seen(folder: Path, n: int) -> Callable[[], bool]:
-    """True once `n` distinct Ray Train checkpoint folders have appeared under `folder` (only
-    the newest 2 are kept, so they are counted as they come)."""
+    """True once the run's controller has registered `n` distinct checkpoints, as it records
+    them in checkpoint_manager_snapshot.json (counted as they come: only the newest 2 are kept).
+    A checkpoint folder on disk is not enough: killed before its registration, the run starts
+    again from nothing (seen on a loaded CI machine)."""
     seen: set[str] = set()
 
     def ready() -> bool:
-        seen.update(p.name for p in folder.glob("*/checkpoint_*"))
+        for snapshot in folder.glob("*/checkpoint_manager_snapshot.json"):
+            with contextlib.suppress(OSError, ValueError):  # being written
+                state = json.loads(snapshot.read_text())
+                seen.update(r["checkpoint_dir_name"] for r in state["checkpoint_results"])
         return len(seen) >= n
 
     return ready
