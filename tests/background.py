@@ -176,4 +176,5 @@ def stop_group(proc: subprocess.Popen, first: int = signal.SIGTERM, grace: float
         proc.wait(timeout=grace)
     with contextlib.suppress(ProcessLookupError):
         os.killpg(proc.pid, signal.SIGKILL)
+    proc.kill()  # the leader itself, were it in no group of its own (a no-op once reaped)
     proc.wait()
