@@ -26,9 +26,11 @@ import hashlib
 import json
 import logging
 import os
+import random
 import time
+import uuid
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -43,7 +45,7 @@ log = logging.getLogger(__name__)
 CHAMPION = "champion"
 DRIFT_PROFILE = "drift/profile.json"  # the run's data profile, what later runs are measured against
 # Version tags that only the gate writes (the server refuses them from any other identity): the
-# gate trusts them when it settles the alias, so no pipeline may forge them.
+# gate trusts a champion's gate.value, so no pipeline may forge them.
 GATE_TAG_PREFIXES = ("gate.", "promotion")
 
 
@@ -243,10 +245,9 @@ def champion_gate(
     so that the caller scores the new champion (`register` does). `hold`: why the champion
     stays whatever the figures say (the data drifted, with `hold_on_drift`).
 
-    Safe when pipelines finish at once: each version records its gate value and the champion it
-    was compared with first; then every gate settles the alias on the best of the versions that
-    beat that same champion, so whichever gate writes last, the alias ends on the better model
-    (MLflow has no compare-and-set).
+    Safe when pipelines finish at once: the whole decision, from reading the champion to
+    moving the alias, runs under the model's gate lock (`gate_lock`), so gates on one model
+    take turns and each compares itself with the champion the one before it left.
     """
     client = client or MlflowClient(tracking_uri())
     key = metric_key(metric)
@@ -254,52 +255,100 @@ def champion_gate(
     def beats(a: float, b: float) -> bool:
         return a > b if higher_is_better else a < b
 
-    champion = _alias_holder(client, model_name)
-    holder = str(champion.version) if champion is not None else ""
-    if champion_version is not None and holder != str(champion_version):
-        raise ChampionMoved(model_name, str(champion_version), holder)
-    if champion is not None and champion_value is None:
-        champion_value = _gate_value(client, champion, key)
-    failures = [hold] if hold else []
-    if baseline_value is not None and not beats(value, baseline_value):
-        failures.append(f"{metric} {value:.4f} does not beat the baseline's {baseline_value:.4f}")
-    if champion_value is not None and not beats(value, champion_value):
-        failures.append(
-            f"{metric} {value:.4f} does not beat champion v{champion.version}'s "
-            f"{champion_value:.4f} on the same data"
-        )
-    base = str(champion.version) if champion is not None else ""
-    for tag, text in (("gate.metric", key), ("gate.value", repr(float(value))),
-                      ("gate.champion", base), ("gate.eligible", str(not failures).lower()),
-                      ("gate.champion_value", repr(champion_value))):  # fmt: skip
-        client.set_model_version_tag(model_name, version, tag, text)
-    if not failures:  # the alias is written once, to the best that beat the same champion
-        holder = _settle(client, model_name, key, base, beats)
-        if holder != str(version):
-            failures.append(f"v{holder}, registered at the same time, beats it on {metric}")
-    promoted = not failures
-    if promoted:
-        reason = (
-            f"{metric} {value:.4f} beats "
-            + (
-                f"champion v{champion.version}'s {champion_value:.4f} on the same data"
-                if champion_value is not None
-                else "no champion yet"
-            )  # fmt: skip
-            + (f" and the baseline's {baseline_value:.4f}" if baseline_value is not None else "")
-        )
-    else:
-        reason = "; ".join(failures)
-    client.set_model_version_tag(
-        model_name, version, "promotion", "champion" if promoted else "rejected"
-    )
-    client.set_model_version_tag(model_name, version, "promotion_reason", reason)
+    with gate_lock(client, model_name):
+        champion = _alias_holder(client, model_name)
+        holder = str(champion.version) if champion is not None else ""
+        if champion_version is not None and holder != str(champion_version):
+            raise ChampionMoved(model_name, str(champion_version), holder)
+        if champion is not None and champion_value is None:
+            champion_value = _gate_value(client, champion, key)
+        failures = [hold] if hold else []
+        if baseline_value is not None and not beats(value, baseline_value):
+            failures.append(
+                f"{metric} {value:.4f} does not beat the baseline's {baseline_value:.4f}"
+            )
+        against = "no champion yet"
+        if champion_value is not None:
+            against = f"champion v{holder}'s {champion_value:.4f} on the same data"
+            if not beats(value, champion_value):
+                failures.append(f"{metric} {value:.4f} does not beat {against}")
+        promoted = not failures
+        baseline = f" and the baseline's {baseline_value:.4f}" if baseline_value is not None else ""
+        reason = "; ".join(failures) or f"{metric} {value:.4f} beats {against}{baseline}"
+        for tag, text in (("gate.metric", key), ("gate.value", repr(float(value))),
+                          ("gate.champion", holder), ("gate.champion_value", repr(champion_value)),
+                          ("promotion", "champion" if promoted else "rejected"),
+                          ("promotion_reason", reason)):  # fmt: skip
+            client.set_model_version_tag(model_name, version, tag, text)
+        if promoted:
+            client.set_registered_model_alias(model_name, CHAMPION, str(version))
     log.info("registry: %s v%s %s: %s", model_name, version,
              "promoted" if promoted else "not promoted", reason)  # fmt: skip
     return GateDecision(
-        model_name, str(version), metric, value, promoted, reason, base, champion_value,
+        model_name, str(version), metric, value, promoted, reason, holder, champion_value,
         baseline_value,
     )  # fmt: skip
+
+
+GATE_LOCK_SUFFIX = ".gate-lock"
+GATE_LOCK_WAIT_S = 300.0  # how long a gate waits its turn (each turn is a few requests)
+GATE_LOCK_STALE_S = 120.0  # a lock older than this was left by a gate that died: broken
+
+
+@contextmanager
+def gate_lock(
+    client: MlflowClient,
+    model_name: str,
+    wait_s: float = GATE_LOCK_WAIT_S,
+    stale_s: float = GATE_LOCK_STALE_S,
+) -> Iterator[None]:
+    """Hold `<model_name>.gate-lock`, so gates on one model take turns.
+
+    MLflow has no compare-and-set, but creating a registered model is atomic (its name is the
+    store's key: a second create fails RESOURCE_ALREADY_EXISTS), so the lock is a registered
+    model that exists while a gate holds it. Only the gate's identity may create or delete one
+    (flyray.registry_auth). A lock older than `stale_s` was left by a gate that died and is
+    broken; that step and the release (which deletes only its own lock) are not atomic, but a
+    gate's turn takes well under a second, a small fraction of `stale_s`.
+    """
+    lock, token = model_name + GATE_LOCK_SUFFIX, uuid.uuid4().hex
+    deadline, pause = time.monotonic() + wait_s, 0.05
+    while True:
+        try:
+            client.create_registered_model(
+                lock, {"token": token}, f"held by a champion gate on {model_name}"
+            )
+            break
+        except MlflowException as error:
+            if error.error_code != "RESOURCE_ALREADY_EXISTS":
+                raise
+        _break_if_stale(client, lock, stale_s)
+        if time.monotonic() > deadline:
+            raise TimeoutError(
+                f"{model_name}: another champion gate has held {lock} for over {wait_s:.0f} s; "
+                "the version stays registered, unpromoted: run the gate again"
+            )
+        time.sleep(pause + random.uniform(0, pause))
+        pause = min(pause * 2, 1.0)
+    try:
+        yield
+    finally:
+        with suppress(MlflowException):  # unless it was broken as stale meanwhile
+            if client.get_registered_model(lock).tags.get("token") == token:
+                client.delete_registered_model(lock)
+
+
+def _break_if_stale(client: MlflowClient, lock: str, stale_s: float) -> None:
+    try:
+        held = client.get_registered_model(lock)
+    except MlflowException:
+        return  # released meanwhile
+    age_s = time.time() - held.creation_timestamp / 1000
+    if age_s > stale_s:
+        log.warning("registry: breaking %s, held %.0f s by a gate that never released it",
+                    lock, age_s)  # fmt: skip
+        with suppress(MlflowException):  # another waiter broke it first
+            client.delete_registered_model(lock)
 
 
 class ChampionMoved(RuntimeError):
@@ -326,44 +375,6 @@ def _gate_value(client: MlflowClient, model_version, key: str) -> float | None:
     if model_version.run_id:
         return client.get_run(model_version.run_id).data.metrics.get(key)
     return None
-
-
-def _set_alias(client: MlflowClient, model_name: str, version: str, attempts: int = 5) -> None:
-    """Set the alias; a concurrent write of the same alias can fail on the server, so retry."""
-    for attempt in range(attempts):
-        try:
-            client.set_registered_model_alias(model_name, CHAMPION, str(version))
-            return
-        except MlflowException:
-            if attempt == attempts - 1:
-                raise
-            time.sleep(0.2 * (attempt + 1))
-
-
-def _settle(client: MlflowClient, model_name: str, key: str, base: str, beats) -> str:
-    """Put the alias on the best version that beat the same champion `base` (ties: the
-    earliest) and return the holder's number."""
-    best = None
-    for mv in client.search_model_versions(f"name='{model_name}'"):
-        tags = mv.tags or {}
-        if (tags.get("gate.metric"), tags.get("gate.champion"), tags.get("gate.eligible")) != (
-            key,
-            base,
-            "true",
-        ):
-            continue
-        candidate = (float(tags["gate.value"]), int(mv.version))
-        if (
-            best is None
-            or beats(candidate[0], best[0])
-            or (candidate[0] == best[0] and candidate[1] < best[1])
-        ):
-            best = candidate
-    holder = _alias_holder(client, model_name)
-    if best is not None and (holder is None or str(holder.version) != str(best[1])):
-        _set_alias(client, model_name, str(best[1]))
-        holder = _alias_holder(client, model_name)
-    return str(holder.version) if holder is not None else ""
 
 
 TASK_KEY, TASK_TEXT = "task.key", "task"

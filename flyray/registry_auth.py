@@ -10,6 +10,8 @@ in basic-auth, EDIT on a registered model covers both registering a version and 
 so a pipeline could promote its own model. Here, on top of basic-auth's grants:
 
   moving or deleting an alias, writing a gate tag     flyray-gate only
+  creating or deleting a gate lock (`<model>.gate-lock`, flyray.registry.gate_lock)
+                                                      flyray-gate only
   creating an experiment or a registered model        flyray-pipeline only
   deleting or renaming a model or a version           the admin only
 
@@ -18,7 +20,7 @@ identities with the passwords their Secrets hold and grants each what it needs; 
 (and every identity, where not granted more) reads (default_permission READ):
 
   flyray-pipeline  EDIT on experiments and registered models: log runs, register versions
-  flyray-gate      EDIT on registered models: the gate's tags and the champion alias
+  flyray-gate      EDIT on registered models: the gate's tags and the champion alias; its lock
   flyray-serving   READ: load the champion
   flyray-people    READ: the UI
 """
@@ -27,11 +29,11 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 from flask import Flask, Response, g, make_response, request
 
-from flyray.registry import GATE_TAG_PREFIXES
+from flyray.registry import GATE_LOCK_SUFFIX, GATE_TAG_PREFIXES
 
 PIPELINE, GATE = "flyray-pipeline", "flyray-gate"
 SERVING, PEOPLE = "flyray-serving", "flyray-people"
@@ -47,30 +49,42 @@ IDENTITIES: dict[str, tuple[str, tuple[tuple[str, str], ...]]] = {
 }
 
 
-def _rules() -> dict[tuple[str, str], tuple[str, frozenset[str]]]:
-    """(path, method) -> (what the request does, the identities that may) from MLflow's own
-    endpoint table, so every path and method of each request type is covered."""
+# A request field whose value makes the request the gate's own (flyray-gate only), and what it
+# does then: the gate trusts its tags when it reads the champion, and its lock makes gates on
+# one model take turns.
+GATES_OWN: dict[str, tuple[Callable[[str], bool], str]] = {
+    "key": (lambda key: key.startswith(GATE_TAG_PREFIXES), "write the gate's tag {!r}"),
+    "name": (lambda name: name.endswith(GATE_LOCK_SUFFIX), "take or release the gate's lock {!r}"),
+}
+
+
+def _rules() -> dict[tuple[str, str], tuple[str, frozenset[str] | None, str | None]]:
+    """(path, method) -> (what the request does, the identities that may (None: any with
+    basic-auth's grant), the field that can make it the gate's own) from MLflow's own endpoint
+    table, so every path and method of each request type is covered."""
     from mlflow.protos import model_registry_pb2 as registry
     from mlflow.protos import service_pb2 as tracking
     from mlflow.server.handlers import get_endpoints
 
     only = {
-        registry.SetRegisteredModelAlias: ("move an alias", {GATE}),
-        registry.DeleteRegisteredModelAlias: ("move an alias", {GATE}),
-        registry.SetModelVersionTag: ("write a version tag", None),  # gate tags: GATE only
-        registry.DeleteModelVersionTag: ("write a version tag", None),
-        tracking.CreateExperiment: ("create an experiment", {PIPELINE}),
-        registry.CreateRegisteredModel: ("create a registered model", {PIPELINE}),
-        registry.DeleteRegisteredModel: ("delete a registered model", set()),
-        registry.RenameRegisteredModel: ("rename a registered model", set()),
-        registry.DeleteModelVersion: ("delete a model version", set()),
+        registry.SetRegisteredModelAlias: ("move an alias", {GATE}, None),
+        registry.DeleteRegisteredModelAlias: ("move an alias", {GATE}, None),
+        registry.SetModelVersionTag: ("write a version tag", None, "key"),
+        registry.DeleteModelVersionTag: ("write a version tag", None, "key"),
+        tracking.CreateExperiment: ("create an experiment", {PIPELINE}, None),
+        registry.CreateRegisteredModel: ("create a registered model", {PIPELINE}, "name"),
+        registry.DeleteRegisteredModel: ("delete a registered model", set(), "name"),
+        registry.RenameRegisteredModel: ("rename a registered model", set(), None),
+        registry.DeleteModelVersion: ("delete a model version", set(), None),
     }
     table = {}
     for path, request_class, methods in get_endpoints(lambda request_class: request_class):
         if request_class in only:
-            what, allowed = only[request_class]
+            what, allowed, field = only[request_class]
             for method in methods:
-                table[(path, method)] = (what, None if allowed is None else frozenset(allowed))
+                table[(path, method)] = (
+                    what, None if allowed is None else frozenset(allowed), field
+                )  # fmt: skip
     return table
 
 
@@ -92,13 +106,15 @@ def install(app: Flask) -> None:
         user = g.get("mlflow_authenticated_user")
         if found is None or user is None or store.get_user(user).is_admin:
             return None
-        what, allowed = found
-        if allowed is None:  # a version tag: the gate's own are the gate's alone
+        what, allowed, field = found
+        if field is not None:
             body = request.get_json(silent=True) if request.is_json else None
-            key = str((body or request.args).get("key", ""))
-            if not key.startswith(GATE_TAG_PREFIXES):
-                return None
-            what, allowed = f"write the gate's tag {key!r}", frozenset({GATE})
+            value = str((body or request.args).get(field, ""))
+            owns, gates_what = GATES_OWN[field]
+            if owns(value):
+                what, allowed = gates_what.format(value), frozenset({GATE})
+        if allowed is None:
+            return None
         return None if user in allowed else _refusal(what, allowed)
 
     app.before_request(flyray_rule)

@@ -80,9 +80,9 @@ def test_embedded_store_lives_in_the_data_dir(data_dir):
     assert list((data_dir / "mlflow" / "artifacts").rglob("x.json"))
 
 
-def _race(name: str, values: tuple[float, float], small_funksvd) -> dict:
-    """Two pipelines register and run their gates at the same moment."""
-    barrier = threading.Barrier(2)
+def _race(name: str, values: tuple[float, ...], small_funksvd) -> dict:
+    """Pipelines register, then run their gates at the same moment."""
+    barrier = threading.Barrier(len(values))
     decisions: dict = {}
 
     def pipeline(value: float) -> None:
@@ -101,19 +101,41 @@ def _race(name: str, values: tuple[float, float], small_funksvd) -> dict:
 
 
 @pytest.mark.e2e
-def test_concurrent_registrations_end_with_the_better_champion(tracking, small_funksvd):
-    """Both versions exist and the better one holds the alias, whichever gate wrote last."""
+def test_concurrent_gates_take_turns_and_the_best_ends_champion(tracking, small_funksvd):
+    """Four gates at once take turns: exactly one found no champion, every other was compared
+    with the champion the one before it left (so no two displaced the same one), and the
+    alias ends on the best."""
+    name, values = "race", (0.30, 0.40, 0.35, 0.20)
+    decisions = _race(name, values, small_funksvd)
     client = mlflow.MlflowClient(tracking)
-    for attempt, values in enumerate([(0.30, 0.40), (0.40, 0.30)]):  # both orders
-        name = f"race-{attempt}"
-        decisions = _race(name, values, small_funksvd)
-        versions = {v.version for v in client.search_model_versions(f"name='{name}'")}
-        assert versions == {decisions[0.30].version, decisions[0.40].version}
-        champion = client.get_model_version_by_alias(name, "champion").version
-        assert champion == decisions[0.40].version, attempt
-        assert decisions[0.40].promoted and not decisions[0.30].promoted
-        tags = client.get_model_version(name, decisions[0.30].version).tags
-        assert tags["promotion"] == "rejected"
+    versions = {v.version: v for v in client.search_model_versions(f"name='{name}'")}
+    assert set(versions) == {d.version for d in decisions.values()} and len(versions) == 4
+    assert client.get_model_version_by_alias(name, "champion").version == decisions[0.40].version
+    assert decisions[0.40].promoted
+    found = [d.champion_version for d in decisions.values()]
+    assert found.count("") == 1, found  # one went first; the rest met a champion
+    promoted = {d.version for d in decisions.values() if d.promoted}
+    displaced = [d.champion_version for d in decisions.values() if d.promoted]
+    assert len(set(displaced)) == len(displaced) and set(displaced) - {""} <= promoted
+    for d in decisions.values():
+        met = d.champion_value
+        assert d.promoted == (met is None or d.value > met), d
+        assert versions[d.version].tags["promotion"] == ("champion" if d.promoted else "rejected")
+    assert not client.search_registered_models(f"name='{name}{registry.GATE_LOCK_SUFFIX}'")
+
+
+def test_a_lock_left_by_a_dead_gate_is_broken_and_a_held_one_waited_for(tracking):
+    """A gate that died holding the lock does not stop the next one for longer than the stale
+    age; a live holder makes the next gate wait, and past its wait it says which lock."""
+    client = mlflow.MlflowClient(tracking)
+    lock = "locked" + registry.GATE_LOCK_SUFFIX
+    client.create_registered_model(lock)  # as a gate that died inside its turn leaves it
+    waiting = registry.gate_lock(client, "locked", wait_s=0.5, stale_s=600)
+    with pytest.raises(TimeoutError, match=f"held {lock}"), waiting:
+        pass
+    with registry.gate_lock(client, "locked", wait_s=30, stale_s=0.1):
+        assert client.get_registered_model(lock).tags.get("token")  # this gate's own now
+    assert not client.search_registered_models(f"name='{lock}'")  # released
 
 
 def _identity(target: str) -> registry.TaskIdentity:

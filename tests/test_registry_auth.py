@@ -32,7 +32,7 @@ def test_the_rule_covers_every_route_of_an_alias_move():
     table_ = _rules()
     for prefix in ("/api/2.0/mlflow", "/ajax-api/2.0/mlflow"):
         for method in ("POST", "DELETE"):
-            what, allowed = table_[(f"{prefix}/registered-models/alias", method)]
+            what, allowed, _ = table_[(f"{prefix}/registered-models/alias", method)]
             assert (what, allowed) == ("move an alias", frozenset({GATE}))
         assert table_[(f"{prefix}/registered-models/create", "POST")][1] == {PIPELINE}
 

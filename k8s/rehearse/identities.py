@@ -16,7 +16,7 @@ import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
-from flyray.registry import CHAMPION, Credentials, acting_as
+from flyray.registry import CHAMPION, GATE_LOCK_SUFFIX, Credentials, acting_as, gate_lock
 from flyray.registry_auth import GATE, PEOPLE, PIPELINE, SERVING
 
 ANONYMOUS = "anonymous"
@@ -66,6 +66,10 @@ def check(uri: str, passwords: Mapping[str, str], model: str) -> list[Check]:
     def move(name: str, version: Callable[[], str]) -> None:
         client.set_registered_model_alias(name, CHAMPION, version())
 
+    def take_and_release_the_lock() -> None:
+        with gate_lock(client, probe, wait_s=10):
+            pass
+
     steps: list[tuple[str, str, str, Callable[[], object]]] = [
         (ANONYMOUS, "read the registry", "refused", lambda: client.search_registered_models()),
         (PEOPLE, "read the registry", "allowed", lambda: client.search_registered_models()),
@@ -81,6 +85,11 @@ def check(uri: str, passwords: Mapping[str, str], model: str) -> list[Check]:
          lambda: client.delete_registered_model(probe)),
         (GATE, "write the gate's tag", "allowed", lambda: gate_tag(probe, state["version"])),
         (GATE, "move the alias", "allowed", lambda: move(probe, lambda: state["version"])),
+        (GATE, "take and release the gate's lock", "allowed", take_and_release_the_lock),
+        (GATE, "create a registered model", "refused",
+         lambda: client.create_registered_model(f"{probe}-gate")),
+        (PIPELINE, "take the gate's lock", "refused",
+         lambda: client.create_registered_model(probe + GATE_LOCK_SUFFIX)),
         (SERVING, f"load {model}'s champion", "allowed", lambda: champion_of(model)),
         (SERVING, f"register a version of {model}", "refused", lambda: register(model)),
         (SERVING, f"move {model}'s alias", "refused",
