@@ -170,8 +170,11 @@ def check_table(table: str) -> None:
     assert set(identities) == {"anonymous", "flyray-people", "flyray-pipeline", "flyray-gate",
                                "flyray-serving"}  # fmt: skip
     refusals = [r for r in table.splitlines() if "MLflow as" in r and "refused (" in r]
-    assert len(refusals) == 9, refusals
+    assert len(refusals) == 11, refusals
     assert any("pipeline: move flyray-funksvd's alias" in r and "403" in r for r in refusals)
+    assert any("pipeline: take the gate's lock" in r and "403" in r for r in refusals)
+    [lock] = [r for r in table.splitlines() if r.startswith("flyray-gate: take and release")]
+    assert lock.rstrip().endswith("allowed"), lock
     assert any("serving: register a version" in r for r in refusals)
     assert any(r.startswith("anonymous:") and "401" in r for r in refusals)
     # the RayService serves the champion through its Service name; its dashboard wants the token
