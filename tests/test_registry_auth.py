@@ -68,3 +68,10 @@ def test_only_the_gate_promotes_and_each_identity_gets_what_it_needs(
     assert {c.identity for c in checks} == {"anonymous", *passwords}
     refused = [c for c in checks if c.expected == "refused"]
     assert all(c.outcome.startswith(("refused (401", "refused (403")) for c in refused)
+
+    # A second turn of the gate on the same model: its lock, created and deleted again (the
+    # deletion sweeps the creator's grant with it, so the name is free for the next turn).
+    again = registry.register(config, candidate(small_funksvd, 0.50), gate=gate)
+    assert again.decision.promoted and again.decision.champion_version == "1", again.decision
+    holder = client.get_model_version_by_alias("auth-model", "champion").version
+    assert holder == again.decision.version == "3"
