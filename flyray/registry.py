@@ -12,12 +12,12 @@ how to register it; otherwise a new version and the champion gate.
 The gate: a new version takes the alias "champion" only if it beats the baseline it was evaluated
 against, and the current champion scored on the new version's own held-out split (same metric,
 same users or rows); otherwise it stays registered, tagged with why it was not promoted. Every
-decision is tagged on the version.
+decision is tagged on the version. Gates on one model take turns (`gate_lock`).
 
 Identities: on a cluster the MLflow server authenticates every client (flyray/registry_auth.py).
-A task logs and registers as the pipeline identity of its pod; the gate's writes (the alias and
-the `gate.*`/`promotion*` tags) go out as the gate identity (`register(gate=...)`), the only one
-the server lets move an alias.
+A task logs and registers as the pipeline identity of its pod; the gate's writes (the alias, the
+`gate.*`/`promotion*` tags and its lock) go out as the gate identity (`register(gate=...)`), the
+only one the server lets move an alias.
 """
 
 from __future__ import annotations
