@@ -5,8 +5,10 @@ MLflow >= 3.5), and its Postgres URI named a driver the image did not install.""
 from __future__ import annotations
 
 import importlib.util
+import os
 import re
 import sys
+import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -16,7 +18,7 @@ from conftest import REPO, _free_port, serve
 
 import images
 from k8s import render
-from k8s.rehearse.pods import namespace_unavailable
+from k8s.rehearse.pods import Process, leftovers, namespace_unavailable, session_pids, stop_all
 from tests import background
 
 SECRETS = {name: f"dummy-{name.lower()}" for name in render.SECRETS}
@@ -103,6 +105,28 @@ def test_mlflow_backend_uri_names_a_driver_the_image_installs():
     assert scheme == "postgresql+psycopg", uri
     assert "psycopg-binary==" in Path(images.mlflow_server.requirements).read_text()
     assert importlib.util.find_spec("psycopg") is not None
+
+
+def test_deleting_a_pod_ends_every_process_it_started(tmp_path):
+    """A pod's process in a process group of its own (as Ray's workers are, and the HAProxy a
+    Serve proxy starts, which outlived the rehearsal) ends with the pod, as the processes of
+    a deleted container do."""
+    script = ("import pathlib, subprocess; p = subprocess.Popen(['sleep', '300'], process_group=0)"
+              "; pathlib.Path('child').write_text(str(p.pid)); p.wait()")  # fmt: skip
+    env = {"PATH": "/usr/bin:/bin"}
+    pod = Process("pod", [sys.executable, "-c", script], env, tmp_path, tmp_path / "log").start()
+    child = tmp_path / "child"
+    for _ in range(100):
+        if child.exists() and child.read_text().strip():
+            break
+        time.sleep(0.05)
+    pid = int(child.read_text())
+    assert os.getpgid(pid) != pod.proc.pid and os.getsid(pid) == pod.proc.pid
+    stop_all([pod], timeout=5)
+    assert session_pids(pod.proc.pid) == []
+    assert pod not in leftovers(wait_s=0)
+    stat = Path(f"/proc/{pid}/stat")  # gone, or a zombie not yet reaped by init
+    assert not stat.exists() or stat.read_text().rsplit(")", 1)[1].split()[0] == "Z"
 
 
 @pytest.mark.e2e
@@ -193,6 +217,8 @@ def check_table(table: str) -> None:
         assert "Ray job on" in line and "succeeded" in line, line
     for name in ["resolve_table", "train_xgboost", "train_distributed", "resolve_images"]:
         assert "succeeded" in _node_row(table, name)
+    [deleted] = [row for row in table.splitlines() if row.startswith("pods deleted")]
+    assert re.search(r"no process left by \d+ pods$", deleted), deleted
     [clip] = [row for row in table.splitlines() if row.startswith("clip model ")]
     assert re.search(r" s3://flyray/raw/\S+/demo/tiny-clip$", clip), clip
 

@@ -21,6 +21,7 @@ import argparse
 import json
 import secrets
 import shutil
+import signal
 import sys
 import tempfile
 import time
@@ -28,11 +29,13 @@ from pathlib import Path
 
 from k8s import render
 from k8s.rehearse.pods import (
+    STARTED,
     Hosts,
     Objects,
     RehearsalError,
     enter_namespace,
     inside_namespace,
+    leftovers,
     mount_hosts,
 )
 
@@ -265,11 +268,26 @@ def main(argv: list[str]) -> int:
         wait_deleted()
         for part in (mlflow, minio, postgres):
             part.stop()
+        rows.append(deleted_row())
+        failed |= rows[-1].outcome.startswith("FAILED")
         if not args.keep:
             shutil.rmtree(root, ignore_errors=True)
     print_table(rows)
     print(json.dumps({"failed": failed, "rows": len(rows)}))
     return 1 if failed else 0
+
+
+def deleted_row():
+    """Whether every pod, once deleted, left no process behind (as a container's every process
+    ends with it); what one left is killed, so that nothing outlives the rehearsal."""
+    from k8s.rehearse.flyte import Row
+
+    left = leftovers()
+    for process in left:
+        process.send(signal.SIGKILL)
+    outcome = (f"FAILED: processes left by {', '.join(p.name for p in left)}" if left
+               else f"no process left by {len(STARTED)} pods")  # fmt: skip
+    return Row("pods deleted", "each pod's session", 0.0, outcome)
 
 
 def print_table(rows) -> None:

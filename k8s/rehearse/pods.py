@@ -198,6 +198,38 @@ def read_only_root(argv: list[str]) -> list[str]:
             "sh", *argv]  # fmt: skip
 
 
+def sessions() -> dict[int, list[int]]:
+    """Live processes by session, whatever their process group: Ray's workers take groups of
+    their own, and what they start (Serve's HAProxy) outlived a signal to the pod's group."""
+    found: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError, IndexError, ValueError):  # gone meanwhile
+            state, _, _, session = stat.read_text().rsplit(")", 1)[1].split()[:4]
+            if state != "Z":
+                found.setdefault(int(session), []).append(int(stat.parent.name))
+    return found
+
+
+def session_pids(sid: int) -> list[int]:
+    return sessions().get(sid, [])
+
+
+STARTED: list[Process] = []  # every pod of this rehearsal, for `leftovers`
+
+
+def leftovers(wait_s: float = 10) -> list[Process]:
+    """The deleted pods that still have a process `wait_s` after (none, when deletion works as
+    the kubelet's does: every process of the container ends)."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        alive = sessions()
+        left = [p for p in STARTED if p.proc is not None and p.proc.poll() is not None
+                and p.proc.pid in alive]  # fmt: skip
+        if not left or time.monotonic() > deadline:
+            return left
+        time.sleep(0.5)
+
+
 class Process:
     """One container's main process: its own session and log file."""
 
@@ -230,6 +262,7 @@ class Process:
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
             )
+        STARTED.append(self)
         return self
 
     def alive(self) -> bool:
@@ -238,8 +271,9 @@ class Process:
     def send(self, sig: int) -> None:
         """Signal the whole session: a pod's processes go together."""
         if self.proc is not None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.proc.pid, sig)
+            for pid in session_pids(self.proc.pid):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, sig)
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 30) -> None:
         stop_all([self], sig, timeout)
@@ -256,23 +290,15 @@ def stop_all(processes: list[Process], sig: int = signal.SIGTERM, timeout: float
     processes = [p for p in processes if p.proc is not None]
     for p in processes:
         p.send(sig)
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline and any(_group_alive(p.proc.pid) for p in processes):
+    deadline, leaders = time.monotonic() + timeout, {p.proc.pid for p in processes}
+    while time.monotonic() < deadline and not leaders.isdisjoint(sessions()):
         for p in processes:
-            p.proc.poll()  # reap the leader, or the group never looks empty
+            p.proc.poll()  # reap the leader
         time.sleep(0.2)
     for p in processes:
         p.send(signal.SIGKILL)
         with contextlib.suppress(subprocess.TimeoutExpired):
             p.proc.wait(timeout=10)
-
-
-def _group_alive(pgid: int) -> bool:
-    try:
-        os.killpg(pgid, 0)
-        return True
-    except ProcessLookupError:
-        return False
 
 
 # How long a pod may take to become ready. A process that exits fails at once, so this bounds
