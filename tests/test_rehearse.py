@@ -125,8 +125,7 @@ def test_deleting_a_pod_ends_every_process_it_started(tmp_path):
     stop_all([pod], timeout=5)
     assert session_pids(pod.proc.pid) == []
     assert pod not in leftovers(wait_s=0)
-    stat = Path(f"/proc/{pid}/stat")  # gone, or a zombie not yet reaped by init
-    assert not stat.exists() or stat.read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    assert not Path(f"/proc/{pid}").exists()  # killed and reaped
 
 
 @pytest.mark.e2e

@@ -199,14 +199,15 @@ def read_only_root(argv: list[str]) -> list[str]:
 
 
 def sessions() -> dict[int, list[int]]:
-    """Live processes by session, whatever their process group: Ray's workers take groups of
-    their own, and what they start (Serve's HAProxy) outlived a signal to the pod's group."""
+    """Processes by session, whatever their process group: Ray's workers take groups of their
+    own, and what they start (Serve's HAProxy) outlived a signal to the pod's group. A zombie
+    counts until it is reaped: its pid is still taken, and Postgres, restarted on the same data,
+    refuses to start while the old postmaster's pid exists."""
     found: dict[int, list[int]] = {}
     for stat in Path("/proc").glob("[0-9]*/stat"):
         with contextlib.suppress(OSError, IndexError, ValueError):  # gone meanwhile
-            state, _, _, session = stat.read_text().rsplit(")", 1)[1].split()[:4]
-            if state != "Z":
-                found.setdefault(int(session), []).append(int(stat.parent.name))
+            session = int(stat.read_text().rsplit(")", 1)[1].split()[3])
+            found.setdefault(session, []).append(int(stat.parent.name))
     return found
 
 
